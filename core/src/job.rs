@@ -1,0 +1,290 @@
+//! One benchmark job: a single (model, batch, precision, hardware) point of a sweep, and the
+//! measurement rules it runs under.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CoreError, HardwareTarget, Precision};
+
+/// Largest batch a job may ask for. ResNet18 at 224x224 needs about 0.6 MB of f32 input per
+/// image; 4096 is already past what any card in the fleet benefits from.
+pub const MAX_BATCH: u32 = 4096;
+pub const MIN_IMAGE_SIZE: u32 = 32;
+pub const MAX_IMAGE_SIZE: u32 = 1024;
+
+/// Which implementation of the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum EnginePath {
+    /// The fastest path the agent's backend has (fused on CUDA, folded batch norm on the CPU).
+    #[default]
+    Auto,
+    /// Stock candle-nn layers, batch norm kept as its own op.
+    Stock,
+    /// The optimised path: batch norm folded into the convolutions; on CUDA, cuDNN with cached
+    /// plans, NHWC tensors, fused epilogues and a captured CUDA graph.
+    Fused,
+}
+
+impl EnginePath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnginePath::Auto => "auto",
+            EnginePath::Stock => "stock",
+            EnginePath::Fused => "fused",
+        }
+    }
+}
+
+impl fmt::Display for EnginePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EnginePath {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(EnginePath::Auto),
+            "stock" => Ok(EnginePath::Stock),
+            "fused" | "optimised" | "optimized" => Ok(EnginePath::Fused),
+            _ => Err(CoreError::UnknownEnginePath {
+                given: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for EnginePath {
+    type Error = CoreError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<EnginePath> for String {
+    fn from(p: EnginePath) -> Self {
+        p.as_str().to_string()
+    }
+}
+
+/// Where the model's weights come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum WeightsSpec {
+    /// Deterministic random initialisation from a seed: the same on every agent.
+    Seeded { seed: u64 },
+    /// A safetensors file on the agent's disk, with torchvision's `state_dict` names.
+    File { path: String },
+}
+
+impl Default for WeightsSpec {
+    fn default() -> Self {
+        WeightsSpec::Seeded { seed: 0 }
+    }
+}
+
+/// How a job is measured. Timing stops once both the iteration count and the duration minimum
+/// are met, or at the maximum duration, whichever comes first after the minimum count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeasurementSpec {
+    pub warmup_iterations: u32,
+    #[serde(with = "humantime_serde")]
+    pub warmup_duration: Duration,
+    pub min_iterations: u32,
+    #[serde(with = "humantime_serde")]
+    pub min_duration: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+    /// Time the host-to-device copy of each input batch separately.
+    pub time_input_copy: bool,
+}
+
+impl Default for MeasurementSpec {
+    fn default() -> Self {
+        MeasurementSpec {
+            warmup_iterations: 10,
+            warmup_duration: Duration::from_millis(500),
+            min_iterations: 50,
+            min_duration: Duration::from_secs(5),
+            max_duration: Duration::from_secs(120),
+            time_input_copy: false,
+        }
+    }
+}
+
+impl MeasurementSpec {
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if self.min_iterations == 0 {
+            return Err(CoreError::InvalidSweep(
+                "min_iterations must be at least 1".into(),
+            ));
+        }
+        if self.min_iterations > 1_000_000 {
+            return Err(CoreError::InvalidSweep(format!(
+                "min_iterations {} is absurd: at most 1000000",
+                self.min_iterations
+            )));
+        }
+        if self.warmup_iterations > 100_000 {
+            return Err(CoreError::InvalidSweep(format!(
+                "warmup_iterations {} is absurd: at most 100000",
+                self.warmup_iterations
+            )));
+        }
+        if self.max_duration < self.min_duration {
+            return Err(CoreError::InvalidSweep(format!(
+                "max_duration ({}) is shorter than min_duration ({})",
+                humantime::format_duration(self.max_duration),
+                humantime::format_duration(self.min_duration)
+            )));
+        }
+        if self.max_duration > Duration::from_secs(3600) {
+            return Err(CoreError::InvalidSweep(
+                "max_duration is over an hour per job".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One point of a sweep, as an agent receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub model: String,
+    pub batch_size: u32,
+    pub precision: Precision,
+    pub image_size: u32,
+    pub target: HardwareTarget,
+    #[serde(default)]
+    pub engine: EnginePath,
+    #[serde(default)]
+    pub weights: WeightsSpec,
+    #[serde(default)]
+    pub measurement: MeasurementSpec,
+    /// Which repetition of this point (0-based) when a sweep repeats points.
+    #[serde(default)]
+    pub repetition: u32,
+}
+
+impl JobSpec {
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if !crate::KNOWN_MODELS.contains(&self.model.as_str()) {
+            return Err(CoreError::UnknownModel {
+                given: self.model.clone(),
+                known: crate::KNOWN_MODELS.join(", "),
+            });
+        }
+        validate_batch(self.batch_size as u64)?;
+        if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&self.image_size) {
+            return Err(CoreError::ImageSizeOutOfRange {
+                given: self.image_size,
+                min: MIN_IMAGE_SIZE,
+                max: MAX_IMAGE_SIZE,
+            });
+        }
+        self.measurement.validate()
+    }
+
+    /// A one-line label for logs and progress bars.
+    pub fn label(&self) -> String {
+        format!(
+            "{} b{} {} {} {}px",
+            self.model, self.batch_size, self.precision, self.target, self.image_size
+        )
+    }
+}
+
+pub fn validate_batch(batch: u64) -> Result<u32, CoreError> {
+    if batch == 0 || batch > MAX_BATCH as u64 {
+        return Err(CoreError::BatchOutOfRange {
+            given: batch,
+            max: MAX_BATCH,
+        });
+    }
+    Ok(batch as u32)
+}
+
+/// Where a job is in its life. The database enforces the same transitions (see the
+/// `jobs_check_transition` trigger); this enum exists so code can name the states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            other => return Err(format!("unknown job state '{other}'")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_limits() {
+        assert!(validate_batch(0).is_err());
+        assert!(validate_batch(100_000)
+            .unwrap_err()
+            .to_string()
+            .contains("batch size 100000 is out of range"));
+        assert_eq!(validate_batch(256).unwrap(), 256);
+    }
+
+    #[test]
+    fn measurement_rejects_inverted_durations() {
+        let m = MeasurementSpec {
+            min_duration: Duration::from_secs(10),
+            max_duration: Duration::from_secs(1),
+            ..Default::default()
+        };
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("shorter than min_duration"));
+    }
+}

@@ -1,0 +1,36 @@
+//! Fleetmark's domain: what a sweep asks for, what a job is, what a result records, and the
+//! statistics that turn raw latencies into numbers that can be compared across machines.
+//!
+//! Everything here is plain data with validation. The wire format (protobuf) and the storage
+//! format (Postgres) both map to and from these types at their own edges, so the rules live once.
+
+pub mod error;
+pub mod hardware;
+pub mod inventory;
+pub mod job;
+pub mod localpg;
+pub mod precision;
+pub mod result;
+pub mod stats;
+pub mod sweep;
+
+pub use error::CoreError;
+pub use hardware::{HardwareKind, HardwareTarget};
+pub use inventory::{GpuInfo, HostInventory};
+pub use job::{EnginePath, JobSpec, JobState, MeasurementSpec, WeightsSpec};
+pub use precision::Precision;
+pub use result::{
+    BackendInfo, BenchResult, Correctness, Fingerprint, MetricSummary, Telemetry, WeightsInfo,
+};
+pub use stats::LatencyStats;
+pub use sweep::SweepSpec;
+
+/// The models an agent knows how to run.
+pub const KNOWN_MODELS: &[&str] = &["resnet18"];
+
+/// Version of the result record layout, written into every record so an importer can tell what
+/// it is reading.
+pub const RESULT_SCHEMA_VERSION: u32 = 1;
+
+/// Fleetmark's own version, as built.
+pub const FLEETMARK_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,126 @@
+//! Summary statistics over per-iteration latencies.
+//!
+//! Percentiles use linear interpolation between order statistics (numpy's default), so the same
+//! samples give the same p99 here and in the Python reference script. The confidence interval is
+//! Student's t on the mean, which is honest for the short runs a 5-second minimum can give.
+
+use serde::{Deserialize, Serialize};
+use statrs::distribution::{ContinuousCDF, StudentsT};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub std_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    /// 95% confidence interval of the mean.
+    pub ci95_low_ms: f64,
+    pub ci95_high_ms: f64,
+}
+
+impl LatencyStats {
+    /// Statistics of `samples_ms`; `None` when there are none.
+    pub fn from_samples(samples_ms: &[f64]) -> Option<Self> {
+        if samples_ms.is_empty() {
+            return None;
+        }
+        let mut sorted = samples_ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let mean = sorted.iter().sum::<f64>() / n as f64;
+        let var = if n > 1 {
+            sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+        } else {
+            0.0
+        };
+        let std = var.sqrt();
+        let half_width = if n > 1 {
+            let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
+                .map(|d| d.inverse_cdf(0.975))
+                .unwrap_or(1.96);
+            t * std / (n as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(LatencyStats {
+            count: n as u64,
+            mean_ms: mean,
+            std_ms: std,
+            min_ms: sorted[0],
+            max_ms: sorted[n - 1],
+            p50_ms: percentile_sorted(&sorted, 50.0),
+            p90_ms: percentile_sorted(&sorted, 90.0),
+            p99_ms: percentile_sorted(&sorted, 99.0),
+            ci95_low_ms: mean - half_width,
+            ci95_high_ms: mean + half_width,
+        })
+    }
+
+    /// Coefficient of variation: the spread relative to the mean.
+    pub fn cv(&self) -> f64 {
+        if self.mean_ms > 0.0 {
+            self.std_ms / self.mean_ms
+        } else {
+            0.0
+        }
+    }
+
+    /// Images per second at this batch size, from the mean latency.
+    pub fn images_per_sec(&self, batch: u32) -> f64 {
+        if self.mean_ms > 0.0 {
+            batch as f64 * 1000.0 / self.mean_ms
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Linear-interpolated percentile of already sorted samples, `q` in 0..=100.
+pub fn percentile_sorted(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        1 => sorted[0],
+        n => {
+            let rank = (q / 100.0).clamp(0.0, 1.0) * (n - 1) as f64;
+            let lo = rank.floor() as usize;
+            let hi = rank.ceil() as usize;
+            let frac = rank - lo as f64;
+            sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_hand_computed_values() {
+        // 1..=10: mean 5.5, sample std sqrt(55/6), p50 5.5, p90 9.1, p99 9.91.
+        let xs: Vec<f64> = (1..=10).map(f64::from).collect();
+        let s = LatencyStats::from_samples(&xs).unwrap();
+        assert_eq!(s.count, 10);
+        assert!((s.mean_ms - 5.5).abs() < 1e-12);
+        assert!((s.std_ms - (55.0f64 / 6.0).sqrt()).abs() < 1e-12);
+        assert!((s.p50_ms - 5.5).abs() < 1e-12);
+        assert!((s.p90_ms - 9.1).abs() < 1e-12);
+        assert!((s.p99_ms - 9.91).abs() < 1e-12);
+        // t(0.975, 9) = 2.2622: half width = 2.2622 * 3.0277 / sqrt(10) = 2.1659.
+        assert!((s.ci95_high_ms - s.mean_ms - 2.1659).abs() < 1e-3, "{s:?}");
+        assert!((s.images_per_sec(8) - 8000.0 / 5.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn order_of_samples_does_not_matter_and_empty_is_none() {
+        let a = LatencyStats::from_samples(&[3.0, 1.0, 2.0]).unwrap();
+        let b = LatencyStats::from_samples(&[1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(a, b);
+        assert!(LatencyStats::from_samples(&[]).is_none());
+        let one = LatencyStats::from_samples(&[4.0]).unwrap();
+        assert_eq!((one.p99_ms, one.std_ms, one.ci95_low_ms), (4.0, 0.0, 4.0));
+    }
+}

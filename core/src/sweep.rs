@@ -1,0 +1,242 @@
+//! Sweep specifications: the cross product of batch sizes, precisions and hardware that a user
+//! submits, read from flags or from a TOML file, validated before anything is queued.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    job::{validate_batch, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE},
+    CoreError, EnginePath, HardwareTarget, JobSpec, MeasurementSpec, Precision, WeightsSpec,
+};
+
+/// Most jobs one sweep may expand to; a bigger one is almost certainly a typo.
+pub const MAX_JOBS_PER_SWEEP: usize = 10_000;
+
+fn default_model() -> String {
+    "resnet18".into()
+}
+fn default_image_size() -> u32 {
+    224
+}
+fn default_targets() -> Vec<HardwareTarget> {
+    vec![HardwareTarget::Any]
+}
+fn default_repetitions() -> u32 {
+    1
+}
+
+/// A sweep as a user writes it.
+///
+/// ```toml
+/// name = "t4-article"
+/// model = "resnet18"
+/// batch_sizes = [1, 8, 16, 32]
+/// precisions = ["f32", "f16"]
+/// gpus = ["t4", "h100"]
+///
+/// [measurement]
+/// warmup_iterations = 10
+/// min_iterations = 50
+/// min_duration = "5s"
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_model")]
+    pub model: String,
+    pub batch_sizes: Vec<u64>,
+    pub precisions: Vec<Precision>,
+    #[serde(default = "default_targets")]
+    pub gpus: Vec<HardwareTarget>,
+    #[serde(default = "default_image_size")]
+    pub image_size: u32,
+    #[serde(default = "default_repetitions")]
+    pub repetitions: u32,
+    #[serde(default)]
+    pub engine: EnginePath,
+    #[serde(default)]
+    pub weights: WeightsSpec,
+    #[serde(default)]
+    pub measurement: MeasurementSpec,
+}
+
+impl SweepSpec {
+    /// Parses and validates a TOML sweep file's contents.
+    pub fn from_toml(text: &str) -> Result<Self, CoreError> {
+        let spec: SweepSpec =
+            toml::from_str(text).map_err(|e| CoreError::MalformedSweep(e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if !crate::KNOWN_MODELS.contains(&self.model.as_str()) {
+            return Err(CoreError::UnknownModel {
+                given: self.model.clone(),
+                known: crate::KNOWN_MODELS.join(", "),
+            });
+        }
+        if self.batch_sizes.is_empty() {
+            return Err(CoreError::InvalidSweep("batch_sizes is empty".into()));
+        }
+        for &b in &self.batch_sizes {
+            validate_batch(b)?;
+        }
+        if self.precisions.is_empty() {
+            return Err(CoreError::InvalidSweep("precisions is empty".into()));
+        }
+        if self.gpus.is_empty() {
+            return Err(CoreError::InvalidSweep(
+                "gpus is empty (use \"any\" to run anywhere)".into(),
+            ));
+        }
+        if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&self.image_size) {
+            return Err(CoreError::ImageSizeOutOfRange {
+                given: self.image_size,
+                min: MIN_IMAGE_SIZE,
+                max: MAX_IMAGE_SIZE,
+            });
+        }
+        if self.repetitions == 0 || self.repetitions > 1000 {
+            return Err(CoreError::InvalidSweep(format!(
+                "repetitions must be between 1 and 1000, not {}",
+                self.repetitions
+            )));
+        }
+        if let Some(name) = &self.name {
+            if name.len() > 200 {
+                return Err(CoreError::InvalidSweep("name is over 200 characters".into()));
+            }
+        }
+        self.measurement.validate()?;
+        let jobs = self.job_count();
+        if jobs > MAX_JOBS_PER_SWEEP {
+            return Err(CoreError::InvalidSweep(format!(
+                "the sweep expands to {jobs} jobs; at most {MAX_JOBS_PER_SWEEP} are allowed"
+            )));
+        }
+        Ok(())
+    }
+
+    fn distinct<T: Ord + Clone>(items: &[T]) -> Vec<T> {
+        // Keep the user's order, drop repeats: "--batch 1,1,8" means two points, not three.
+        let mut seen = BTreeSet::new();
+        items
+            .iter()
+            .filter(|i| seen.insert((*i).clone()))
+            .cloned()
+            .collect()
+    }
+
+    pub fn job_count(&self) -> usize {
+        Self::distinct(&self.batch_sizes).len()
+            * Self::distinct(&self.precisions).len()
+            * Self::distinct(&self.gpus).len()
+            * self.repetitions as usize
+    }
+
+    /// The jobs this sweep stands for, in the order they should run: hardware, then precision,
+    /// then batch size, so a watcher sees each curve fill from small batches up.
+    pub fn expand(&self) -> Result<Vec<JobSpec>, CoreError> {
+        self.validate()?;
+        let mut jobs = Vec::with_capacity(self.job_count());
+        for target in Self::distinct(&self.gpus) {
+            for precision in Self::distinct(&self.precisions) {
+                for &batch in &Self::distinct(&self.batch_sizes) {
+                    for repetition in 0..self.repetitions {
+                        jobs.push(JobSpec {
+                            model: self.model.clone(),
+                            batch_size: batch as u32,
+                            precision,
+                            image_size: self.image_size,
+                            target: target.clone(),
+                            engine: self.engine,
+                            weights: self.weights.clone(),
+                            measurement: self.measurement.clone(),
+                            repetition,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(jobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "article"
+batch_sizes = [1, 8, 16, 8]
+precisions = ["f32", "fp16"]
+gpus = ["t4", "h100"]
+
+[measurement]
+warmup_iterations = 3
+min_iterations = 20
+min_duration = "2s"
+"#;
+
+    #[test]
+    fn parses_and_expands_a_sweep_file() {
+        let spec = SweepSpec::from_toml(GOOD).unwrap();
+        assert_eq!(spec.measurement.min_duration.as_secs(), 2);
+        let jobs = spec.expand().unwrap();
+        // 3 distinct batches x 2 precisions x 2 kinds.
+        assert_eq!(jobs.len(), 12);
+        assert_eq!(jobs[0].batch_size, 1);
+        assert_eq!(jobs[0].target.to_string(), "t4");
+        assert_eq!(jobs[11].target.to_string(), "h100");
+        assert_eq!(jobs[11].precision, Precision::F16);
+    }
+
+    #[test]
+    fn malformed_toml_is_reported_with_its_location() {
+        let err = SweepSpec::from_toml("batch_sizes = [1, 2\nprecisions = [\"f32\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("malformed sweep file"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_precisions_and_kinds_are_rejected() {
+        let err = SweepSpec::from_toml("batch_sizes=[1]\nprecisions=[\"f32\"]\nbatchsize=3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `batchsize`"), "{err}");
+        let err = SweepSpec::from_toml("batch_sizes=[1]\nprecisions=[\"int4\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown precision 'int4'"), "{err}");
+        let err = SweepSpec::from_toml("batch_sizes=[1]\nprecisions=[\"f32\"]\ngpus=[\"k80x\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown GPU kind 'k80x'"), "{err}");
+    }
+
+    #[test]
+    fn absurd_batches_are_rejected() {
+        for b in ["0", "100000"] {
+            let err = SweepSpec::from_toml(&format!("batch_sizes=[{b}]\nprecisions=[\"f32\"]"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("batch size {b} is out of range")), "{err}");
+        }
+    }
+
+    #[test]
+    fn too_many_jobs_is_rejected() {
+        let spec = SweepSpec {
+            repetitions: 1000,
+            batch_sizes: (1..=20).collect(),
+            ..SweepSpec::from_toml("batch_sizes=[1]\nprecisions=[\"f32\"]").unwrap()
+        };
+        assert!(spec.validate().unwrap_err().to_string().contains("20000 jobs"));
+    }
+}

@@ -1,0 +1,81 @@
+//! Records, at build time, the versions every result's fingerprint names: rustc, Candle (read
+//! from the workspace lock file), the git commit, and for CUDA builds the toolkit and the compute
+//! capability the kernels were compiled for.
+
+use std::{path::Path, process::Command};
+
+fn main() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let rustc_version = Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=FLEETMARK_RUSTC_VERSION={rustc_version}");
+
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+    let lock = Path::new(&manifest).join("../Cargo.lock");
+    println!("cargo:rerun-if-changed={}", lock.display());
+    let candle = std::fs::read_to_string(&lock)
+        .ok()
+        .and_then(|text| {
+            let mut lines = text.lines();
+            while let Some(line) = lines.next() {
+                if line.trim() == "name = \"candle-core\"" {
+                    return lines
+                        .next()
+                        .and_then(|v| v.trim().strip_prefix("version = "))
+                        .map(|v| v.trim_matches('"').to_string());
+                }
+            }
+            None
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=FLEETMARK_CANDLE_VERSION={candle}");
+
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(&manifest)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=FLEETMARK_GIT_COMMIT={commit}");
+    let head = Path::new(&manifest).join("../.git/HEAD");
+    if head.exists() {
+        println!("cargo:rerun-if-changed={}", head.display());
+    }
+
+    // Only meaningful with the cuda feature; recorded so the agent can refuse to start on a GPU
+    // generation or driver its kernels cannot run on.
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_default();
+    println!("cargo:rustc-env=FLEETMARK_CUDA_COMPUTE_CAP={cap}");
+    let nvcc = std::env::var("CUDA_ROOT")
+        .map(|r| Path::new(&r).join("bin/nvcc"))
+        .ok()
+        .filter(|p| p.exists())
+        .map(|p| p.into_os_string())
+        .unwrap_or_else(|| "nvcc".into());
+    let cuda = if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        Command::new(nvcc)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| {
+                s.split("release ")
+                    .nth(1)
+                    .and_then(|r| r.split(',').next())
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    println!("cargo:rustc-env=FLEETMARK_CUDA_BUILD_VERSION={cuda}");
+}

@@ -1,0 +1,13 @@
+//! Generates the gRPC client and server code from `proto/`. protoc comes from the
+//! protoc-bin-vendored crate, so a fresh machine needs no system protobuf compiler.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
+        unsafe { std::env::set_var("PROTOC", protoc) };
+    }
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure().compile_protos(&["proto/fleetmark/v1/fleetmark.proto"], &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Code generated from `proto/fleetmark/v1/fleetmark.proto`, Fleetmark's gRPC API. The `.proto`
+//! file documents every call; this crate only exposes what `tonic` generates from it. Crates map
+//! these wire types to `fleetmark-core`'s domain types at their edges.
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("fleetmark.v1");
+}
+
+pub use v1::*;
