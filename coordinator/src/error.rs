@@ -1,0 +1,93 @@
+//! The coordinator's errors and their single mapping to gRPC status codes.
+
+use thiserror::Error;
+use tonic::Status;
+
+/// SQLSTATE raised by the schema's triggers for an illegal job transition.
+pub const SQLSTATE_ILLEGAL_TRANSITION: &str = "FM001";
+/// SQLSTATE raised when a result comes from a lease that is no longer current.
+pub const SQLSTATE_STALE_LEASE: &str = "FM002";
+
+#[derive(Debug, Error)]
+pub enum CoordinatorError {
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("{0}")]
+    NotFound(String),
+
+    /// The caller's lease on a job is gone: expired and reassigned, cancelled, or finished.
+    #[error("{0}")]
+    StaleLease(String),
+
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    #[error("database: {0}")]
+    Database(sqlx::Error),
+
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for CoordinatorError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            match db.code().as_deref() {
+                Some(SQLSTATE_STALE_LEASE) => {
+                    return CoordinatorError::StaleLease(db.message().to_string())
+                }
+                Some(SQLSTATE_ILLEGAL_TRANSITION) => {
+                    return CoordinatorError::StaleLease(db.message().to_string())
+                }
+                _ => {}
+            }
+        }
+        CoordinatorError::Database(e)
+    }
+}
+
+impl From<fleetmark_proto::convert::WireError> for CoordinatorError {
+    fn from(e: fleetmark_proto::convert::WireError) -> Self {
+        CoordinatorError::InvalidArgument(e.0)
+    }
+}
+
+impl From<fleetmark_core::CoreError> for CoordinatorError {
+    fn from(e: fleetmark_core::CoreError) -> Self {
+        CoordinatorError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Self {
+        match e {
+            CoordinatorError::InvalidArgument(m) => Status::invalid_argument(m),
+            CoordinatorError::NotFound(m) => Status::not_found(m),
+            CoordinatorError::StaleLease(m) => Status::failed_precondition(m),
+            CoordinatorError::Unauthenticated(m) => Status::unauthenticated(m),
+            CoordinatorError::Database(e) => {
+                tracing::warn!(error = %e, "database error");
+                match e {
+                    sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_) => {
+                        Status::unavailable(format!("database unavailable: {e}"))
+                    }
+                    sqlx::Error::Database(ref db)
+                        if db.code().is_some_and(|c| c.starts_with("57P")) =>
+                    {
+                        // 57P01 admin_shutdown and friends: the server is restarting.
+                        Status::unavailable(format!("database unavailable: {e}"))
+                    }
+                    other => Status::internal(format!("database error: {other}")),
+                }
+            }
+            CoordinatorError::Migrate(e) => Status::internal(format!("migrations: {e}")),
+        }
+    }
+}
+
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
