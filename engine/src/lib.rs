@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod correctness;
 pub mod cpu;
+pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

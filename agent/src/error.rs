@@ -1,0 +1,36 @@
+//! The agent's errors.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// A device cannot be used; the message says why and what to do.
+    #[error("{0}")]
+    Device(String),
+
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The coordinator refused our token. Retrying cannot help.
+    #[error("the coordinator refused this agent: {0}")]
+    Unauthenticated(String),
+
+    /// The coordinator refused the registration itself.
+    #[error("the coordinator rejected the registration: {0}")]
+    Rejected(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+
+    #[error("sweep file: {0}")]
+    Sweep(#[from] fleetmark_core::CoreError),
+}
+
+impl From<fleetmark_engine::EngineError> for AgentError {
+    fn from(e: fleetmark_engine::EngineError) -> Self {
+        AgentError::Device(e.to_string())
+    }
+}

@@ -1,0 +1,200 @@
+//! `fleetmark-agent`: serves jobs from a coordinator (the default), runs a sweep file standalone
+//! (`run`), writes seeded weights for reference scripts (`export`), or prints what it sees
+//! (`inventory`).
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fleetmark_agent::{parse_labels, Config};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetmark-agent",
+    version,
+    about = "Runs Fleetmark benchmark jobs on this machine's CPU or GPUs",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Args)]
+struct DeviceArgs {
+    /// Devices to serve: cpu, cuda:0, cuda:0,1 or cuda:all (one job per GPU at a time).
+    #[arg(long, env = "FLEETMARK_DEVICE", default_value = "cpu")]
+    device: String,
+    /// This agent's name; agents on one host need distinct names. Defaults to the host name.
+    #[arg(long, env = "FLEETMARK_AGENT_NAME")]
+    name: Option<String>,
+    /// Hourly price of this node in USD, for images per dollar in `fleetmark compare`.
+    #[arg(long, env = "FLEETMARK_PRICE_PER_HOUR")]
+    price_per_hour: Option<f64>,
+    /// Labels, as k=v,k2=v2.
+    #[arg(long, env = "FLEETMARK_LABELS", default_value = "")]
+    labels: String,
+    /// For coordinator testing only: iteration time of the simulated device.
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration, hide = true)]
+    simulated_latency: Duration,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The coordinator to dial, such as http://coordinator:7070.
+    #[arg(long, env = "FLEETMARK_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Bearer token the coordinator requires.
+    #[arg(long, env = "FLEETMARK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a sweep file here, without a coordinator, writing result records as JSON lines.
+    Run {
+        /// The sweep, in the same TOML format `fleetmark submit` takes.
+        #[arg(long)]
+        sweep: PathBuf,
+        /// Where to write the records (one JSON object per line).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Write seeded ResNet18 weights (torchvision names) and an input batch as safetensors, for
+    /// reference scripts.
+    Export {
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        weights: PathBuf,
+        /// Also write the deterministic input batch the agent benchmarks with.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+    },
+    /// Print this machine's inventory and check each device opens.
+    Inventory {
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn config_from(coordinator: String, token: Option<String>, d: DeviceArgs) -> anyhow::Result<Config> {
+    let name = match d.name {
+        Some(n) => n,
+        None => fleetmark_agent::host_inventory().hostname,
+    };
+    let mut c = Config::new(coordinator, name);
+    c.token = token;
+    c.devices = d.device;
+    c.price_per_hour = d.price_per_hour;
+    c.labels = parse_labels(&d.labels)?;
+    c.backend.simulated_latency = d.simulated_latency;
+    Ok(c)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        None => {
+            let coordinator = cli.serve.coordinator.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no coordinator: pass --coordinator URL (or set FLEETMARK_COORDINATOR), \
+                     or use `fleetmark-agent run` to benchmark without one"
+                )
+            })?;
+            let config = config_from(coordinator, cli.serve.token, cli.serve.device)?;
+            rt.block_on(fleetmark_agent::run(config, shutdown_signal()))?;
+        }
+        Some(Command::Run { sweep, out, device }) => {
+            let config = config_from(String::new(), None, device)?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            let summary = rt.block_on(async {
+                let c = cancel.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    c.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
+                fleetmark_agent::standalone::run_sweep(&config, &sweep, &out, cancel).await
+            })?;
+            eprintln!(
+                "{} succeeded, {} failed, {} skipped (no matching device); records in {}",
+                summary.succeeded,
+                summary.failed,
+                summary.skipped,
+                out.display()
+            );
+            if summary.failed > 0 {
+                std::process::exit(1);
+            }
+        }
+        Some(Command::Export {
+            seed,
+            weights,
+            input,
+            batch,
+            image_size,
+        }) => {
+            let w = fleetmark_engine::ModelWeights::seeded(seed)?;
+            w.save(&weights)?;
+            eprintln!("wrote {} (sha256 {})", weights.display(), w.info.sha256);
+            if let Some(path) = input {
+                let x = fleetmark_engine::input::input_batch(
+                    fleetmark_engine::input::INPUT_SEED,
+                    batch,
+                    image_size,
+                )?;
+                let map = std::collections::HashMap::from([("input".to_string(), x)]);
+                candle_safetensors_save(&map, &path)?;
+                eprintln!("wrote {} ({batch}x3x{image_size}x{image_size})", path.display());
+            }
+        }
+        Some(Command::Inventory { device }) => {
+            let host = fleetmark_agent::host_inventory();
+            println!("{}", serde_json::to_string_pretty(&host)?);
+            let workers = fleetmark_agent::open_devices(&device, &Default::default())?;
+            for w in workers {
+                eprintln!("{}: ok ({} / {})", w.spec, w.kind, w.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn candle_safetensors_save(
+    map: &std::collections::HashMap<String, candle_core::Tensor>,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    candle_core::safetensors::save(map, path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

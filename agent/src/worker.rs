@@ -1,0 +1,133 @@
+//! One OS thread per device. The thread opens the device and runs every job on it: CUDA work
+//! goes to the calling thread's stream, and a ResNet forward pass must not block the async
+//! runtime that keeps the agent talking to its coordinator.
+
+use std::{
+    sync::{atomic::AtomicBool, mpsc, Arc},
+    thread::JoinHandle,
+};
+
+use fleetmark_core::{BenchResult, JobSpec, WeightsSpec};
+use fleetmark_engine::{
+    device::{open_backend, BackendOptions, DeviceSpec},
+    run_job, AgentIdentity, EngineError, JobContext, ModelWeights, Progress,
+};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+use tracing::{info, warn};
+
+struct WorkItem {
+    job: JobSpec,
+    ctx: JobContext,
+    identity: AgentIdentity,
+    cancel: Arc<AtomicBool>,
+    progress: tmpsc::UnboundedSender<Progress>,
+    reply: oneshot::Sender<Result<BenchResult, EngineError>>,
+}
+
+pub struct DeviceWorker {
+    pub spec: DeviceSpec,
+    /// Hardware kind jobs are matched on ("cpu", "h100").
+    pub kind: String,
+    /// Full device name.
+    pub name: String,
+    tx: Option<mpsc::Sender<WorkItem>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DeviceWorker {
+    /// Opens the device on a new thread; fails with the device's own error if it cannot run.
+    pub fn start(spec: DeviceSpec, opts: BackendOptions) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::channel::<WorkItem>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("device-{spec}"))
+            .spawn(move || {
+                let mut backend = match open_backend(spec, &opts) {
+                    Ok(b) => {
+                        let _ = ready_tx.send(Ok(b.hardware()));
+                        b
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut weights: Option<(WeightsSpec, ModelWeights)> = None;
+                while let Ok(item) = rx.recv() {
+                    let result = (|| {
+                        let w = match &weights {
+                            Some((s, w)) if *s == item.job.weights => w,
+                            _ => {
+                                let w = ModelWeights::load(&item.job.weights)?;
+                                &weights.insert((item.job.weights.clone(), w)).1
+                            }
+                        };
+                        let progress = item.progress.clone();
+                        run_job(
+                            backend.as_mut(),
+                            w,
+                            &item.job,
+                            &item.identity,
+                            &item.ctx,
+                            &item.cancel,
+                            &mut |p| {
+                                let _ = progress.send(p);
+                            },
+                        )
+                    })();
+                    let _ = item.reply.send(result);
+                }
+            })
+            .map_err(|e| EngineError::Setup(format!("cannot start a device thread: {e}")))?;
+        let (kind, name) = ready_rx
+            .recv()
+            .map_err(|_| EngineError::Setup(format!("the {spec} thread died while opening it")))??;
+        info!(device = %spec, kind = %kind, name = %name, "device ready");
+        Ok(DeviceWorker {
+            spec,
+            kind,
+            name,
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs one job on the device thread and waits for its result.
+    pub async fn run(
+        &self,
+        job: JobSpec,
+        ctx: JobContext,
+        identity: AgentIdentity,
+        cancel: Arc<AtomicBool>,
+        progress: tmpsc::UnboundedSender<Progress>,
+    ) -> Result<BenchResult, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        let item = WorkItem {
+            job,
+            ctx,
+            identity,
+            cancel,
+            progress,
+            reply,
+        };
+        self.tx
+            .as_ref()
+            .expect("worker is running")
+            .send(item)
+            .map_err(|_| EngineError::Setup(format!("the {} thread has stopped", self.spec)))?;
+        rx.await
+            .map_err(|_| EngineError::Setup(format!("the {} thread died during a job", self.spec)))?
+    }
+}
+
+impl Drop for DeviceWorker {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop once its current job is done.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!(device = %self.spec, "device thread panicked");
+            }
+        }
+    }
+}
