@@ -1,0 +1,414 @@
+//! The `fleetmark` command line. Data goes to stdout (as a table, CSV or JSON), logs and
+//! progress to stderr. Every command that talks to a coordinator takes `--coordinator URL`.
+
+pub mod compare;
+pub mod demo;
+pub mod output;
+pub mod watch;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleetmark_core::{
+    BenchResult, EnginePath, HardwareTarget, MeasurementSpec, Precision, SweepSpec, WeightsSpec,
+};
+use fleetmark_proto::{
+    client::{sweep_client, SweepClient},
+    convert::{parse_uuid, result_without_latencies},
+    v1 as pb,
+};
+use thiserror::Error;
+use tonic::{Code, Status};
+
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Input(String),
+    #[error("cannot reach the coordinator at {url}: {detail}. Is it running? Check --coordinator or FLEETMARK_COORDINATOR")]
+    Unreachable { url: String, detail: String },
+    #[error("the coordinator refused the request: {0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the coordinator rejected the request: {0}")]
+    Rejected(String),
+    #[error("coordinator error: {0}")]
+    Remote(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn from_status(url: &str, s: Status) -> Self {
+        match s.code() {
+            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded => CliError::Unreachable {
+                url: url.to_string(),
+                detail: s.message().to_string(),
+            },
+            Code::Unauthenticated => CliError::Unauthenticated(s.message().to_string()),
+            Code::NotFound => CliError::NotFound(s.message().to_string()),
+            Code::InvalidArgument | Code::FailedPrecondition => {
+                CliError::Rejected(s.message().to_string())
+            }
+            _ => CliError::Remote(s.message().to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "fleetmark", version, about = "Benchmark GPU inference across a fleet of machines")]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The coordinator to talk to.
+    #[arg(long, global = true, env = "FLEETMARK_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+    /// Bearer token the coordinator requires.
+    #[arg(long, global = true, env = "FLEETMARK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a coordinator, two CPU agents and a small sweep on this machine, show the results,
+    /// and shut everything down. Uses DATABASE_URL, or starts a private PostgreSQL cluster.
+    Demo(demo::DemoArgs),
+    /// Submit a sweep, from a TOML file or from flags. Prints the sweep id.
+    Submit(SubmitArgs),
+    /// Follow a sweep's jobs live until it finishes.
+    Watch { sweep_id: String },
+    /// A sweep's results.
+    Results {
+        sweep_id: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Compare results across hardware for the same model, precision and batch size.
+    Compare(compare::CompareArgs),
+    /// The agents the coordinator knows, with their hardware and state.
+    Agents {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Recent sweeps.
+    Sweeps {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Cancel a sweep's unfinished jobs.
+    Cancel { sweep_id: String },
+    /// Load result records written by `fleetmark-agent run --out` into the database.
+    Import {
+        file: PathBuf,
+        /// Name of the sweep the records are filed under.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// A sweep file (TOML). Flags below are ignored when a file is given.
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch: Vec<u64>,
+    /// Precisions: f32, f16, bf16, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub precision: Vec<String>,
+    /// Hardware: any, gpu, cpu, or GPU kinds such as t4,h100.
+    #[arg(long, value_delimiter = ',', default_value = "any")]
+    pub gpu: Vec<String>,
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    /// Warm-up iterations before timing.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u32,
+    #[arg(long, default_value_t = 50)]
+    pub min_iterations: u32,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub min_duration: Duration,
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub max_duration: Duration,
+    /// Run each point this many times.
+    #[arg(long, default_value_t = 1)]
+    pub repetitions: u32,
+    /// Model implementation: auto, stock or fused.
+    #[arg(long, default_value = "auto")]
+    pub engine: String,
+    /// Seed of the deterministic weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Time the host-to-device input copy separately.
+    #[arg(long)]
+    pub time_input_copy: bool,
+    /// Follow the sweep after submitting it.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+impl SubmitArgs {
+    /// The sweep as TOML: the file's text, or one made from the flags (validated either way,
+    /// here and again by the coordinator).
+    pub fn to_toml(&self) -> Result<String, CliError> {
+        if let Some(path) = &self.file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?;
+            SweepSpec::from_toml(&text)
+                .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
+            return Ok(text);
+        }
+        let precisions = self
+            .precision
+            .iter()
+            .map(|p| p.parse::<Precision>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        let gpus = self
+            .gpu
+            .iter()
+            .map(|g| g.parse::<HardwareTarget>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        let spec = SweepSpec {
+            name: self.name.clone(),
+            model: self.model.clone(),
+            batch_sizes: self.batch.clone(),
+            precisions,
+            gpus,
+            image_size: self.image_size,
+            repetitions: self.repetitions,
+            engine: self
+                .engine
+                .parse::<EnginePath>()
+                .map_err(|e| CliError::Input(e.to_string()))?,
+            weights: WeightsSpec::Seeded { seed: self.seed },
+            measurement: MeasurementSpec {
+                warmup_iterations: self.warmup,
+                warmup_duration: Duration::ZERO,
+                min_iterations: self.min_iterations,
+                min_duration: self.min_duration,
+                max_duration: self.max_duration,
+                time_input_copy: self.time_input_copy,
+            },
+        };
+        spec.validate().map_err(|e| CliError::Input(e.to_string()))?;
+        toml::to_string(&spec).map_err(|e| CliError::Other(format!("cannot write the sweep: {e}")))
+    }
+}
+
+/// A connected client and the URL it talks to, for error messages.
+pub struct Remote {
+    pub url: String,
+    pub client: SweepClient,
+}
+
+impl Remote {
+    pub fn new(conn: &Connection) -> Result<Self, CliError> {
+        let client = sweep_client(&conn.coordinator, conn.token.as_deref())
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        Ok(Remote {
+            url: conn.coordinator.clone(),
+            client,
+        })
+    }
+
+    pub fn err(&self, s: Status) -> CliError {
+        CliError::from_status(&self.url, s)
+    }
+}
+
+fn check_sweep_id(id: &str) -> Result<(), CliError> {
+    parse_uuid("sweep id", id.trim())
+        .map(|_| ())
+        .map_err(|e| CliError::Input(e.to_string()))
+}
+
+pub async fn submit(remote: &mut Remote, toml: String) -> Result<pb::SubmitSweepResponse, CliError> {
+    remote
+        .client
+        .submit_sweep(pb::SubmitSweepRequest { spec_toml: toml })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| remote.err(s))
+}
+
+/// A sweep's results as domain records, with their ids.
+pub async fn fetch_results(
+    remote: &mut Remote,
+    req: pb::ListResultsRequest,
+) -> Result<Vec<(String, String, BenchResult)>, CliError> {
+    let resp = remote
+        .client
+        .list_results(req)
+        .await
+        .map_err(|s| remote.err(s))?
+        .into_inner();
+    resp.results
+        .into_iter()
+        .map(|s| {
+            let r = s
+                .result
+                .ok_or_else(|| CliError::Remote("a result without a record".into()))?;
+            let r = result_without_latencies(r).map_err(|e| CliError::Remote(e.to_string()))?;
+            Ok((s.result_id, s.sweep_id, r))
+        })
+        .collect()
+}
+
+/// Runs one command; the exit code says whether it worked.
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Submit(args) => {
+            let toml = args.to_toml()?;
+            let mut remote = Remote::new(&cli.conn)?;
+            let resp = submit(&mut remote, toml).await?;
+            eprintln!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
+            println!("{}", resp.sweep_id);
+            if args.watch {
+                let ok = watch::watch(&mut remote, &resp.sweep_id).await?;
+                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { sweep_id } => {
+            check_sweep_id(&sweep_id)?;
+            let mut remote = Remote::new(&cli.conn)?;
+            let ok = watch::watch(&mut remote, sweep_id.trim()).await?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Results { sweep_id, format } => {
+            check_sweep_id(&sweep_id)?;
+            let mut remote = Remote::new(&cli.conn)?;
+            let results = fetch_results(
+                &mut remote,
+                pb::ListResultsRequest {
+                    sweep_id: sweep_id.trim().to_string(),
+                    include_simulated: true,
+                    omit_latencies: format != Format::Json,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            if results.is_empty() {
+                eprintln!("no results yet for sweep {}", sweep_id.trim());
+            }
+            print!("{}", output::results(&results, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare(args) => {
+            let mut remote = Remote::new(&cli.conn)?;
+            compare::run(&mut remote, args).await
+        }
+        Command::Agents { format } => {
+            let mut remote = Remote::new(&cli.conn)?;
+            let agents = remote
+                .client
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(|s| remote.err(s))?
+                .into_inner()
+                .agents;
+            print!("{}", output::agents(&agents, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sweeps { limit, format } => {
+            let mut remote = Remote::new(&cli.conn)?;
+            let sweeps = remote
+                .client
+                .list_sweeps(pb::ListSweepsRequest { limit })
+                .await
+                .map_err(|s| remote.err(s))?
+                .into_inner()
+                .sweeps;
+            print!("{}", output::sweeps(&sweeps, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { sweep_id } => {
+            check_sweep_id(&sweep_id)?;
+            let mut remote = Remote::new(&cli.conn)?;
+            let n = remote
+                .client
+                .cancel_sweep(pb::CancelSweepRequest {
+                    sweep_id: sweep_id.trim().to_string(),
+                })
+                .await
+                .map_err(|s| remote.err(s))?
+                .into_inner()
+                .cancelled_jobs;
+            eprintln!("cancelled {n} unfinished jobs of sweep {}", sweep_id.trim());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import { file, name } => {
+            let records = read_records(&file)?;
+            let mut remote = Remote::new(&cli.conn)?;
+            let name = name.unwrap_or_else(|| {
+                format!(
+                    "import of {}",
+                    file.file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                )
+            });
+            let resp = remote
+                .client
+                .import_results(pb::ImportResultsRequest {
+                    name,
+                    results: records.iter().map(Into::into).collect(),
+                })
+                .await
+                .map_err(|s| remote.err(s))?
+                .into_inner();
+            eprintln!("imported {} results as sweep {}", resp.imported, resp.sweep_id);
+            println!("{}", resp.sweep_id);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reads JSON-lines result records, naming the line of the first bad one. Nothing is sent
+/// unless every line is good.
+pub fn read_records(path: &std::path::Path) -> Result<Vec<BenchResult>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: BenchResult = serde_json::from_str(line).map_err(|e| {
+            CliError::Input(format!("{} line {}: not a result record: {e}", path.display(), i + 1))
+        })?;
+        r.validate().map_err(|e| {
+            CliError::Input(format!("{} line {}: {e}", path.display(), i + 1))
+        })?;
+        out.push(r);
+    }
+    if out.is_empty() {
+        return Err(CliError::Input(format!("{} holds no result records", path.display())));
+    }
+    Ok(out)
+}

@@ -1,0 +1,269 @@
+//! Rendering of results, agents and sweeps as tables, CSV or JSON. Every renderer returns the
+//! text so that tests can check it and `main` prints it to stdout.
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
+use fleetmark_core::BenchResult;
+use fleetmark_proto::{convert::from_timestamp, v1 as pb};
+use serde_json::json;
+
+use crate::Format;
+
+pub fn table(header: &[&str], rows: Vec<Vec<String>>, right_from: usize) -> String {
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED);
+    t.set_header(header.to_vec());
+    for row in rows {
+        t.add_row(row.into_iter().enumerate().map(|(i, v)| {
+            let c = Cell::new(v);
+            if i >= right_from {
+                c.set_alignment(CellAlignment::Right)
+            } else {
+                c
+            }
+        }));
+    }
+    format!("{t}\n")
+}
+
+/// RFC 4180 CSV: fields with commas, quotes or newlines are quoted.
+pub fn csv(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let mut out = header.iter().map(|h| field(h)).collect::<Vec<_>>().join(",");
+    out.push('\n');
+    for row in rows {
+        out.push_str(&row.iter().map(|v| field(v)).collect::<Vec<_>>().join(","));
+        out.push('\n');
+    }
+    out
+}
+
+pub fn bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if n == 0 {
+        "-".into()
+    } else if (n as f64) < 10.0 * 1024.0 * MIB {
+        format!("{:.0} MiB", n as f64 / MIB)
+    } else {
+        format!("{:.1} GiB", n as f64 / (1024.0 * MIB))
+    }
+}
+
+pub fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.1}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Throughput for people: 43,926 for large values, one decimal below 100.
+pub fn throughput(v: f64) -> String {
+    if v.abs() < 100.0 {
+        format!("{v:.1}")
+    } else {
+        thousands(v)
+    }
+}
+
+pub fn thousands(v: f64) -> String {
+    let s = format!("{v:.0}");
+    let (sign, digits) = s.split_at(if s.starts_with('-') { 1 } else { 0 });
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+const RESULT_COLUMNS: &[&str] = &[
+    "hardware", "agent", "device", "path", "precision", "batch", "p50 ms", "p90 ms", "p99 ms",
+    "mean ms (95% CI)", "img/s", "peak mem", "gate", "throttled",
+];
+
+fn result_row(r: &BenchResult, plain: bool) -> Vec<String> {
+    let gate = match &r.correctness {
+        Some(c) => format!("{:.1e}", c.max_rel_error),
+        None if r.backend.simulated => "simulated".into(),
+        None => "-".into(),
+    };
+    let throttled = match &r.telemetry {
+        Some(t) if t.throttled => t.throttle_reasons.join("+"),
+        Some(_) => "no".into(),
+        None => "-".into(),
+    };
+    let ci = (r.latency.ci95_high_ms - r.latency.ci95_low_ms) / 2.0;
+    vec![
+        format!("{} ({})", r.hardware_kind, r.hardware_name),
+        r.agent_name.clone(),
+        r.device.clone(),
+        r.backend.path.clone(),
+        r.precision_label(),
+        r.spec.batch_size.to_string(),
+        ms(r.latency.p50_ms),
+        ms(r.latency.p90_ms),
+        ms(r.latency.p99_ms),
+        format!("{} ± {}", ms(r.latency.mean_ms), ms(ci)),
+        if plain {
+            format!("{:.1}", r.images_per_sec)
+        } else {
+            throughput(r.images_per_sec)
+        },
+        if plain {
+            r.peak_memory_bytes.to_string()
+        } else {
+            bytes(r.peak_memory_bytes)
+        },
+        gate,
+        throttled,
+    ]
+}
+
+/// A sweep's results. JSON carries the whole record, raw latencies included.
+pub fn results(results: &[(String, String, BenchResult)], format: Format) -> String {
+    match format {
+        Format::Json => {
+            let v: Vec<_> = results
+                .iter()
+                .map(|(id, sweep, r)| json!({ "result_id": id, "sweep_id": sweep, "result": r }))
+                .collect();
+            format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
+        }
+        Format::Csv => csv(
+            RESULT_COLUMNS,
+            results.iter().map(|(_, _, r)| result_row(r, true)).collect(),
+        ),
+        Format::Table => table(
+            RESULT_COLUMNS,
+            results.iter().map(|(_, _, r)| result_row(r, false)).collect(),
+            5,
+        ),
+    }
+}
+
+pub fn agents(agents: &[pb::AgentStatus], format: Format) -> String {
+    let header = [
+        "name", "state", "devices", "cpu", "cores", "memory", "gpus", "price/h", "labels",
+        "last seen", "running",
+    ];
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            let inv = a.inventory.clone().unwrap_or_default();
+            vec![
+                a.name.clone(),
+                a.state.clone(),
+                a.devices
+                    .iter()
+                    .map(|d| format!("{}={}", d.device, d.kind))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                inv.cpu_model.clone(),
+                inv.logical_cores.to_string(),
+                bytes(inv.memory_bytes),
+                inv.gpus
+                    .iter()
+                    .map(|g| g.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                a.price_per_hour
+                    .map(|p| format!("${p:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                a.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                from_timestamp(a.last_seen_at)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string(),
+                a.running_jobs.len().to_string(),
+            ]
+        })
+        .collect();
+    match format {
+        Format::Json => {
+            let v: Vec<_> = agents
+                .iter()
+                .map(|a| {
+                    let inv: fleetmark_core::HostInventory =
+                        a.inventory.clone().unwrap_or_default().into();
+                    json!({
+                        "agent_id": a.agent_id, "name": a.name, "state": a.state,
+                        "labels": a.labels, "price_per_hour": a.price_per_hour,
+                        "devices": a.devices.iter().map(|d| json!({"device": d.device, "kind": d.kind, "name": d.name})).collect::<Vec<_>>(),
+                        "inventory": inv,
+                        "last_seen_at": from_timestamp(a.last_seen_at),
+                        "running_jobs": a.running_jobs,
+                    })
+                })
+                .collect();
+            format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
+        }
+        Format::Csv => csv(&header, rows),
+        Format::Table => table(&header, rows, 4),
+    }
+}
+
+pub fn sweeps(sweeps: &[pb::SweepSummary], format: Format) -> String {
+    let header = ["sweep id", "name", "state", "created", "jobs", "finished"];
+    let rows: Vec<Vec<String>> = sweeps
+        .iter()
+        .map(|s| {
+            vec![
+                s.sweep_id.clone(),
+                s.name.clone(),
+                s.state.clone(),
+                from_timestamp(s.created_at)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string(),
+                s.jobs.to_string(),
+                s.finished.to_string(),
+            ]
+        })
+        .collect();
+    match format {
+        Format::Json => {
+            let v: Vec<_> = sweeps
+                .iter()
+                .map(|s| {
+                    json!({"sweep_id": s.sweep_id, "name": s.name, "state": s.state,
+                           "created_at": from_timestamp(s.created_at), "jobs": s.jobs, "finished": s.finished})
+                })
+                .collect();
+            format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
+        }
+        Format::Csv => csv(&header, rows),
+        Format::Table => table(&header, rows, 4),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_what_needs_quoting() {
+        let out = csv(&["a", "b"], vec![vec!["x,y".into(), "say \"hi\"".into()]]);
+        assert_eq!(out, "a,b\n\"x,y\",\"say \"\"hi\"\"\"\n");
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(43926.4), "43,926");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(ms(0.36312), "0.363");
+        assert_eq!(ms(26.8), "26.80");
+        assert_eq!(bytes(3 * 1024 * 1024), "3 MiB");
+    }
+}
