@@ -16,6 +16,7 @@ pub mod error;
 pub mod gpuinfo;
 pub mod input;
 pub mod measure;
+pub mod memplan;
 pub mod resnet;
 pub mod simulated;
 pub mod telemetry;

@@ -1,0 +1,520 @@
+//! Helpers for Fleetmark's end-to-end tests: real `fleetmark-coordinator`, `fleetmark-agent` and
+//! `fleetmark` processes talking gRPC over loopback, with Postgres underneath.
+//!
+//! Every long-running process is held by a [`Child`], which SIGKILLs it when dropped (so a failed
+//! assertion never leaves agents behind) and, when the test is failing, prints the tail of the
+//! process's log so the failure can be understood from the test output alone.
+//!
+//! Nothing here sleeps to synchronise: waits poll a real condition (a gRPC call, a database row,
+//! a process exit) until a generous deadline, through [`eventually`].
+
+use std::{
+    io::Write,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output, Stdio},
+    time::Duration,
+};
+
+use fleetmark_proto::{
+    client::{sweep_client, SweepClient},
+    v1 as pb,
+};
+use sqlx::{postgres::PgPoolOptions, PgPool, Row};
+use uuid::Uuid;
+
+pub use fleetmark_testkit::{eventually, workspace_binary, PrivateCluster, TestDb};
+
+/// How long to wait for a process to start and answer, for a sweep of a few small jobs to
+/// finish, and so on. Generous: the suite runs on loaded two-core machines.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const SWEEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Variables that would change what the spawned binaries do if the developer's shell has them.
+const SCRUBBED_ENV: &[&str] = &[
+    "FLEETMARK_TOKEN",
+    "FLEETMARK_COORDINATOR",
+    "FLEETMARK_LISTEN",
+    "FLEETMARK_LEASE",
+    "FLEETMARK_HEARTBEAT",
+    "FLEETMARK_DEVICE",
+    "FLEETMARK_AGENT_NAME",
+    "FLEETMARK_PRICE_PER_HOUR",
+    "FLEETMARK_LABELS",
+    "DATABASE_URL",
+    "RUST_LOG",
+];
+
+/// A free loopback port: bound to port 0, read back and released. Another process could take it
+/// in between, which on a test machine does not happen in practice.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A base command for one of the workspace binaries, with a clean environment.
+pub fn command(binary: &str) -> Command {
+    let mut c = Command::new(workspace_binary(binary));
+    for v in SCRUBBED_ENV {
+        c.env_remove(v);
+    }
+    c.env("RUST_LOG", "info,sqlx=warn,h2=warn,tower=warn,hyper=warn");
+    c.stdin(Stdio::null());
+    c
+}
+
+/// A child process that is SIGKILLed (and reaped) when dropped. Its stdout and stderr go to a
+/// log file, printed (the tail of it) if the test is panicking.
+pub struct Child {
+    name: String,
+    child: std::process::Child,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Child {
+    /// Starts `cmd`, logging to `<dir>/<name>.log` (appending, so a restarted process of the
+    /// same name keeps one log).
+    pub fn spawn(name: &str, mut cmd: Command, dir: &Path) -> Child {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the log file");
+        let mut header = file.try_clone().expect("log file handle");
+        let _ = writeln!(header, "===== {name}: {cmd:?}");
+        cmd.stdout(file.try_clone().expect("log file handle"))
+            .stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Child {
+            name: name.to_string(),
+            child,
+            log,
+            status: None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process has written so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Panics, with the log, if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(s) = self.try_wait() {
+            panic!(
+                "{} exited unexpectedly ({s}); its log:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    /// SIGKILL, then reap. A process that is already gone is fine.
+    pub fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// SIGTERM, then wait up to `grace` for a clean exit; SIGKILL after that. Returns the exit
+    /// status when the process left by itself.
+    pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.try_wait() {
+            return Some(s);
+        }
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet: it cannot be reused.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill();
+        None
+    }
+
+    /// Waits for the process to exit by itself, panicking with its log after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let what = format!("{} to exit", self.name);
+        eventually(timeout, &what, || {
+            let s = self.try_wait();
+            async move { s }
+        })
+        .await
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "----- last {} lines of {} ({}) -----\n{}\n-----",
+                tail.len(),
+                self.name,
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// Flags for a coordinator process.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOpts {
+    pub token: Option<String>,
+    pub lease: &'static str,
+    pub heartbeat: &'static str,
+    pub reap_interval: &'static str,
+}
+
+impl Default for CoordinatorOpts {
+    fn default() -> Self {
+        CoordinatorOpts {
+            token: None,
+            lease: "10s",
+            heartbeat: "500ms",
+            reap_interval: "200ms",
+        }
+    }
+}
+
+/// A coordinator process and the URL it serves on.
+pub struct Coordinator {
+    pub process: Child,
+    pub url: String,
+    pub port: u16,
+    pub token: Option<String>,
+}
+
+impl Coordinator {
+    /// Starts `fleetmark-coordinator` on `port` and waits until it answers gRPC calls (it has
+    /// connected to the database and applied the migrations by then).
+    pub async fn start(
+        name: &str,
+        dir: &Path,
+        database_url: &str,
+        port: u16,
+        opts: &CoordinatorOpts,
+    ) -> Coordinator {
+        let mut cmd = command("fleetmark-coordinator");
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--database-url")
+            .arg(database_url)
+            .args(["--lease", opts.lease])
+            .args(["--heartbeat", opts.heartbeat])
+            .args(["--reap-interval", opts.reap_interval])
+            .args(["--db-connections", "8"]);
+        if let Some(t) = &opts.token {
+            cmd.arg("--token").arg(t);
+        }
+        let mut c = Coordinator {
+            process: Child::spawn(name, cmd, dir),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            token: opts.token.clone(),
+        };
+        c.wait_ready().await;
+        c
+    }
+
+    /// Polls a cheap call until it succeeds; panics with the log if the process dies first.
+    pub async fn wait_ready(&mut self) {
+        let client = sweep_client(&self.url, self.token.as_deref()).expect("client");
+        let process = &mut self.process;
+        eventually(START_TIMEOUT, "the coordinator to answer", || {
+            process.assert_running();
+            let mut client = client.clone();
+            async move {
+                client
+                    .list_sweeps(pb::ListSweepsRequest { limit: 1 })
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    pub fn client(&self) -> SweepClient {
+        sweep_client(&self.url, self.token.as_deref()).expect("client")
+    }
+}
+
+/// Starts an agent serving `device` ("cpu" or "simulated") for the coordinator at `url`.
+pub fn start_agent(name: &str, dir: &Path, url: &str, device: &str, extra: &[&str]) -> Child {
+    let mut cmd = command("fleetmark-agent");
+    cmd.args(["--coordinator", url, "--name", name, "--device", device])
+        .args(extra);
+    Child::spawn(name, cmd, dir)
+}
+
+/// Waits until every named agent shows as online at the coordinator.
+pub async fn wait_agents_online(client: &SweepClient, names: &[&str]) -> Vec<pb::AgentStatus> {
+    eventually(START_TIMEOUT, &format!("agents {names:?} to be online"), || {
+        let mut client = client.clone();
+        async move {
+            let agents = client
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            let online = names.iter().all(|n| {
+                agents
+                    .iter()
+                    .any(|a| a.name == *n && a.state == "online")
+            });
+            online.then_some(agents)
+        }
+    })
+    .await
+}
+
+/// Runs the `fleetmark` CLI against `url` (with `token` if given) and returns its output. Fails
+/// the test if it runs longer than `SWEEP_TIMEOUT`.
+pub async fn cli(url: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::from(command("fleetmark"));
+    cmd.env("RUST_LOG", "warn").arg("--coordinator").arg(url);
+    if let Some(t) = token {
+        cmd.arg("--token").arg(t);
+    }
+    cmd.args(args).kill_on_drop(true);
+    match tokio::time::timeout(SWEEP_TIMEOUT, cmd.output()).await {
+        Ok(out) => out.expect("run fleetmark"),
+        Err(_) => panic!("`fleetmark {}` did not finish within {SWEEP_TIMEOUT:?}", args.join(" ")),
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Panics, showing both streams, unless the command exited 0.
+pub fn assert_success(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// A sweep file's text for ResNet18 at a small image size with a short measurement.
+pub fn sweep_toml(name: &str, batches: &[u32], image_size: u32, min_duration: &str) -> String {
+    let batches: Vec<String> = batches.iter().map(u32::to_string).collect();
+    format!(
+        "name = \"{name}\"\nmodel = \"resnet18\"\nbatch_sizes = [{}]\nprecisions = [\"f32\"]\n\
+         gpus = [\"any\"]\nimage_size = {image_size}\n\n[measurement]\nwarmup_iterations = 1\n\
+         warmup_duration = \"0s\"\nmin_iterations = 3\nmin_duration = \"{min_duration}\"\n\
+         max_duration = \"60s\"\n",
+        batches.join(", ")
+    )
+}
+
+/// Writes `toml` to `<dir>/<name>.toml`, submits it with `fleetmark submit --file`, and returns
+/// the sweep id it printed.
+pub async fn submit_file(url: &str, token: Option<&str>, dir: &Path, name: &str, toml: &str) -> Uuid {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).expect("write the sweep file");
+    let out = cli(url, token, &["submit", "--file", path.to_str().expect("utf-8 path")]).await;
+    assert_success(&out, "fleetmark submit");
+    parse_id(&out)
+}
+
+/// The UUID a command printed on stdout.
+pub fn parse_id(out: &Output) -> Uuid {
+    let s = stdout(out);
+    Uuid::parse_str(s.trim())
+        .unwrap_or_else(|e| panic!("expected a sweep id on stdout, got {s:?}: {e}"))
+}
+
+/// A small pool on the test's database, for checking what the coordinator stored.
+pub async fn pool(url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+/// One job row, as the tests look at it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    pub id: Uuid,
+    pub seq: i32,
+    pub state: String,
+    pub attempt: i32,
+    pub phase: Option<String>,
+    pub lease_agent_id: Option<Uuid>,
+    pub last_agent_id: Option<Uuid>,
+    pub batch_size: i64,
+}
+
+pub async fn jobs(pool: &PgPool, sweep: Uuid) -> sqlx::Result<Vec<JobInfo>> {
+    let rows = sqlx::query(
+        "SELECT id, seq, state::text AS state, attempt, phase, lease_agent_id, last_agent_id, \
+                (spec->>'batch_size')::bigint AS batch_size \
+         FROM jobs WHERE sweep_id = $1 ORDER BY seq",
+    )
+    .bind(sweep)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(JobInfo {
+                id: r.try_get("id")?,
+                seq: r.try_get("seq")?,
+                state: r.try_get("state")?,
+                attempt: r.try_get("attempt")?,
+                phase: r.try_get("phase")?,
+                lease_agent_id: r.try_get("lease_agent_id")?,
+                last_agent_id: r.try_get("last_agent_id")?,
+                batch_size: r.try_get("batch_size")?,
+            })
+        })
+        .collect()
+}
+
+/// One stored result row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultInfo {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub agent_id: Uuid,
+    pub attempt: i32,
+    pub batch_size: i32,
+    pub hardware_kind: String,
+    pub simulated: bool,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub images_per_sec: f64,
+    pub latencies: usize,
+}
+
+pub async fn results(pool: &PgPool, sweep: Uuid) -> sqlx::Result<Vec<ResultInfo>> {
+    let rows = sqlx::query(
+        "SELECT id, job_id, agent_id, attempt, batch_size, hardware_kind, simulated, p50_ms, \
+                p99_ms, images_per_sec, cardinality(latencies_ms) AS latencies \
+         FROM results WHERE sweep_id = $1 ORDER BY batch_size, finished_at",
+    )
+    .bind(sweep)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ResultInfo {
+                id: r.try_get("id")?,
+                job_id: r.try_get("job_id")?,
+                agent_id: r.try_get("agent_id")?,
+                attempt: r.try_get("attempt")?,
+                batch_size: r.try_get("batch_size")?,
+                hardware_kind: r.try_get("hardware_kind")?,
+                simulated: r.try_get("simulated")?,
+                p50_ms: r.try_get("p50_ms")?,
+                p99_ms: r.try_get("p99_ms")?,
+                images_per_sec: r.try_get("images_per_sec")?,
+                latencies: r.try_get::<i32, _>("latencies")? as usize,
+            })
+        })
+        .collect()
+}
+
+/// The id of the agent registered under `name`.
+pub async fn agent_id(pool: &PgPool, name: &str) -> Uuid {
+    sqlx::query_scalar("SELECT id FROM agents WHERE name = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("no agent {name} in the database: {e}"))
+}
+
+pub async fn sweep_state(pool: &PgPool, sweep: Uuid) -> sqlx::Result<String> {
+    sqlx::query_scalar("SELECT state FROM sweeps WHERE id = $1")
+        .bind(sweep)
+        .fetch_one(pool)
+        .await
+}
+
+/// Waits until the sweep is no longer active. Database errors (say, while it restarts) count as
+/// "not yet".
+pub async fn wait_sweep_finished(pool: &PgPool, sweep: Uuid, timeout: Duration) -> String {
+    eventually(timeout, &format!("sweep {sweep} to finish"), || async move {
+        sweep_state(pool, sweep)
+            .await
+            .ok()
+            .filter(|s| s != "active")
+    })
+    .await
+}
+
+/// Checks the outcome every test wants after a disturbance: the sweep completed with exactly
+/// `expected_jobs` jobs, every one succeeded, and each has exactly one stored result, from the
+/// attempt and agent the job row names. Returns the jobs and results.
+pub async fn assert_sweep_complete_once(
+    pool: &PgPool,
+    sweep: Uuid,
+    expected_jobs: usize,
+) -> (Vec<JobInfo>, Vec<ResultInfo>) {
+    let state = sweep_state(pool, sweep).await.expect("sweep state");
+    let jobs = jobs(pool, sweep).await.expect("jobs");
+    let results = results(pool, sweep).await.expect("results");
+    assert_eq!(state, "completed", "sweep state; jobs: {jobs:#?}");
+    assert_eq!(jobs.len(), expected_jobs, "job count: {jobs:#?}");
+    for j in &jobs {
+        assert_eq!(j.state, "succeeded", "every job succeeds: {j:#?}");
+        assert!(j.lease_agent_id.is_none(), "finished jobs hold no lease: {j:#?}");
+        let mine: Vec<&ResultInfo> = results.iter().filter(|r| r.job_id == j.id).collect();
+        assert_eq!(mine.len(), 1, "exactly one result for job {j:#?}; results: {results:#?}");
+        let r = mine[0];
+        assert_eq!(r.attempt, j.attempt, "the result is from the job's last attempt");
+        assert_eq!(Some(r.agent_id), j.last_agent_id, "the result is from the job's last agent");
+        assert!(r.latencies >= 1 && r.images_per_sec > 0.0, "sane result {r:#?}");
+        assert!(r.p50_ms <= r.p99_ms, "p50 <= p99 in {r:#?}");
+    }
+    assert_eq!(results.len(), expected_jobs, "no stray results: {results:#?}");
+    (jobs, results)
+}
+
+/// A fresh temporary folder for a test's logs and files.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("fleetmark-e2e-")
+        .tempdir()
+        .expect("temp dir")
+}
