@@ -58,7 +58,8 @@ pub fn command(binary: &str) -> Command {
     for v in SCRUBBED_ENV {
         c.env_remove(v);
     }
-    c.env("RUST_LOG", "info,sqlx=warn,h2=warn,tower=warn,hyper=warn");
+    c.env("RUST_LOG", "info,sqlx=warn,h2=warn,tower=warn,hyper=warn")
+        .env("NO_COLOR", "1");
     c.stdin(Stdio::null());
     c
 }
@@ -280,23 +281,25 @@ pub fn start_agent(name: &str, dir: &Path, url: &str, device: &str, extra: &[&st
 
 /// Waits until every named agent shows as online at the coordinator.
 pub async fn wait_agents_online(client: &SweepClient, names: &[&str]) -> Vec<pb::AgentStatus> {
-    eventually(START_TIMEOUT, &format!("agents {names:?} to be online"), || {
-        let mut client = client.clone();
-        async move {
-            let agents = client
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .agents;
-            let online = names.iter().all(|n| {
-                agents
+    eventually(
+        START_TIMEOUT,
+        &format!("agents {names:?} to be online"),
+        || {
+            let mut client = client.clone();
+            async move {
+                let agents = client
+                    .list_agents(pb::ListAgentsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents;
+                let online = names
                     .iter()
-                    .any(|a| a.name == *n && a.state == "online")
-            });
-            online.then_some(agents)
-        }
-    })
+                    .all(|n| agents.iter().any(|a| a.name == *n && a.state == "online"));
+                online.then_some(agents)
+            }
+        },
+    )
     .await
 }
 
@@ -311,7 +314,10 @@ pub async fn cli(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     cmd.args(args).kill_on_drop(true);
     match tokio::time::timeout(SWEEP_TIMEOUT, cmd.output()).await {
         Ok(out) => out.expect("run fleetmark"),
-        Err(_) => panic!("`fleetmark {}` did not finish within {SWEEP_TIMEOUT:?}", args.join(" ")),
+        Err(_) => panic!(
+            "`fleetmark {}` did not finish within {SWEEP_TIMEOUT:?}",
+            args.join(" ")
+        ),
     }
 }
 
@@ -348,10 +354,21 @@ pub fn sweep_toml(name: &str, batches: &[u32], image_size: u32, min_duration: &s
 
 /// Writes `toml` to `<dir>/<name>.toml`, submits it with `fleetmark submit --file`, and returns
 /// the sweep id it printed.
-pub async fn submit_file(url: &str, token: Option<&str>, dir: &Path, name: &str, toml: &str) -> Uuid {
+pub async fn submit_file(
+    url: &str,
+    token: Option<&str>,
+    dir: &Path,
+    name: &str,
+    toml: &str,
+) -> Uuid {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml).expect("write the sweep file");
-    let out = cli(url, token, &["submit", "--file", path.to_str().expect("utf-8 path")]).await;
+    let out = cli(
+        url,
+        token,
+        &["submit", "--file", path.to_str().expect("utf-8 path")],
+    )
+    .await;
     assert_success(&out, "fleetmark submit");
     parse_id(&out)
 }
@@ -474,12 +491,16 @@ pub async fn sweep_state(pool: &PgPool, sweep: Uuid) -> sqlx::Result<String> {
 /// Waits until the sweep is no longer active. Database errors (say, while it restarts) count as
 /// "not yet".
 pub async fn wait_sweep_finished(pool: &PgPool, sweep: Uuid, timeout: Duration) -> String {
-    eventually(timeout, &format!("sweep {sweep} to finish"), || async move {
-        sweep_state(pool, sweep)
-            .await
-            .ok()
-            .filter(|s| s != "active")
-    })
+    eventually(
+        timeout,
+        &format!("sweep {sweep} to finish"),
+        || async move {
+            sweep_state(pool, sweep)
+                .await
+                .ok()
+                .filter(|s| s != "active")
+        },
+    )
     .await
 }
 
@@ -498,16 +519,37 @@ pub async fn assert_sweep_complete_once(
     assert_eq!(jobs.len(), expected_jobs, "job count: {jobs:#?}");
     for j in &jobs {
         assert_eq!(j.state, "succeeded", "every job succeeds: {j:#?}");
-        assert!(j.lease_agent_id.is_none(), "finished jobs hold no lease: {j:#?}");
+        assert!(
+            j.lease_agent_id.is_none(),
+            "finished jobs hold no lease: {j:#?}"
+        );
         let mine: Vec<&ResultInfo> = results.iter().filter(|r| r.job_id == j.id).collect();
-        assert_eq!(mine.len(), 1, "exactly one result for job {j:#?}; results: {results:#?}");
+        assert_eq!(
+            mine.len(),
+            1,
+            "exactly one result for job {j:#?}; results: {results:#?}"
+        );
         let r = mine[0];
-        assert_eq!(r.attempt, j.attempt, "the result is from the job's last attempt");
-        assert_eq!(Some(r.agent_id), j.last_agent_id, "the result is from the job's last agent");
-        assert!(r.latencies >= 1 && r.images_per_sec > 0.0, "sane result {r:#?}");
+        assert_eq!(
+            r.attempt, j.attempt,
+            "the result is from the job's last attempt"
+        );
+        assert_eq!(
+            Some(r.agent_id),
+            j.last_agent_id,
+            "the result is from the job's last agent"
+        );
+        assert!(
+            r.latencies >= 1 && r.images_per_sec > 0.0,
+            "sane result {r:#?}"
+        );
         assert!(r.p50_ms <= r.p99_ms, "p50 <= p99 in {r:#?}");
     }
-    assert_eq!(results.len(), expected_jobs, "no stray results: {results:#?}");
+    assert_eq!(
+        results.len(),
+        expected_jobs,
+        "no stray results: {results:#?}"
+    );
     (jobs, results)
 }
 
