@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod standalone;
+pub mod verify;
 pub mod worker;
 
 use std::{

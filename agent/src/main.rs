@@ -85,6 +85,27 @@ enum Command {
         #[arg(long, default_value_t = 224)]
         image_size: usize,
     },
+    /// Check every path and precision against golden logits from the PyTorch reference script
+    /// (same weights file, this agent's input). Exits 1 if any is outside its bound.
+    Verify {
+        #[arg(long)]
+        weights: PathBuf,
+        /// The input written by `fleetmark-agent export --input`.
+        #[arg(long)]
+        input: PathBuf,
+        /// Golden logits from `scripts/bench/pytorch_reference.py golden`.
+        #[arg(long)]
+        golden: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16")]
+        precision: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "stock,fused")]
+        engine: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print this machine's inventory and check each device opens.
     Inventory {
         #[arg(long, default_value = "cpu")]
@@ -168,6 +189,55 @@ fn main() -> anyhow::Result<()> {
                 let map = std::collections::HashMap::from([("input".to_string(), x)]);
                 candle_safetensors_save(&map, &path)?;
                 eprintln!("wrote {} ({batch}x3x{image_size}x{image_size})", path.display());
+            }
+        }
+        Some(Command::Verify {
+            weights,
+            input,
+            golden,
+            device,
+            precision,
+            engine,
+            json,
+        }) => {
+            let precisions = precision
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<Vec<fleetmark_core::Precision>, _>>()?;
+            let engines = engine
+                .iter()
+                .map(|e| e.parse())
+                .collect::<Result<Vec<fleetmark_core::EnginePath>, _>>()?;
+            let checks =
+                fleetmark_agent::verify::run(&weights, &input, &golden, &device, &precisions, &engines)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                println!(
+                    "{:<8} {:<6} {:<5} {:<5} {:>12} {:>8} {:>9}  result",
+                    "device", "path", "prec", "math", "max rel err", "top-1", "bound"
+                );
+                for c in &checks {
+                    let k = &c.correctness;
+                    println!(
+                        "{:<8} {:<6} {:<5} {:<5} {:>12.3e} {:>7.0}% {:>9.1e}  {}",
+                        c.device,
+                        c.path,
+                        c.precision,
+                        c.math,
+                        k.max_rel_error,
+                        k.top1_agreement * 100.0,
+                        k.bound,
+                        match &c.error {
+                            Some(e) => format!("ERROR {e}"),
+                            None if k.passed => "pass".into(),
+                            None => "FAIL".into(),
+                        }
+                    );
+                }
+            }
+            if checks.iter().any(|c| c.error.is_some() || !c.correctness.passed) {
+                std::process::exit(1);
             }
         }
         Some(Command::Inventory { device }) => {
