@@ -39,20 +39,34 @@ struct Golden {
 }
 
 fn golden() -> Golden {
-    let text = std::fs::read_to_string(GOLDEN)
-        .unwrap_or_else(|e| panic!("cannot read {GOLDEN}: {e} (see scripts/reference/README.md)"));
-    let json: Value = serde_json::from_str(&text).expect("golden file is valid JSON");
-    assert_eq!(json["generator"], "scripts/reference/golden_cpu.py");
-    assert_eq!(json["seed"], SEED);
+    let g = read_golden(GOLDEN);
+    assert_eq!(g.json["generator"], "scripts/reference/golden_cpu.py");
+    assert_eq!(g.json["seed"], SEED);
     assert_eq!(
-        json["input_shape"],
+        g.json["input_shape"],
         serde_json::json!([IMAGES, 3, SIZE, SIZE])
     );
+    g
+}
+
+/// Reads a golden JSON file (the format of `scripts/reference/golden_cpu.py`, which
+/// `scripts/bench/pytorch_reference.py golden` shares).
+fn read_golden(path: &str) -> Golden {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {path}: {e} (see scripts/reference/README.md)"));
+    let json: Value = serde_json::from_str(&text).expect("golden file is valid JSON");
+    let shape: Vec<usize> = json["input_shape"]
+        .as_array()
+        .expect("input_shape is an array")
+        .iter()
+        .map(|v| v.as_u64().expect("input_shape holds integers") as usize)
+        .collect();
+    let images = shape[0];
     let rows = json["logits"]
         .as_array()
         .expect("logits is an array of rows");
-    assert_eq!(rows.len(), IMAGES, "golden file has {} rows", rows.len());
-    let mut logits = Vec::with_capacity(IMAGES * 1000);
+    assert_eq!(rows.len(), images, "golden file has {} rows", rows.len());
+    let mut logits = Vec::with_capacity(images * 1000);
     for row in rows {
         let row = row.as_array().expect("each logits row is an array");
         assert_eq!(row.len(), 1000);
@@ -65,9 +79,18 @@ fn golden() -> Golden {
 }
 
 fn candle_logits(tensors: HashMap<String, Tensor>, fold: bool) -> Vec<f32> {
+    candle_logits_for(tensors, fold, IMAGES, SIZE)
+}
+
+fn candle_logits_for(
+    tensors: HashMap<String, Tensor>,
+    fold: bool,
+    images: usize,
+    size: usize,
+) -> Vec<f32> {
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let model = ResNet18::load(vb, fold).unwrap();
-    let x = input_batch(INPUT_SEED, IMAGES, SIZE).unwrap();
+    let x = input_batch(INPUT_SEED, images, size).unwrap();
     model
         .forward(&x)
         .unwrap()
@@ -128,4 +151,47 @@ fn a_wrong_model_fails_the_golden_comparison() {
     let c = compare(&out, &g.logits, BOUND);
     assert!(!c.passed, "a wrong layer went unnoticed: {c:?}");
     assert!(c.max_rel_error > 100.0 * BOUND, "{c:?}");
+}
+
+/// An extra golden file, such as `scripts/bench/pytorch_reference.py golden` writes from
+/// PyTorch-initialised weights on a GPU (fp32, TF32 off), checked against Candle's CPU model:
+///
+/// ```sh
+/// FLEETMARK_GOLDEN_JSON=golden.json FLEETMARK_GOLDEN_WEIGHTS=w.safetensors \
+///     cargo test -p fleetmark-engine --test golden extra_golden -- --nocapture
+/// ```
+///
+/// The golden's input must be Fleetmark's deterministic input (`fleetmark-agent export --input`
+/// or `--fleetmark-input B:S`), which is regenerated here. Without the two variables the test
+/// only says that it was skipped.
+#[test]
+fn extra_golden_from_the_environment() {
+    let (Ok(json), Ok(weights)) = (
+        std::env::var("FLEETMARK_GOLDEN_JSON"),
+        std::env::var("FLEETMARK_GOLDEN_WEIGHTS"),
+    ) else {
+        eprintln!("FLEETMARK_GOLDEN_JSON / FLEETMARK_GOLDEN_WEIGHTS not set: nothing to check");
+        return;
+    };
+    let g = read_golden(&json);
+    let w = ModelWeights::from_file(std::path::Path::new(&weights)).unwrap();
+    // For a weights file Fleetmark's hash is that of the file's bytes, as the script's.
+    assert_eq!(
+        g.json["weights_sha256"].as_str(),
+        Some(w.info.sha256.as_str()),
+        "{json} was computed from other weights than {weights}"
+    );
+    let shape = g.json["input_shape"].as_array().unwrap();
+    let images = shape[0].as_u64().unwrap() as usize;
+    let size = shape[2].as_u64().unwrap() as usize;
+    for fold in [false, true] {
+        let out = candle_logits_for(w.tensors.clone(), fold, images, size);
+        let c = compare(&out, &g.logits, BOUND);
+        eprintln!(
+            "{json} fold={fold}: max rel error {:.3e}, top-1 agreement {}",
+            c.max_rel_error, c.top1_agreement
+        );
+        assert!(c.passed, "fold={fold}: {c:?}");
+        assert_eq!(c.top1_agreement, 1.0, "fold={fold}: {c:?}");
+    }
 }
