@@ -297,7 +297,8 @@ def parse_bxs(text: str):
     try:
         b, s = (int(v) for v in text.lower().replace("x", ":").split(":"))
     except ValueError:
-        raise UsageError(f"--fleetmark-input wants BATCH:SIZE such as 2:224, not '{text}'") from None
+        raise UsageError(
+            f"--fleetmark-input wants BATCH:SIZE such as 2:224, not '{text}'") from None
     if not (1 <= b <= 4096 and 32 <= s <= 1024):
         raise UsageError("--fleetmark-input: batch must be 1..4096 and size 32..1024")
     return b, s
@@ -367,7 +368,8 @@ def cmd_golden(args) -> int:
         try:
             tensors = load_file(args.input)
         except Exception as e:
-            raise UsageError(f"--input {args.input} is not a readable safetensors file: {e}") from None
+            raise UsageError(
+                f"--input {args.input} is not a readable safetensors file: {e}") from None
         if "input" not in tensors:
             raise UsageError(f"--input {args.input} has no tensor 'input' "
                              f"(it has: {', '.join(sorted(tensors)) or 'none'})")
