@@ -553,10 +553,75 @@ pub async fn assert_sweep_complete_once(
     (jobs, results)
 }
 
-/// A fresh temporary folder for a test's logs and files.
+/// A fresh temporary folder for a test's logs and files. Removed afterwards, unless
+/// `FLEETMARK_E2E_KEEP` is set (its path is printed then).
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
+    let keep = std::env::var_os("FLEETMARK_E2E_KEEP").is_some();
+    let dir = tempfile::Builder::new()
         .prefix("fleetmark-e2e-")
+        .disable_cleanup(keep)
         .tempdir()
-        .expect("temp dir")
+        .expect("temp dir");
+    if keep {
+        eprintln!("keeping logs in {}", dir.path().display());
+    }
+    dir
+}
+
+/// The spec of a job, as the coordinator stored it.
+pub async fn job_spec(pool: &PgPool, job: Uuid) -> fleetmark_core::JobSpec {
+    let v: serde_json::Value = sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(pool)
+        .await
+        .expect("job spec");
+    serde_json::from_value(v).expect("a job spec")
+}
+
+/// A well-formed, internally consistent result record with made-up latencies, as an agent that
+/// ran `spec` for `job` would send it.
+pub fn made_up_result(
+    job: Option<Uuid>,
+    attempt: u32,
+    agent_name: &str,
+    spec: fleetmark_core::JobSpec,
+) -> fleetmark_core::BenchResult {
+    use fleetmark_core::{BackendInfo, BenchResult, LatencyStats};
+    let latencies = vec![4.0, 5.0, 6.0];
+    let latency = LatencyStats::from_samples(&latencies).expect("stats");
+    let now = chrono::Utc::now();
+    BenchResult {
+        schema: fleetmark_core::RESULT_SCHEMA_VERSION,
+        job_id: job,
+        attempt,
+        agent_name: agent_name.into(),
+        agent_labels: Default::default(),
+        price_per_hour: None,
+        hardware_kind: "cpu".into(),
+        hardware_name: "made-up cpu".into(),
+        device: "cpu".into(),
+        images_per_sec: latency.images_per_sec(spec.batch_size),
+        spec,
+        backend: BackendInfo {
+            backend: "candle-cpu".into(),
+            path: "fused".into(),
+            math: "f32".into(),
+            details: Default::default(),
+            simulated: false,
+        },
+        weights: Default::default(),
+        latency,
+        input_copy: None,
+        peak_memory_bytes: 0,
+        memory_scope: "process-rss".into(),
+        warmup_iterations: 1,
+        timed_seconds: 0.015,
+        telemetry: None,
+        correctness: None,
+        environment: Default::default(),
+        host: Default::default(),
+        started_at: now,
+        finished_at: now,
+        latencies_ms: latencies,
+    }
 }

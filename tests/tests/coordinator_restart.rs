@@ -1,0 +1,97 @@
+//! The coordinator keeps no state of its own: stopping it in the middle of a sweep and starting
+//! a new process on the same port and database loses nothing. The agents and a running
+//! `fleetmark watch` reconnect by themselves.
+
+use std::time::Duration;
+
+use fleetmark_e2e::*;
+
+const JOBS: usize = 6;
+
+#[tokio::test]
+async fn a_coordinator_restarted_mid_sweep_loses_nothing() {
+    let dir = scratch();
+    let db = TestDb::new().await;
+    let port = free_port();
+    let opts = CoordinatorOpts {
+        lease: "5s",
+        ..Default::default()
+    };
+    let mut first = Coordinator::start("coordinator-1", dir.path(), &db.url, port, &opts).await;
+    let url = first.url.clone();
+    let pool = pool(&db.url).await;
+    let mut a = start_agent("restart-cpu-1", dir.path(), &url, "cpu", &[]);
+    let mut b = start_agent("restart-cpu-2", dir.path(), &url, "cpu", &[]);
+    wait_agents_online(&first.client(), &["restart-cpu-1", "restart-cpu-2"]).await;
+    let ids_before = (
+        agent_id(&pool, "restart-cpu-1").await,
+        agent_id(&pool, "restart-cpu-2").await,
+    );
+
+    let toml = sweep_toml("restart", &[1, 2, 3, 4, 5, 6], 32, "1s");
+    let sweep = submit_file(&url, None, dir.path(), "restart", &toml).await;
+    let mut watch_cmd = command("fleetmark");
+    watch_cmd
+        .env("RUST_LOG", "warn")
+        .args(["--coordinator", &url, "watch", &sweep.to_string()]);
+    let mut watch = Child::spawn("watch", watch_cmd, dir.path());
+
+    // Stop it once some jobs are done and others are not.
+    eventually(
+        SWEEP_TIMEOUT,
+        "a job to succeed while others remain",
+        || {
+            let pool = &pool;
+            async move {
+                let js = jobs(pool, sweep).await.ok()?;
+                let done = js.iter().filter(|j| j.state == "succeeded").count();
+                let open = js
+                    .iter()
+                    .filter(|j| j.state == "pending" || j.state == "running")
+                    .count();
+                (done >= 1 && open >= 2).then_some(())
+            }
+        },
+    )
+    .await;
+    let status = first
+        .process
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("the coordinator stops within 20 s of SIGTERM, even with agents long-polling");
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    // Nothing moves while it is down, so this is the state the restart has to carry on from.
+    let open = jobs(&pool, sweep)
+        .await
+        .expect("jobs")
+        .into_iter()
+        .filter(|j| j.state != "succeeded")
+        .count();
+    assert!(open >= 1, "the coordinator stopped mid-sweep");
+
+    let second = Coordinator::start("coordinator-2", dir.path(), &db.url, port, &opts).await;
+    wait_sweep_finished(&pool, sweep, SWEEP_TIMEOUT).await;
+    assert_sweep_complete_once(&pool, sweep, JOBS).await;
+
+    // The agents carried on by themselves, as the same agents.
+    a.assert_running();
+    b.assert_running();
+    let ids_after = (
+        agent_id(&pool, "restart-cpu-1").await,
+        agent_id(&pool, "restart-cpu-2").await,
+    );
+    assert_eq!(ids_before, ids_after);
+    wait_agents_online(&second.client(), &["restart-cpu-1", "restart-cpu-2"]).await;
+
+    // `watch` followed the sweep across the restart and reports the whole sweep succeeded.
+    let status = watch.wait_exit(START_TIMEOUT).await;
+    let log = watch.log();
+    assert!(
+        status.success(),
+        "watch exit status {status}; output:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("{JOBS} of {JOBS} jobs succeeded")),
+        "watch output:\n{log}"
+    );
+}

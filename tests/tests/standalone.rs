@@ -1,0 +1,157 @@
+//! Standalone round trip: `fleetmark-agent run` benchmarks a sweep file with no coordinator and
+//! writes JSON lines; `fleetmark import` loads them; `fleetmark compare` shows them.
+
+use std::collections::BTreeSet;
+
+use fleetmark_core::BenchResult;
+use fleetmark_e2e::*;
+use serde_json::Value;
+
+#[tokio::test]
+async fn standalone_results_import_and_compare() {
+    let dir = scratch();
+    let sweep_file = dir.path().join("standalone.toml");
+    let out_file = dir.path().join("results.jsonl");
+    std::fs::write(&sweep_file, sweep_toml("standalone", &[1, 2], 32, "100ms")).expect("write");
+
+    // Run it with no coordinator anywhere.
+    let mut run = tokio::process::Command::from(command("fleetmark-agent"));
+    run.arg("run")
+        .arg("--sweep")
+        .arg(&sweep_file)
+        .arg("--out")
+        .arg(&out_file)
+        .args([
+            "--device",
+            "cpu",
+            "--name",
+            "offline-box",
+            "--price-per-hour",
+            "2",
+        ])
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(SWEEP_TIMEOUT, run.output())
+        .await
+        .expect("the standalone run finishes")
+        .expect("run fleetmark-agent");
+    assert_success(&out, "fleetmark-agent run");
+    assert!(
+        stderr(&out).contains("2 succeeded, 0 failed"),
+        "{}",
+        stderr(&out)
+    );
+
+    // One self-contained record per job.
+    let text = std::fs::read_to_string(&out_file).expect("the results file");
+    let records: Vec<BenchResult> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line ({e}): {l}")))
+        .collect();
+    assert_eq!(records.len(), 2, "{text}");
+    for r in &records {
+        r.validate().expect("a consistent record");
+        assert_eq!(
+            r.job_id, None,
+            "standalone records belong to no coordinator job"
+        );
+        assert_eq!(r.agent_name, "offline-box");
+        assert_eq!(r.price_per_hour, Some(2.0));
+        assert_eq!(r.hardware_kind, "cpu");
+        assert_eq!(r.spec.image_size, 32);
+        assert!(r.images_per_sec > 0.0);
+        assert!(r.correctness.as_ref().is_some_and(|c| c.passed));
+    }
+    let batches: BTreeSet<u32> = records.iter().map(|r| r.spec.batch_size).collect();
+    assert_eq!(batches, BTreeSet::from([1, 2]));
+
+    // Import into a running coordinator.
+    let db = TestDb::new().await;
+    let coord = Coordinator::start(
+        "coordinator",
+        dir.path(),
+        &db.url,
+        free_port(),
+        &CoordinatorOpts::default(),
+    )
+    .await;
+    let url = coord.url.as_str();
+    let path = out_file.to_str().expect("utf-8 path");
+    let out = cli(url, None, &["import", path, "--name", "offline"]).await;
+    assert_success(&out, "fleetmark import");
+    let sweep = parse_id(&out);
+    assert!(
+        stderr(&out).contains("imported 2 results"),
+        "{}",
+        stderr(&out)
+    );
+
+    let pool = pool(&db.url).await;
+    assert_eq!(sweep_state(&pool, sweep).await.expect("state"), "imported");
+    let js = jobs(&pool, sweep).await.expect("jobs");
+    assert_eq!(js.len(), 2);
+    assert!(js.iter().all(|j| j.state == "succeeded" && j.attempt == 1));
+    let stored = results(&pool, sweep).await.expect("results");
+    assert_eq!(stored.len(), 2);
+    for s in &stored {
+        let r = records
+            .iter()
+            .find(|r| r.spec.batch_size as i32 == s.batch_size)
+            .expect("a record for this batch");
+        assert_eq!(s.latencies, r.latencies_ms.len(), "raw latencies kept");
+        assert!((s.images_per_sec - r.images_per_sec).abs() < 1e-9 * r.images_per_sec);
+    }
+    let (name, origin): (String, String) = sqlx::query_as(
+        "SELECT name, origin FROM agents a JOIN results r ON r.agent_id = a.id LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the imported agent");
+    assert_eq!(
+        (name.as_str(), origin.as_str()),
+        ("offline-box", "imported")
+    );
+
+    // `compare` shows them in a cpu column, with images per dollar from the recorded price.
+    let out = cli(
+        url,
+        None,
+        &["compare", "--format", "json", "--image-size", "32"],
+    )
+    .await;
+    assert_success(&out, "fleetmark compare");
+    let rows: Value = serde_json::from_str(&stdout(&out)).expect("JSON rows");
+    let rows = rows.as_array().expect("an array");
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    for row in rows {
+        let b = row["batch_size"].as_u64().expect("batch") as u32;
+        let r = records
+            .iter()
+            .find(|r| r.spec.batch_size == b)
+            .expect("record");
+        let cpu = &row["hardware"]["cpu"];
+        let ips = cpu["images_per_sec"].as_f64().expect("a cpu column");
+        assert!((ips - r.images_per_sec).abs() < 1e-9 * ips, "{row:#}");
+        let per_dollar = cpu["images_per_dollar"].as_f64().expect("priced");
+        assert!(
+            (per_dollar - ips * 3600.0 / 2.0).abs() < 1e-6 * per_dollar,
+            "{row:#}"
+        );
+    }
+
+    // The imported agent is listed as such, not as an online agent.
+    let out = cli(url, None, &["agents", "--format", "json"]).await;
+    assert_success(&out, "fleetmark agents");
+    let agents: Value = serde_json::from_str(&stdout(&out)).expect("JSON agents");
+    assert_eq!(agents[0]["name"], "offline-box");
+    assert_eq!(agents[0]["state"], "imported");
+
+    // Importing the same file again files it as a second sweep; nothing merges silently.
+    let out = cli(url, None, &["import", path]).await;
+    assert_success(&out, "second fleetmark import");
+    assert_ne!(parse_id(&out), sweep);
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM results")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(total, 4);
+}
