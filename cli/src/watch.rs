@@ -86,7 +86,7 @@ impl View {
                             .expect("template")
                             .progress_chars("=> "),
                     );
-                    b.set_prefix(format!("{}", label(j)));
+                    b.set_prefix(label(j));
                     b
                 });
                 bar.set_position((j.fraction.clamp(0.0, 1.0) * 1000.0) as u64);
