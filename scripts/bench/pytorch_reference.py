@@ -590,6 +590,10 @@ class Bench:
             "warmup_iters": a.warmup_iters,
             "started_at": now_iso(),
         })
+        self.release()
+        if self.cuda:
+            # Should be 0: anything here would be counted in this point's peak memory.
+            rec["allocated_at_start_bytes"] = int(torch.cuda.memory_allocated(self.dev))
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         dtype = torch_dtype(precision)
         model = x = graph = None
@@ -678,15 +682,25 @@ class Bench:
             rec["error"] = first_line(e)
         finally:
             del model, x, graph
-            gc.collect()
-            if self.cuda:
-                try:
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                except Exception:
-                    pass
         rec["finished_at"] = now_iso()
         return rec
+
+    def release(self):
+        """Frees what the last point left behind, so the next one's peak memory is its own:
+        Python garbage, cuBLAS workspaces (PyTorch keeps one per stream it has seen, and CUDA
+        graph capture uses new streams) and the caching allocator's free blocks."""
+        gc.collect()
+        if not self.cuda:
+            return
+        torch = self.torch
+        try:
+            torch.cuda.synchronize()
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                clear()
+            torch.cuda.empty_cache()
+        except Exception as e:  # a broken context shows up in the next point's record anyway
+            log(f"pytorch_reference: cleanup after a point failed: {first_line(e)}")
 
     def run(self):
         torch = self.torch
@@ -701,6 +715,7 @@ class Bench:
         records = []
         for i, (p, l, m, b, timing) in enumerate(pts, 1):
             rec = self.point(p, l, m, b, timing)
+            self.release()
             records.append(rec)
             self.out.write(json.dumps(rec) + "\n")
             self.out.flush()
@@ -711,7 +726,9 @@ class Bench:
                 log(f"{label}: p50 {rec['p50_ms']:.3f} ms, mean {rec['mean_ms']:.3f} ms, "
                     f"{rec['images_per_sec']:.1f} img/s, "
                     f"{rec['peak_memory_bytes'] / 2**20:.0f} MiB ({rec['count']} iters, "
-                    f"{rec['timed_seconds']:.1f} s)")
+                    f"{rec['timed_seconds']:.1f} s)"
+                    + (f" [{rec['allocated_at_start_bytes'] / 2**20:.0f} MiB allocated before]"
+                       if rec.get("allocated_at_start_bytes") else ""))
         self.out.close()
         print_table(records)
         log(f"wrote {len(records)} records to {self.args.out}")
