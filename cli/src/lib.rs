@@ -28,6 +28,8 @@ pub enum CliError {
     Input(String),
     #[error("cannot reach the coordinator at {url}: {detail}. Is it running? Check --coordinator or FLEETMARK_COORDINATOR")]
     Unreachable { url: String, detail: String },
+    #[error("the coordinator at {url} is up but cannot reach its database ({detail}); retry once the database is back")]
+    DatabaseUnavailable { url: String, detail: String },
     #[error("the coordinator refused the request: {0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -43,6 +45,13 @@ pub enum CliError {
 impl CliError {
     pub fn from_status(url: &str, s: Status) -> Self {
         match s.code() {
+            // The coordinator answered, so it is reachable: its database is not.
+            Code::Unavailable if s.message().starts_with("database unavailable") => {
+                CliError::DatabaseUnavailable {
+                    url: url.to_string(),
+                    detail: s.message().to_string(),
+                }
+            }
             Code::Unavailable | Code::Unknown | Code::DeadlineExceeded => CliError::Unreachable {
                 url: url.to_string(),
                 detail: s.message().to_string(),
