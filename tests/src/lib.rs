@@ -13,6 +13,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -52,9 +53,72 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// The binaries these tests run. `cargo test --workspace` builds them; `cargo test -p
+/// fleetmark-e2e` does not, so the first use builds them (a no-op when they are up to date),
+/// lest the tests silently run stale binaries. `FLEETMARK_E2E_NO_BUILD=1` skips that.
+pub const BINARY_PACKAGES: &[&str] = &["fleetmark-coordinator", "fleetmark-agent", "fleetmark"];
+
+fn build_binaries() -> Result<(), String> {
+    if std::env::var_os("FLEETMARK_E2E_NO_BUILD").is_some() {
+        return Ok(());
+    }
+    // target/<profile>/deps/<this test> -> target/<profile> -> target
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("the test binary is not in target/<profile>/deps")?;
+    let target_dir = profile_dir.parent().ok_or("no target directory")?;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e crate lives in the workspace")
+        .join("Cargo.toml");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--bins"])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir);
+    for p in BINARY_PACKAGES {
+        cmd.args(["-p", p]);
+    }
+    match profile_dir.file_name().and_then(|p| p.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+        None => return Err("cannot tell the build profile".into()),
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "building the binaries failed ({cmd:?}):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Path of one of the workspace binaries, built first if needed.
+pub fn binary(name: &str) -> PathBuf {
+    if let Err(e) = BUILT.get_or_init(build_binaries) {
+        panic!("{e}");
+    }
+    workspace_binary(name)
+}
+
 /// A base command for one of the workspace binaries, with a clean environment.
-pub fn command(binary: &str) -> Command {
-    let mut c = Command::new(workspace_binary(binary));
+pub fn command(binary_name: &str) -> Command {
+    let mut c = Command::new(binary(binary_name));
     for v in SCRUBBED_ENV {
         c.env_remove(v);
     }

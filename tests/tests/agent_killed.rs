@@ -10,7 +10,7 @@ async fn a_killed_agents_job_is_rerun_elsewhere_and_its_late_result_is_refused()
     let dir = scratch();
     let db = TestDb::new().await;
     let opts = CoordinatorOpts {
-        lease: "2s",
+        lease: "3s",
         heartbeat: "500ms",
         reap_interval: "200ms",
         ..Default::default()

@@ -56,7 +56,13 @@ async fn a_database_restart_mid_sweep_loses_no_job() {
     let err = got.expect_err("no sweep can be read while the database is down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("database"), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(said.starts_with("error:"), "{said}");
+    assert!(said.contains("cannot reach its database"), "{said}");
+    assert!(
+        !said.contains("Is it running?"),
+        "the coordinator is running: {said}"
+    );
     coord.process.assert_running();
 
     let starter = cluster.pg.clone();
