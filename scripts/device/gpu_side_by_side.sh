@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Candle (through the real agent) and PyTorch on the same GPU, in one run, then the report.
+# This is the one command behind docs/benchmarks.md's GPU tables:
+#
+#   scripts/device/gpu_side_by_side.sh AGENT OUTDIR
+#
+# AGENT is a CUDA build of fleetmark-agent (or a .xz of one). Everything lands in OUTDIR:
+# inventory.json, verify.txt, candle.jsonl, pytorch.jsonl, report.md, log.txt.
+# Environment knobs (defaults in brackets):
+#   PHASES      [inventory,verify,candle,pytorch,report]  also: stock, multigpu, variants
+#   BATCHES     [1,4,8,16,32,64,128,256]
+#   PRECISIONS  [f32,f16,bf16]
+#   MIN_TIME    [2]   seconds of timing per point, both sides
+#   MIN_ITERS   [50]
+#   PY          [python3]
+# Needs python3 with torch, torchvision, numpy, safetensors; the CUDA and cuDNN libraries on
+# LD_LIBRARY_PATH. No network.
+set -uo pipefail
+agent_in=${1:?usage: gpu_side_by_side.sh AGENT OUTDIR}
+out=${2:?usage: gpu_side_by_side.sh AGENT OUTDIR}
+here=$(cd "$(dirname "$0")/../.." && pwd)
+PHASES=${PHASES:-inventory,verify,candle,pytorch,report}
+BATCHES=${BATCHES:-1,4,8,16,32,64,128,256}
+PRECISIONS=${PRECISIONS:-f32,f16,bf16}
+MIN_TIME=${MIN_TIME:-2}
+MIN_ITERS=${MIN_ITERS:-50}
+PY=${PY:-python3}
+mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
+has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+agent=/tmp/fleetmark-agent
+case "$agent_in" in
+  *.xz) xz -dc "$agent_in" > "$agent" ;;
+  *) cp "$agent_in" "$agent" ;;
+esac
+chmod +x "$agent"
+
+step "machine"
+nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+$PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cudnn", torch.backends.cudnn.version())'
+date -u +"%Y-%m-%dT%H:%M:%SZ"
+
+if has inventory; then
+  step "inventory and start-up checks"
+  "$agent" inventory --device cuda:0 > "$out/inventory.json"
+  head -c 2000 "$out/inventory.json"; echo
+fi
+
+if has verify; then
+  step "PyTorch golden logits and Candle against them"
+  "$agent" export --seed 0 --weights /tmp/w_seed0.safetensors --input /tmp/x.safetensors --batch 2 --image-size 224
+  $PY "$here/scripts/bench/pytorch_reference.py" golden --seed 0 --input /tmp/x.safetensors \
+    --weights-out /tmp/w_torch0.safetensors --golden-out "$out/golden_torch0.json" --device cuda
+  "$agent" verify --weights /tmp/w_torch0.safetensors --input /tmp/x.safetensors \
+    --golden "$out/golden_torch0.json" --device cuda:0 --engine stock,fused | tee "$out/verify.txt"
+fi
+
+sweep() { # name engine batches precisions min_iters [repetitions]
+  cat > "/tmp/$1.toml" <<TOML
+name = "$1"
+repetitions = ${6:-1}
+batch_sizes = [$3]
+precisions = [$(echo "$4" | sed 's/[^,]*/"&"/g')]
+gpus = ["gpu"]
+engine = "$2"
+[measurement]
+warmup_iterations = 10
+warmup_duration = "500ms"
+min_iterations = $5
+min_duration = "${MIN_TIME}s"
+max_duration = "60s"
+TOML
+  echo "/tmp/$1.toml"
+}
+
+if has candle; then
+  step "Candle fused path, every point"
+  "$agent" run --sweep "$(sweep fused fused "$BATCHES" "$PRECISIONS" "$MIN_ITERS")" \
+    --out "$out/candle.jsonl" --device cuda:0 --name h100-fused
+fi
+
+if has stock; then
+  step "Candle stock path (candle-nn as it comes)"
+  "$agent" run --sweep "$(sweep stock stock "$BATCHES" "$PRECISIONS" 20)" \
+    --out "$out/candle_stock.jsonl" --device cuda:0 --name h100-stock
+  cat "$out/candle_stock.jsonl" >> "$out/candle.jsonl"
+fi
+
+if has variants; then
+  step "fused-path variants (one knob off at a time), batch 1 and 256, f16"
+  for v in "FLEETMARK_CUDA_GRAPH=0" "FLEETMARK_EPILOGUE=separate" "FLEETMARK_STEM_PAD=3" "FLEETMARK_ALGO_CANDIDATES=1"; do
+    echo "--- $v"
+    env "$v" "$agent" run --sweep "$(sweep "var" fused "1,16,256" f16 "$MIN_ITERS")" \
+      --out "/tmp/var.jsonl" --device cuda:0 --name "variant $v" \
+      && $PY - "$v" /tmp/var.jsonl >> "$out/variants.txt" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[2]):
+    r = json.loads(line)
+    print(f"{sys.argv[1]:<32} b{r['spec']['batch_size']:<4} {r['spec']['precision']:<5} p50 {r['latency']['p50_ms']:.3f} ms  {r['images_per_sec']:.0f} img/s  peak {r['peak_memory_bytes']/2**20:.0f} MiB  graph={r['backend']['details'].get('cuda_graph')}")
+PYEOF
+  done
+  cat "$out/variants.txt"
+fi
+
+if has pytorch; then
+  step "PyTorch, same card, same run"
+  PYTHONUNBUFFERED=1 $PY "$here/scripts/bench/pytorch_reference.py" bench --weights /tmp/w_torch0.safetensors \
+    --device cuda --batches "$BATCHES" --precisions "$PRECISIONS" --layouts nchw,channels_last \
+    --modes eager,graph --warmup-iters 10 --min-iters "$MIN_ITERS" --min-time "$MIN_TIME" \
+    --out "$out/pytorch.jsonl" --article
+fi
+
+if has multigpu; then
+  step "one agent, every GPU: jobs run in parallel, one per GPU"
+  n=$(nvidia-smi -L | wc -l)
+  "$agent" run --sweep "$(sweep multi fused "64,128" f16 "$MIN_ITERS" 4)" \
+    --out "$out/multigpu.jsonl" --device cuda:all --name multi-gpu
+  $PY - "$out/multigpu.jsonl" "$n" <<'PYEOF' | tee "$out/multigpu.txt"
+import json, sys
+from datetime import datetime
+rs = [json.loads(l) for l in open(sys.argv[1])]
+def t(s): return datetime.fromisoformat(s.replace("Z", "+00:00"))
+print(f"{len(rs)} jobs on {sys.argv[2]} GPUs")
+for r in sorted(rs, key=lambda r: r["started_at"]):
+    print(f"{r['device']:<7} {r['hardware_name']:<28} b{r['spec']['batch_size']:<4} {t(r['started_at']).time()} -> {t(r['finished_at']).time()} {r['images_per_sec']:.0f} img/s")
+devs = sorted({r["device"] for r in rs})
+overlap = any(t(a["started_at"]) < t(b["finished_at"]) and t(b["started_at"]) < t(a["finished_at"])
+              for a in rs for b in rs if a["device"] != b["device"])
+print("devices used:", devs, "; jobs on different GPUs overlapped in time:", overlap)
+PYEOF
+fi
+
+if has report; then
+  step "report"
+  $PY "$here/scripts/bench/side_by_side.py" --candle "$out/candle.jsonl" --pytorch "$out/pytorch.jsonl" \
+    --out "$out/report.md" && cat "$out/report.md"
+fi
