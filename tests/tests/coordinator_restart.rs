@@ -1,12 +1,41 @@
-//! The coordinator keeps no state of its own: stopping it in the middle of a sweep and starting
-//! a new process on the same port and database loses nothing. The agents and a running
-//! `fleetmark watch` reconnect by themselves.
+//! The coordinator keeps no state of its own: stopping it (SIGTERM) or killing it (SIGKILL) in
+//! the middle of a sweep and starting a new process on the same port and database loses nothing.
+//! The agents and a running `fleetmark watch` reconnect by themselves.
 
 use std::time::Duration;
 
 use fleetmark_e2e::*;
 
-const JOBS: usize = 6;
+const JOBS: usize = 8;
+
+/// Waits until at least `done` jobs have succeeded while at least two are still open.
+async fn wait_progress(pool: &sqlx::PgPool, sweep: uuid::Uuid, done: usize) {
+    eventually(
+        SWEEP_TIMEOUT,
+        &format!("{done} jobs to succeed while others remain"),
+        || async move {
+            let js = jobs(pool, sweep).await.ok()?;
+            let ok = js.iter().filter(|j| j.state == "succeeded").count();
+            let open = js
+                .iter()
+                .filter(|j| j.state == "pending" || j.state == "running")
+                .count();
+            (ok >= done && open >= 2).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Jobs not finished yet. Nothing moves while no coordinator runs, so after a stop this is the
+/// state the next coordinator has to carry on from.
+async fn open_jobs(pool: &sqlx::PgPool, sweep: uuid::Uuid) -> usize {
+    jobs(pool, sweep)
+        .await
+        .expect("jobs")
+        .into_iter()
+        .filter(|j| j.state != "succeeded")
+        .count()
+}
 
 #[tokio::test]
 async fn a_coordinator_restarted_mid_sweep_loses_nothing() {
@@ -28,7 +57,7 @@ async fn a_coordinator_restarted_mid_sweep_loses_nothing() {
         agent_id(&pool, "restart-cpu-2").await,
     );
 
-    let toml = sweep_toml("restart", &[1, 2, 3, 4, 5, 6], 32, "1s");
+    let toml = sweep_toml("restart", &[1, 2, 3, 4, 5, 6, 7, 8], 32, "1s");
     let sweep = submit_file(&url, None, dir.path(), "restart", &toml).await;
     let mut watch_cmd = command("fleetmark");
     watch_cmd
@@ -36,40 +65,23 @@ async fn a_coordinator_restarted_mid_sweep_loses_nothing() {
         .args(["--coordinator", &url, "watch", &sweep.to_string()]);
     let mut watch = Child::spawn("watch", watch_cmd, dir.path());
 
-    // Stop it once some jobs are done and others are not.
-    eventually(
-        SWEEP_TIMEOUT,
-        "a job to succeed while others remain",
-        || {
-            let pool = &pool;
-            async move {
-                let js = jobs(pool, sweep).await.ok()?;
-                let done = js.iter().filter(|j| j.state == "succeeded").count();
-                let open = js
-                    .iter()
-                    .filter(|j| j.state == "pending" || j.state == "running")
-                    .count();
-                (done >= 1 && open >= 2).then_some(())
-            }
-        },
-    )
-    .await;
+    // A graceful stop once some jobs are done and others are not...
+    wait_progress(&pool, sweep, 1).await;
     let status = first
         .process
         .terminate(Duration::from_secs(20))
         .await
         .expect("the coordinator stops within 20 s of SIGTERM, even with agents long-polling");
     assert!(status.success(), "clean exit on SIGTERM: {status}");
-    // Nothing moves while it is down, so this is the state the restart has to carry on from.
-    let open = jobs(&pool, sweep)
-        .await
-        .expect("jobs")
-        .into_iter()
-        .filter(|j| j.state != "succeeded")
-        .count();
-    assert!(open >= 1, "the coordinator stopped mid-sweep");
+    assert!(open_jobs(&pool, sweep).await >= 1, "stopped mid-sweep");
+    let mut second = Coordinator::start("coordinator-2", dir.path(), &db.url, port, &opts).await;
 
-    let second = Coordinator::start("coordinator-2", dir.path(), &db.url, port, &opts).await;
+    // ...then a crash, a little further on.
+    wait_progress(&pool, sweep, 3).await;
+    second.process.kill();
+    assert!(open_jobs(&pool, sweep).await >= 1, "killed mid-sweep");
+    let third = Coordinator::start("coordinator-3", dir.path(), &db.url, port, &opts).await;
+
     wait_sweep_finished(&pool, sweep, SWEEP_TIMEOUT).await;
     assert_sweep_complete_once(&pool, sweep, JOBS).await;
 
@@ -81,9 +93,9 @@ async fn a_coordinator_restarted_mid_sweep_loses_nothing() {
         agent_id(&pool, "restart-cpu-2").await,
     );
     assert_eq!(ids_before, ids_after);
-    wait_agents_online(&second.client(), &["restart-cpu-1", "restart-cpu-2"]).await;
+    wait_agents_online(&third.client(), &["restart-cpu-1", "restart-cpu-2"]).await;
 
-    // `watch` followed the sweep across the restart and reports the whole sweep succeeded.
+    // `watch` followed the sweep across both restarts and reports the whole sweep succeeded.
     let status = watch.wait_exit(START_TIMEOUT).await;
     let log = watch.log();
     assert!(
