@@ -320,9 +320,8 @@ impl Coordinator {
             process.assert_running();
             let mut client = client.clone();
             async move {
-                client
-                    .list_sweeps(pb::ListSweepsRequest { limit: 1 })
-                    .await
+                within(client.list_sweeps(pb::ListSweepsRequest { limit: 1 }))
+                    .await?
                     .ok()
                     .map(|_| ())
             }
@@ -343,6 +342,12 @@ pub fn start_agent(name: &str, dir: &Path, url: &str, device: &str, extra: &[&st
     Child::spawn(name, cmd, dir)
 }
 
+/// One poll of a condition, bounded so that a call that hangs counts as "not yet" instead of
+/// stalling the test past its deadline.
+pub async fn within<F: std::future::Future>(f: F) -> Option<F::Output> {
+    tokio::time::timeout(Duration::from_secs(10), f).await.ok()
+}
+
 /// Waits until every named agent shows as online at the coordinator.
 pub async fn wait_agents_online(client: &SweepClient, names: &[&str]) -> Vec<pb::AgentStatus> {
     eventually(
@@ -351,9 +356,8 @@ pub async fn wait_agents_online(client: &SweepClient, names: &[&str]) -> Vec<pb:
         || {
             let mut client = client.clone();
             async move {
-                let agents = client
-                    .list_agents(pb::ListAgentsRequest {})
-                    .await
+                let agents = within(client.list_agents(pb::ListAgentsRequest {}))
+                    .await?
                     .ok()?
                     .into_inner()
                     .agents;
