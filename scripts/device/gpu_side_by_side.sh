@@ -7,7 +7,7 @@
 # AGENT is a CUDA build of fleetmark-agent (or a .xz of one). Everything lands in OUTDIR:
 # inventory.json, verify.txt, candle.jsonl, pytorch.jsonl, report.md, log.txt.
 # Environment knobs (defaults in brackets):
-#   PHASES      [inventory,verify,candle,pytorch,report]  also: stock, multigpu, variants
+#   PHASES      [inventory,verify,candle,pytorch,report]  also: stock, multigpu, variants, profile
 #   BATCHES     [1,4,8,16,32,64,128,256]
 #   PRECISIONS  [f32,f16,bf16]
 #   MIN_TIME    [2]   seconds of timing per point, both sides
@@ -83,7 +83,7 @@ fi
 
 if has stock; then
   step "Candle stock path (candle-nn as it comes)"
-  "$agent" run --sweep "$(sweep stock stock "$BATCHES" "$PRECISIONS" 20)" \
+  "$agent" run --sweep "$(sweep stock stock "${STOCK_BATCHES:-$BATCHES}" "$PRECISIONS" 20)" \
     --out "$out/candle_stock.jsonl" --device cuda:0 --name h100-stock
   cat "$out/candle_stock.jsonl" >> "$out/candle.jsonl"
 fi
@@ -104,6 +104,20 @@ PYEOF
   cat "$out/variants.txt"
 fi
 
+if has profile; then
+  step "per-layer profile of the fused plan (f16, batch 1 and 256)"
+  FLEETMARK_PROFILE=1 "$agent" run --sweep "$(sweep prof fused "1,256" f16,bf16 10)" \
+    --out /tmp/prof.jsonl --device cuda:0 --name profile
+  $PY - /tmp/prof.jsonl <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line); d = r["backend"]["details"]
+    print(f"b{r['spec']['batch_size']} {r['spec']['precision']}: forward p50 {r['latency']['p50_ms']:.3f} ms; stem search {d.get('stem_search')}; stem channels {d.get('stem_channels')}")
+    print("  plan:", d.get("plan"))
+    print("  per-step ms:", d.get("profile_ms"))
+PYEOF
+fi
+
 if has pytorch; then
   step "PyTorch, same card, same run"
   PYTHONUNBUFFERED=1 $PY "$here/scripts/bench/pytorch_reference.py" bench --weights /tmp/w_torch0.safetensors \
@@ -116,8 +130,8 @@ if has multigpu; then
   step "one agent, every GPU: jobs run in parallel, one per GPU"
   n=$(nvidia-smi -L | wc -l)
   "$agent" run --sweep "$(sweep multi fused "64,128" f16 "$MIN_ITERS" 4)" \
-    --out "$out/multigpu.jsonl" --device cuda:all --name multi-gpu
-  $PY - "$out/multigpu.jsonl" "$n" <<'PYEOF' | tee "$out/multigpu.txt"
+    --out /tmp/multigpu.jsonl --device cuda:all --name multi-gpu
+  $PY - /tmp/multigpu.jsonl "$n" <<'PYEOF' | tee "$out/multigpu.txt"
 import json, sys
 from datetime import datetime
 rs = [json.loads(l) for l in open(sys.argv[1])]

@@ -19,7 +19,7 @@
 //!
 //! Knobs for experiments (documented in docs/performance.md): `FLEETMARK_CUDA_GRAPH=0`,
 //! `FLEETMARK_EPILOGUE=api|separate|auto`, `FLEETMARK_STEM_PAD=3|4|8`, `FLEETMARK_TF32=0`,
-//! `FLEETMARK_ALGO_CANDIDATES=N`.
+//! `FLEETMARK_ALGO_CANDIDATES=N`, `FLEETMARK_WORKSPACE_LIMIT=bytes`, `FLEETMARK_PROFILE=1`.
 
 use std::{
     collections::BTreeMap,
@@ -345,6 +345,8 @@ pub struct FusedPrepared {
     _workspace: Option<CudaSlice<u8>>,
     ws_ptr: u64,
     ws_size: usize,
+    /// Largest workspace a plan may use.
+    ws_cap: usize,
     graph: Option<CudaGraph>,
     timer: EventTimer,
     peak: PoolPeak,
@@ -372,26 +374,103 @@ fn alloc(stream: &Arc<CudaStream>, bytes: usize) -> Result<(CudaSlice<u8>, u64),
 }
 
 impl FusedPrepared {
+    /// Plans the model for `job`. The stem's input padding is itself chosen by timing: each
+    /// candidate (3, 4 or 8 channels; fewer bytes against better tensor-core kernels) is
+    /// planned and timed as a whole forward pass, and the fastest is kept.
     pub fn new(
-        _device: &Device,
+        device: &Device,
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         job: &JobSpec,
         weights: &ModelWeights,
     ) -> Result<Self, EngineError> {
+        let pads: Vec<usize> = match env_str("FLEETMARK_STEM_PAD").and_then(|s| s.parse().ok()) {
+            Some(p) => vec![p],
+            None if job.precision == Precision::F32 => vec![4, 3],
+            None => vec![8, 4, 3],
+        };
+        let mut best: Option<(f64, FusedPrepared)> = None;
+        let mut tried = Vec::new();
+        for pad in pads {
+            let candidate = match Self::with_stem_pad(device, ctx, stream, job, weights, pad) {
+                Ok(c) => c,
+                Err(e) => {
+                    tried.push(format!("{pad}:failed"));
+                    tracing::debug!(pad, error = %e, "stem padding candidate failed");
+                    continue;
+                }
+            };
+            let t = candidate.median_forward_ms(10)?;
+            tried.push(format!("{pad}:{t:.3}ms"));
+            if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
+                // The loser is dropped here, before the next candidate is built.
+                best = Some((t, candidate));
+            }
+        }
+        let (_, mut chosen) = best.ok_or_else(|| {
+            EngineError::Unsupported(format!("no stem padding could be planned ({})", tried.join(", ")))
+        })?;
+        chosen
+            .info
+            .details
+            .insert("stem_search".into(), tried.join(" "));
+        if env_str("FLEETMARK_PROFILE").as_deref() == Some("1") {
+            let profile = chosen.profile(10)?;
+            chosen.info.details.insert("profile_ms".into(), profile);
+        }
+        Ok(chosen)
+    }
+
+    /// Median of `n` timed forward passes, for choosing between plans.
+    fn median_forward_ms(&self, n: usize) -> Result<f64, EngineError> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.timer.time(|| self.forward())?.as_secs_f64() * 1e3);
+        }
+        v.sort_by(f64::total_cmp);
+        Ok(v[n / 2])
+    }
+
+    /// Each step timed on its own (median of `n`), for docs/performance.md.
+    fn profile(&self, n: usize) -> Result<String, EngineError> {
+        let mut parts = Vec::new();
+        for s in &self.steps {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                let d = self.timer.time(|| match s {
+                    Step::Conv(c) => self.run_conv(c),
+                    Step::Pool { name, x, y, pd } => self.run_pool(*x, *y, pd, name),
+                })?;
+                v.push(d.as_secs_f64() * 1e3);
+            }
+            v.sort_by(f64::total_cmp);
+            let name = match s {
+                Step::Conv(c) => c.name.clone(),
+                Step::Pool { name, .. } => name.to_string(),
+            };
+            parts.push(format!("{name}={:.4}", v[n / 2]));
+        }
+        Ok(parts.join(" "))
+    }
+
+    fn with_stem_pad(
+        _device: &Device,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        job: &JobSpec,
+        weights: &ModelWeights,
+        stem_pad: usize,
+    ) -> Result<Self, EngineError> {
         let elem = Elem::of(job.precision);
         let batch = job.batch_size as usize;
         let size = job.image_size as usize;
         let tf32 = env_str("FLEETMARK_TF32").as_deref() != Some("0");
-        let stem_pad = env_str("FLEETMARK_STEM_PAD")
-            .and_then(|s| s.parse::<usize>().ok())
-            .unwrap_or(if elem == Elem::F32 { 4 } else { 8 })
-            .max(3);
+        let stem_pad = stem_pad.max(3);
         let use_graph = env_str("FLEETMARK_CUDA_GRAPH").as_deref() != Some("0");
         let epilogue_choice = env_str("FLEETMARK_EPILOGUE").unwrap_or_else(|| "auto".into());
         let candidates = env_str("FLEETMARK_ALGO_CANDIDATES")
             .and_then(|s| s.parse::<usize>().ok())
-            .unwrap_or(3)
+            .unwrap_or(8)
             .max(1);
 
         // Fold batch norm on the host in f32: the folded weights are what every precision uses.
@@ -582,6 +661,12 @@ impl FusedPrepared {
         // A generous workspace for the search, freed once the plans are chosen.
         let (free, _) = drv("mem info", ctx.mem_get_info())?;
         let search_ws = (free / 4).min(1 << 30);
+        // Workspaces are capped relative to the activations, so a slightly faster algorithm
+        // cannot buy its speed with more memory than the activations themselves.
+        let ws_cap = env_str("FLEETMARK_WORKSPACE_LIMIT")
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or((slab_bytes / 4).max(64 << 20))
+            .min(search_ws);
         let (search_buf, search_ptr) = alloc(stream, search_ws)?;
 
         let mut me = FusedPrepared {
@@ -603,6 +688,7 @@ impl FusedPrepared {
             _workspace: None,
             ws_ptr: search_ptr,
             ws_size: search_ws,
+            ws_cap,
             graph: None,
             timer: EventTimer::new(ctx, stream.clone())?,
             peak: PoolPeak::new(ctx),
@@ -708,6 +794,7 @@ impl FusedPrepared {
         details.insert("epilogue".into(), epilogue_choice);
         details.insert("slab_bytes".into(), slab_bytes.to_string());
         details.insert("workspace_bytes".into(), ws_needed.to_string());
+        details.insert("workspace_cap_bytes".into(), me.ws_cap.to_string());
         details.insert("plan".into(), plan_notes.join(" "));
         let math = match elem {
             // cuDNN's default math lets f32 convolutions use TF32 tensor cores, as PyTorch's
@@ -868,7 +955,7 @@ impl FusedPrepared {
         }
         let ranked: Vec<dnn::cudnnConvolutionFwdAlgoPerf_t> = perf[..returned.max(0) as usize]
             .iter()
-            .filter(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= self.ws_size)
+            .filter(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= self.ws_cap)
             .copied()
             .collect();
         if ranked.is_empty() {
