@@ -45,9 +45,18 @@ fn main() {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=FLEETMARK_GIT_COMMIT={commit}");
-    let head = Path::new(&manifest).join("../.git/HEAD");
+    // HEAD names a branch; a commit changes the branch's ref (or packed-refs), not HEAD.
+    let git = Path::new(&manifest).join("../.git");
+    let head = git.join("HEAD");
     if head.exists() {
         println!("cargo:rerun-if-changed={}", head.display());
+        if let Some(r) = std::fs::read_to_string(&head)
+            .ok()
+            .and_then(|h| h.strip_prefix("ref: ").map(|r| r.trim().to_string()))
+        {
+            println!("cargo:rerun-if-changed={}", git.join(r).display());
+        }
+        println!("cargo:rerun-if-changed={}", git.join("packed-refs").display());
     }
 
     // Only meaningful with the cuda feature; recorded so the agent can refuse to start on a GPU

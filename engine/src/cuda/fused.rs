@@ -19,7 +19,8 @@
 //!
 //! Knobs for experiments (documented in docs/performance.md): `FLEETMARK_CUDA_GRAPH=0`,
 //! `FLEETMARK_EPILOGUE=api|separate|auto`, `FLEETMARK_STEM_PAD=3|4|8`, `FLEETMARK_TF32=0`,
-//! `FLEETMARK_ALGO_CANDIDATES=N`, `FLEETMARK_WORKSPACE_LIMIT=bytes`, `FLEETMARK_PROFILE=1`.
+//! `FLEETMARK_ALGO_CANDIDATES=N`, `FLEETMARK_WORKSPACE_LIMIT=bytes`, `FLEETMARK_PLAN=timed|ranked`,
+//! `FLEETMARK_PROFILE=1`.
 
 use std::{
     collections::BTreeMap,
@@ -241,6 +242,26 @@ fn tensor_desc(a: &Act, e: Elem) -> Result<TensorDesc, EngineError> {
     }
 }
 
+/// How each layer's algorithm is picked. Timing single layers launch by launch measures launch
+/// overhead too, which a CUDA graph removes, so at small batches it can mislead; cuDNN's own
+/// ranking times kernels alone. Both plans are built and the whole graphs compared.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PlanStrategy {
+    /// The fastest of every ranked algorithm and epilogue, timed on the real buffers.
+    Timed,
+    /// cuDNN's fastest algorithm, with the fused epilogue where it runs.
+    Ranked,
+}
+
+impl PlanStrategy {
+    fn as_str(self) -> &'static str {
+        match self {
+            PlanStrategy::Timed => "timed",
+            PlanStrategy::Ranked => "ranked",
+        }
+    }
+}
+
 /// How a convolution's bias, residual and ReLU are applied.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Epilogue {
@@ -389,22 +410,31 @@ impl FusedPrepared {
             None if job.precision == Precision::F32 => vec![4, 3],
             None => vec![8, 4, 3],
         };
+        let strategies: Vec<PlanStrategy> = match env_str("FLEETMARK_PLAN").as_deref() {
+            Some("timed") => vec![PlanStrategy::Timed],
+            Some("ranked") => vec![PlanStrategy::Ranked],
+            _ => vec![PlanStrategy::Timed, PlanStrategy::Ranked],
+        };
         let mut best: Option<(f64, FusedPrepared)> = None;
         let mut tried = Vec::new();
         for pad in pads {
-            let candidate = match Self::with_stem_pad(device, ctx, stream, job, weights, pad) {
-                Ok(c) => c,
-                Err(e) => {
-                    tried.push(format!("{pad}:failed"));
-                    tracing::debug!(pad, error = %e, "stem padding candidate failed");
-                    continue;
+            for &strategy in &strategies {
+                let tag = format!("{pad}/{}", strategy.as_str());
+                let candidate =
+                    match Self::with_stem_pad(device, ctx, stream, job, weights, pad, strategy) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tried.push(format!("{tag}:failed"));
+                            tracing::debug!(pad, error = %e, "plan candidate failed");
+                            continue;
+                        }
+                    };
+                let t = candidate.median_forward_ms(10)?;
+                tried.push(format!("{tag}:{t:.3}ms"));
+                if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
+                    // The loser is dropped here, before the next candidate is built.
+                    best = Some((t, candidate));
                 }
-            };
-            let t = candidate.median_forward_ms(10)?;
-            tried.push(format!("{pad}:{t:.3}ms"));
-            if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
-                // The loser is dropped here, before the next candidate is built.
-                best = Some((t, candidate));
             }
         }
         let (_, mut chosen) = best.ok_or_else(|| {
@@ -460,6 +490,7 @@ impl FusedPrepared {
         job: &JobSpec,
         weights: &ModelWeights,
         stem_pad: usize,
+        strategy: PlanStrategy,
     ) -> Result<Self, EngineError> {
         let elem = Elem::of(job.precision);
         let batch = job.batch_size as usize;
@@ -737,7 +768,8 @@ impl FusedPrepared {
                     me.steps.push(Step::Pool { name, x, y, pd });
                 }
                 Pending::Conv(spec) => {
-                    let step = me.plan_conv(spec, tf32, stem_pad, &epilogue_choice, candidates)?;
+                    let step =
+                        me.plan_conv(spec, tf32, stem_pad, &epilogue_choice, candidates, strategy)?;
                     plan_notes.push(format!(
                         "{}:{}/{:?}",
                         step.name,
@@ -829,6 +861,7 @@ impl FusedPrepared {
         stem_pad: usize,
         epilogue_choice: &str,
         candidates: usize,
+        strategy: PlanStrategy,
     ) -> Result<ConvStep, EngineError> {
         let e = self.elem;
         let (k, c, r, s) = spec.weight.dims4()?;
@@ -1004,6 +1037,12 @@ impl FusedPrepared {
                 if best.as_ref().is_none_or(|(bt, _, _)| t < *bt) {
                     best = Some((t, *cand, ep));
                 }
+                if strategy == PlanStrategy::Ranked {
+                    break;
+                }
+            }
+            if strategy == PlanStrategy::Ranked && best.is_some() {
+                break;
             }
         }
         let (_, perf, ep) = best.ok_or_else(|| {
