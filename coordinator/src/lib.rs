@@ -139,13 +139,31 @@ async fn connect_with_retry(config: &Config) -> Result<Store, CoordinatorError> 
 
 /// Returns expired leases to the queue. Every coordinator runs one; the update is idempotent, so
 /// several racing is harmless.
+///
+/// After losing the database, the first thing the reaper does is give every running lease a
+/// fresh term: agents kept working but could not report, and reaping them the moment the
+/// database is back would throw their work away. Another coordinator that kept its connection
+/// may still reap them; that costs a re-run, never a wrong result.
 async fn reaper(state: Arc<State>) {
     let mut tick = tokio::time::interval(state.config.reap_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut database_was_lost = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = state.shutdown.cancelled() => return,
+        }
+        if database_was_lost {
+            match state.store.extend_running_leases(state.config.lease).await {
+                Ok(n) => {
+                    info!(jobs = n, "database back: running leases extended");
+                    database_was_lost = false;
+                }
+                Err(e) => {
+                    warn!(error = %e, "database still unavailable");
+                    continue;
+                }
+            }
         }
         match state.store.expire_leases(None).await {
             Ok(expired) if !expired.is_empty() => {
@@ -153,7 +171,10 @@ async fn reaper(state: Arc<State>) {
                 state.wakeup.notify_waiters();
             }
             Ok(_) => {}
-            Err(e) => warn!(error = %e, "lease reaper failed"),
+            Err(e) => {
+                warn!(error = %e, "lease reaper failed");
+                database_was_lost = true;
+            }
         }
     }
 }

@@ -595,6 +595,21 @@ impl Store {
         Ok(rows.into_iter().map(|(id, _, _)| id).collect())
     }
 
+    /// Pushes every running lease to at least `lease` from now. Used after this coordinator
+    /// lost the database: agents could not report progress meanwhile, and their leases should
+    /// not be judged by reports that could not be made.
+    pub async fn extend_running_leases(&self, lease: Duration) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, \
+                 now() + $1 * interval '1 millisecond') \
+             WHERE state = 'running'",
+        )
+        .bind(lease.as_millis() as f64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// Of the (job, attempt) pairs an agent says it runs, those it should stop: no longer
     /// leased to it for that attempt.
     pub async fn stale_running(&self, agent: Uuid, running: &[(Uuid, i32)]) -> Result<Vec<(Uuid, i32)>> {

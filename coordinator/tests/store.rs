@@ -330,3 +330,24 @@ async fn imports_land_as_a_finished_sweep_with_their_agents() {
     assert!(store.import("bad", &[bad]).await.is_err());
     assert_eq!(store.list_sweeps(100).await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn leases_get_a_fresh_term_after_a_database_outage() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    store
+        .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let job = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    // As if the agent could not report for a minute because the database was down.
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 minute'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(store.extend_running_leases(LEASE).await.unwrap(), 1);
+    assert!(store.expire_leases(None).await.unwrap().is_empty());
+    let j = store.get_job(job.id).await.unwrap();
+    assert_eq!((j.state, j.attempt), (JobState::Running, 1));
+    assert!(j.lease_expires_at.unwrap() > Utc::now() + chrono::Duration::seconds(20));
+}
