@@ -56,7 +56,10 @@ fn main() {
         {
             println!("cargo:rerun-if-changed={}", git.join(r).display());
         }
-        println!("cargo:rerun-if-changed={}", git.join("packed-refs").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            git.join("packed-refs").display()
+        );
     }
 
     // Only meaningful with the cuda feature; recorded so the agent can refuse to start on a GPU

@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/fleetmark/v1/fleetmark.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/fleetmark/v1/fleetmark.proto"], &["proto"])?;
     Ok(())
 }

@@ -95,7 +95,10 @@ pub fn host_inventory() -> HostInventory {
 }
 
 /// Opens every configured device, each on its own thread.
-pub fn open_devices(devices: &str, opts: &BackendOptions) -> Result<Vec<Arc<DeviceWorker>>, AgentError> {
+pub fn open_devices(
+    devices: &str,
+    opts: &BackendOptions,
+) -> Result<Vec<Arc<DeviceWorker>>, AgentError> {
     let specs = parse_devices(devices)?;
     specs
         .into_iter()
@@ -390,7 +393,14 @@ async fn run_claimed(shared: &Arc<Shared>, worker: &DeviceWorker, job: pb::Job) 
             info!(job_id = %job_id, "job stopped: its lease is gone (cancelled or reassigned)")
         }
         Err(EngineError::Cancelled) => {
-            fail(shared, &job_id, attempt, "the agent stopped during the job", false).await
+            fail(
+                shared,
+                &job_id,
+                attempt,
+                "the agent stopped during the job",
+                false,
+            )
+            .await
         }
         Err(e) => {
             warn!(job_id = %job_id, error = %e, "job failed");

@@ -113,7 +113,11 @@ enum Command {
     },
 }
 
-fn config_from(coordinator: String, token: Option<String>, d: DeviceArgs) -> anyhow::Result<Config> {
+fn config_from(
+    coordinator: String,
+    token: Option<String>,
+    d: DeviceArgs,
+) -> anyhow::Result<Config> {
     let name = match d.name {
         Some(n) => n,
         None => fleetmark_agent::host_inventory().hostname,
@@ -130,8 +134,7 @@ fn config_from(coordinator: String, token: Option<String>, d: DeviceArgs) -> any
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -188,7 +191,10 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 let map = std::collections::HashMap::from([("input".to_string(), x)]);
                 candle_safetensors_save(&map, &path)?;
-                eprintln!("wrote {} ({batch}x3x{image_size}x{image_size})", path.display());
+                eprintln!(
+                    "wrote {} ({batch}x3x{image_size}x{image_size})",
+                    path.display()
+                );
             }
         }
         Some(Command::Verify {
@@ -208,8 +214,14 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|e| e.parse())
                 .collect::<Result<Vec<fleetmark_core::EnginePath>, _>>()?;
-            let checks =
-                fleetmark_agent::verify::run(&weights, &input, &golden, &device, &precisions, &engines)?;
+            let checks = fleetmark_agent::verify::run(
+                &weights,
+                &input,
+                &golden,
+                &device,
+                &precisions,
+                &engines,
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
@@ -236,7 +248,10 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            if checks.iter().any(|c| c.error.is_some() || !c.correctness.passed) {
+            if checks
+                .iter()
+                .any(|c| c.error.is_some() || !c.correctness.passed)
+            {
                 std::process::exit(1);
             }
         }

@@ -65,11 +65,18 @@ pub async fn run_sweep(
                 .map(|g| g.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            kinds.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+            kinds
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     if skipped > 0 {
-        warn!(skipped, "jobs target hardware this machine lacks; skipping them");
+        warn!(
+            skipped,
+            "jobs target hardware this machine lacks; skipping them"
+        );
     }
     let file = std::fs::File::create(out).map_err(|source| AgentError::Io {
         context: format!("cannot create {}", out.display()),
@@ -103,13 +110,21 @@ pub async fn run_sweep(
                     let pos = q.iter().position(|j| j.target.matches(&kind));
                     pos.and_then(|p| q.remove(p))
                 };
-                let Some(job) = next else { return Ok::<(), AgentError>(()) };
+                let Some(job) = next else {
+                    return Ok::<(), AgentError>(());
+                };
                 let label = job.label();
                 info!(device = %worker.spec, job = %label, "job started");
                 let (ptx, mut prx) = mpsc::unbounded_channel();
                 tokio::spawn(async move { while prx.recv().await.is_some() {} });
                 let outcome = worker
-                    .run(job, JobContext::default(), identity.clone(), cancel.clone(), ptx)
+                    .run(
+                        job,
+                        JobContext::default(),
+                        identity.clone(),
+                        cancel.clone(),
+                        ptx,
+                    )
                     .await;
                 match outcome {
                     Ok(result) => {

@@ -39,12 +39,13 @@ pub fn run(
     engines: &[EnginePath],
 ) -> Result<Vec<Check>, AgentError> {
     let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(golden_path).map_err(io(format!("cannot read {}", golden_path.display())))?,
+        &std::fs::read_to_string(golden_path)
+            .map_err(io(format!("cannot read {}", golden_path.display())))?,
     )
     .map_err(|e| AgentError::Config(format!("{}: not JSON: {e}", golden_path.display())))?;
-    let rows = golden["logits"]
-        .as_array()
-        .ok_or_else(|| AgentError::Config(format!("{} has no 'logits' array", golden_path.display())))?;
+    let rows = golden["logits"].as_array().ok_or_else(|| {
+        AgentError::Config(format!("{} has no 'logits' array", golden_path.display()))
+    })?;
     let reference: Vec<f32> = rows
         .iter()
         .flat_map(|r| r.as_array().cloned().unwrap_or_default())
@@ -60,9 +61,9 @@ pub fn run(
     // The golden logits must be of the very input this agent generates.
     let tensors = candle_core::safetensors::load(input_path, &candle_core::Device::Cpu)
         .map_err(|e| AgentError::Config(format!("{}: {e}", input_path.display())))?;
-    let input = tensors
-        .get("input")
-        .ok_or_else(|| AgentError::Config(format!("{} has no 'input' tensor", input_path.display())))?;
+    let input = tensors.get("input").ok_or_else(|| {
+        AgentError::Config(format!("{} has no 'input' tensor", input_path.display()))
+    })?;
     let (n, _, size, _) = input
         .dims4()
         .map_err(|e| AgentError::Config(format!("input: {e}")))?;
@@ -105,7 +106,12 @@ pub fn run(
                 let (path, math, correctness, error) = match outcome {
                     Ok((info, logits)) => {
                         let bound = bound_for(&info.math, precision);
-                        (info.path, info.math, compare(&logits, &reference, bound), None)
+                        (
+                            info.path,
+                            info.math,
+                            compare(&logits, &reference, bound),
+                            None,
+                        )
                     }
                     Err(e) => (
                         engine.to_string(),

@@ -79,9 +79,9 @@ impl DeviceWorker {
                 }
             })
             .map_err(|e| EngineError::Setup(format!("cannot start a device thread: {e}")))?;
-        let (kind, name) = ready_rx
-            .recv()
-            .map_err(|_| EngineError::Setup(format!("the {spec} thread died while opening it")))??;
+        let (kind, name) = ready_rx.recv().map_err(|_| {
+            EngineError::Setup(format!("the {spec} thread died while opening it"))
+        })??;
         info!(device = %spec, kind = %kind, name = %name, "device ready");
         Ok(DeviceWorker {
             spec,
@@ -115,8 +115,9 @@ impl DeviceWorker {
             .expect("worker is running")
             .send(item)
             .map_err(|_| EngineError::Setup(format!("the {} thread has stopped", self.spec)))?;
-        rx.await
-            .map_err(|_| EngineError::Setup(format!("the {} thread died during a job", self.spec)))?
+        rx.await.map_err(|_| {
+            EngineError::Setup(format!("the {} thread died during a job", self.spec))
+        })?
     }
 }
 

@@ -69,7 +69,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Groups results into comparison rows, with columns named by hardware kind, or kind/path when
 /// one kind was measured on more than one path.
-pub fn build(results: &[BenchResult], baseline: Option<&str>) -> Result<(Vec<String>, Vec<Row>), CliError> {
+pub fn build(
+    results: &[BenchResult],
+    baseline: Option<&str>,
+) -> Result<(Vec<String>, Vec<Row>), CliError> {
     let mut paths: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
     for r in results {
         paths
@@ -93,7 +96,12 @@ pub fn build(results: &[BenchResult], baseline: Option<&str>) -> Result<(Vec<Str
             r.spec.batch_size,
             r.spec.image_size,
         );
-        groups.entry(key).or_default().entry(column(r)).or_default().push(r);
+        groups
+            .entry(key)
+            .or_default()
+            .entry(column(r))
+            .or_default()
+            .push(r);
     }
     let mut columns: Vec<String> = groups
         .values()
@@ -143,7 +151,11 @@ pub fn build(results: &[BenchResult], baseline: Option<&str>) -> Result<(Vec<Str
                             p50_ms: median(rs.iter().map(|r| r.latency.p50_ms).collect()),
                             results: rs.len(),
                             math: maths.join("+"),
-                            peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
+                            peak_memory_bytes: rs
+                                .iter()
+                                .map(|r| r.peak_memory_bytes)
+                                .max()
+                                .unwrap_or(0),
                             speedup: None,
                             images_per_dollar,
                         },
@@ -173,7 +185,12 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
     if format == Format::Json {
         return format!("{}\n", serde_json::to_string_pretty(rows).expect("json"));
     }
-    let mut header: Vec<String> = vec!["model".into(), "precision".into(), "batch".into(), "size".into()];
+    let mut header: Vec<String> = vec![
+        "model".into(),
+        "precision".into(),
+        "batch".into(),
+        "size".into(),
+    ];
     for c in columns {
         header.push(format!("{c} img/s"));
         header.push(format!("{c} ×"));
@@ -210,7 +227,13 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
                         row.push(cell.speedup.map(|s| format!("{s:.2}")).unwrap_or_default());
                         row.push(
                             cell.images_per_dollar
-                                .map(|v| if plain { format!("{v:.0}") } else { thousands(v) })
+                                .map(|v| {
+                                    if plain {
+                                        format!("{v:.0}")
+                                    } else {
+                                        thousands(v)
+                                    }
+                                })
                                 .unwrap_or_else(|| if plain { String::new() } else { "-".into() }),
                         );
                     }
@@ -231,7 +254,10 @@ pub async fn run(remote: &mut Remote, args: CompareArgs) -> Result<ExitCode, Cli
     let precisions = args
         .precision
         .iter()
-        .map(|p| p.parse::<fleetmark_core::Precision>().map(|p| p.to_string()))
+        .map(|p| {
+            p.parse::<fleetmark_core::Precision>()
+                .map(|p| p.to_string())
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CliError::Input(e.to_string()))?;
     let results = crate::fetch_results(

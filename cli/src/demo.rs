@@ -50,7 +50,10 @@ async fn database(args: &DemoArgs) -> Result<(String, Option<LocalPostgres>), Cl
         .data_dir
         .clone()
         .unwrap_or_else(LocalPostgres::default_data_dir);
-    eprintln!("DATABASE_URL is not set: starting a private PostgreSQL cluster in {}", dir.display());
+    eprintln!(
+        "DATABASE_URL is not set: starting a private PostgreSQL cluster in {}",
+        dir.display()
+    );
     let pg = tokio::task::spawn_blocking(move || LocalPostgres::start(&dir))
         .await
         .map_err(|e| CliError::Other(e.to_string()))?
@@ -81,7 +84,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let (db_url, private) = database(&args).await?;
     let outcome = run_with_database(&args, &db_url).await;
     if let Some(pg) = private {
-        eprintln!("stopping the private PostgreSQL cluster (its data stays in {})", pg.data_dir.display());
+        eprintln!(
+            "stopping the private PostgreSQL cluster (its data stays in {})",
+            pg.data_dir.display()
+        );
         let _ = tokio::task::spawn_blocking(move || pg.stop()).await;
     }
     outcome
@@ -101,7 +107,8 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
         let stop = stop.clone();
         let config = fleetmark_coordinator::Config::new(db_url);
         tokio::spawn(async move {
-            fleetmark_coordinator::run(config, listener, async move { stop.cancelled().await }).await
+            fleetmark_coordinator::run(config, listener, async move { stop.cancelled().await })
+                .await
         })
     };
     let mut agents = Vec::new();
@@ -193,7 +200,11 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
         }
     }
     let ok = outcome?;
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn wait_for_agents(remote: &mut Remote, n: usize) -> Result<(), CliError> {
@@ -215,7 +226,9 @@ async fn wait_for_agents(remote: &mut Remote, n: usize) -> Result<(), CliError> 
             Err(_) => {}
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(CliError::Other("the demo agents did not register within a minute".into()));
+            return Err(CliError::Other(
+                "the demo agents did not register within a minute".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -74,7 +74,11 @@ pub enum Format {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "fleetmark", version, about = "Benchmark GPU inference across a fleet of machines")]
+#[command(
+    name = "fleetmark",
+    version,
+    about = "Benchmark GPU inference across a fleet of machines"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub conn: Connection,
@@ -223,7 +227,8 @@ impl SubmitArgs {
                 time_input_copy: self.time_input_copy,
             },
         };
-        spec.validate().map_err(|e| CliError::Input(e.to_string()))?;
+        spec.validate()
+            .map_err(|e| CliError::Input(e.to_string()))?;
         toml::to_string(&spec).map_err(|e| CliError::Other(format!("cannot write the sweep: {e}")))
     }
 }
@@ -255,7 +260,10 @@ fn check_sweep_id(id: &str) -> Result<(), CliError> {
         .map_err(|e| CliError::Input(e.to_string()))
 }
 
-pub async fn submit(remote: &mut Remote, toml: String) -> Result<pb::SubmitSweepResponse, CliError> {
+pub async fn submit(
+    remote: &mut Remote,
+    toml: String,
+) -> Result<pb::SubmitSweepResponse, CliError> {
     remote
         .client
         .submit_sweep(pb::SubmitSweepRequest { spec_toml: toml })
@@ -299,7 +307,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             println!("{}", resp.sweep_id);
             if args.watch {
                 let ok = watch::watch(&mut remote, &resp.sweep_id).await?;
-                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                return Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -307,7 +319,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             check_sweep_id(&sweep_id)?;
             let mut remote = Remote::new(&cli.conn)?;
             let ok = watch::watch(&mut remote, sweep_id.trim()).await?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Results { sweep_id, format } => {
             check_sweep_id(&sweep_id)?;
@@ -391,7 +407,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 .await
                 .map_err(|s| remote.err(s))?
                 .into_inner();
-            eprintln!("imported {} results as sweep {}", resp.imported, resp.sweep_id);
+            eprintln!(
+                "imported {} results as sweep {}",
+                resp.imported, resp.sweep_id
+            );
             println!("{}", resp.sweep_id);
             Ok(ExitCode::SUCCESS)
         }
@@ -409,15 +428,21 @@ pub fn read_records(path: &std::path::Path) -> Result<Vec<BenchResult>, CliError
             continue;
         }
         let r: BenchResult = serde_json::from_str(line).map_err(|e| {
-            CliError::Input(format!("{} line {}: not a result record: {e}", path.display(), i + 1))
+            CliError::Input(format!(
+                "{} line {}: not a result record: {e}",
+                path.display(),
+                i + 1
+            ))
         })?;
-        r.validate().map_err(|e| {
-            CliError::Input(format!("{} line {}: {e}", path.display(), i + 1))
-        })?;
+        r.validate()
+            .map_err(|e| CliError::Input(format!("{} line {}: {e}", path.display(), i + 1)))?;
         out.push(r);
     }
     if out.is_empty() {
-        return Err(CliError::Input(format!("{} holds no result records", path.display())));
+        return Err(CliError::Input(format!(
+            "{} holds no result records",
+            path.display()
+        )));
     }
     Ok(out)
 }

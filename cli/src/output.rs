@@ -34,7 +34,11 @@ pub fn csv(header: &[&str], rows: Vec<Vec<String>>) -> String {
             s.to_string()
         }
     };
-    let mut out = header.iter().map(|h| field(h)).collect::<Vec<_>>().join(",");
+    let mut out = header
+        .iter()
+        .map(|h| field(h))
+        .collect::<Vec<_>>()
+        .join(",");
     out.push('\n');
     for row in rows {
         out.push_str(&row.iter().map(|v| field(v)).collect::<Vec<_>>().join(","));
@@ -87,8 +91,20 @@ pub fn thousands(v: f64) -> String {
 }
 
 const RESULT_COLUMNS: &[&str] = &[
-    "hardware", "agent", "device", "path", "precision", "batch", "p50 ms", "p90 ms", "p99 ms",
-    "mean ms (95% CI)", "img/s", "peak mem", "gate", "throttled",
+    "hardware",
+    "agent",
+    "device",
+    "path",
+    "precision",
+    "batch",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "mean ms (95% CI)",
+    "img/s",
+    "peak mem",
+    "gate",
+    "throttled",
 ];
 
 fn result_row(r: &BenchResult, plain: bool) -> Vec<String> {
@@ -141,11 +157,17 @@ pub fn results(results: &[(String, String, BenchResult)], format: Format) -> Str
         }
         Format::Csv => csv(
             RESULT_COLUMNS,
-            results.iter().map(|(_, _, r)| result_row(r, true)).collect(),
+            results
+                .iter()
+                .map(|(_, _, r)| result_row(r, true))
+                .collect(),
         ),
         Format::Table => table(
             RESULT_COLUMNS,
-            results.iter().map(|(_, _, r)| result_row(r, false)).collect(),
+            results
+                .iter()
+                .map(|(_, _, r)| result_row(r, false))
+                .collect(),
             5,
         ),
     }
@@ -153,8 +175,17 @@ pub fn results(results: &[(String, String, BenchResult)], format: Format) -> Str
 
 pub fn agents(agents: &[pb::AgentStatus], format: Format) -> String {
     let header = [
-        "name", "state", "devices", "cpu", "cores", "memory", "gpus", "price/h", "labels",
-        "last seen", "running",
+        "name",
+        "state",
+        "devices",
+        "cpu",
+        "cores",
+        "memory",
+        "gpus",
+        "price/h",
+        "labels",
+        "last seen",
+        "running",
     ];
     let rows: Vec<Vec<String>> = agents
         .iter()

@@ -31,9 +31,11 @@ impl View {
         let plain = multi.is_hidden();
         let overall = multi.add(ProgressBar::new(total));
         overall.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-                .expect("template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         overall.set_prefix("sweep");
         View {
@@ -54,8 +56,15 @@ impl View {
         let failed = status.jobs.iter().filter(|j| j.state == "failed").count();
         self.overall.set_length(status.jobs.len() as u64);
         self.overall.set_position(done as u64);
-        self.overall
-            .set_message(format!("{} {}", status.state, if failed > 0 { format!("({failed} failed)") } else { String::new() }));
+        self.overall.set_message(format!(
+            "{} {}",
+            status.state,
+            if failed > 0 {
+                format!("({failed} failed)")
+            } else {
+                String::new()
+            }
+        ));
         for j in &status.jobs {
             let key = (j.state.clone(), j.phase.clone());
             if self.last.get(&j.job_id) != Some(&key) {
@@ -168,7 +177,11 @@ pub async fn watch(remote: &mut Remote, sweep_id: &str) -> Result<bool, CliError
         v.finish();
     }
     let status = last.expect("at least one status was received");
-    let failed: Vec<_> = status.jobs.iter().filter(|j| j.state != "succeeded").collect();
+    let failed: Vec<_> = status
+        .jobs
+        .iter()
+        .filter(|j| j.state != "succeeded")
+        .collect();
     eprintln!(
         "sweep {} {}: {} of {} jobs succeeded",
         status.sweep_id,

@@ -23,13 +23,18 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
 async fn wait_done(client: &mut fleetmark_proto::client::SweepClient, id: &str) {
     loop {
         let s = client
-            .get_sweep(pb::GetSweepRequest { sweep_id: id.into() })
+            .get_sweep(pb::GetSweepRequest {
+                sweep_id: id.into(),
+            })
             .await
             .expect("get sweep")
             .into_inner();
         if s.state != "active" {
             assert_eq!(s.state, "completed");
-            assert!(s.jobs.iter().all(|j| j.state == "succeeded"), "a job failed");
+            assert!(
+                s.jobs.iter().all(|j| j.state == "succeeded"),
+                "a job failed"
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -67,7 +72,9 @@ async fn main() {
         c.devices = "simulated".into();
         c.backend.simulated_latency = Duration::from_millis(1);
         let s = stop.clone();
-        agents.push(tokio::spawn(fleetmark_agent::run(c, async move { s.cancelled().await })));
+        agents.push(tokio::spawn(fleetmark_agent::run(c, async move {
+            s.cancelled().await
+        })));
     }
     let mut client = sweep_client(&url, None).unwrap();
     loop {
@@ -102,7 +109,9 @@ async fn main() {
     // 2. Idle latency: single-job sweeps, one after another, agents idle in their claims.
     let mut ids = Vec::new();
     for i in 0..200 {
-        let toml = format!("name = \"idle-{i}\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]\n{measurement}");
+        let toml = format!(
+            "name = \"idle-{i}\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]\n{measurement}"
+        );
         let r = client
             .submit_sweep(pb::SubmitSweepRequest { spec_toml: toml })
             .await

@@ -10,7 +10,9 @@ pub struct Auth {
 impl Auth {
     pub fn new(token: Option<String>) -> Self {
         Auth {
-            expected: token.filter(|t| !t.is_empty()).map(|t| format!("Bearer {t}")),
+            expected: token
+                .filter(|t| !t.is_empty())
+                .map(|t| format!("Bearer {t}")),
         }
     }
 }

@@ -14,7 +14,9 @@ mod wakeup;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use fleetmark_proto::v1::{agent_service_server::AgentServiceServer, sweep_service_server::SweepServiceServer};
+use fleetmark_proto::v1::{
+    agent_service_server::AgentServiceServer, sweep_service_server::SweepServiceServer,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

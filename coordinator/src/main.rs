@@ -7,7 +7,11 @@ use clap::Parser;
 use fleetmark_coordinator::{run, Config};
 
 #[derive(Debug, Parser)]
-#[command(name = "fleetmark-coordinator", version, about = "Hands benchmark jobs to Fleetmark agents and stores results in Postgres")]
+#[command(
+    name = "fleetmark-coordinator",
+    version,
+    about = "Hands benchmark jobs to Fleetmark agents and stores results in Postgres"
+)]
 struct Args {
     /// Address to listen on for agents and the CLI.
     #[arg(long, env = "FLEETMARK_LISTEN", default_value = "127.0.0.1:7070")]

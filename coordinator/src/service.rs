@@ -63,7 +63,9 @@ impl AgentService for AgentApi {
             ));
         }
         if r.devices.is_empty() {
-            return Err(Status::invalid_argument("an agent must serve at least one device"));
+            return Err(Status::invalid_argument(
+                "an agent must serve at least one device",
+            ));
         }
         if let Some(p) = r.price_per_hour {
             if !(p.is_finite() && p >= 0.0) {
@@ -105,7 +107,12 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         let agent = agent_id(&r.agent_id)?;
-        let known = self.0.store.touch_agent(agent).await.map_err(Status::from)?;
+        let known = self
+            .0
+            .store
+            .touch_agent(agent)
+            .await
+            .map_err(Status::from)?;
         if !known {
             return Ok(Response::new(pb::HeartbeatResponse {
                 stop: Vec::new(),
@@ -149,8 +156,8 @@ impl AgentService for AgentApi {
             .await
             .map_err(Status::from)?;
         state.store.touch_agent(agent).await.map_err(Status::from)?;
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(r.wait_ms as u64).min(MAX_CLAIM_WAIT);
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(r.wait_ms as u64).min(MAX_CLAIM_WAIT);
         loop {
             // Register for wake-ups before looking, so a notification between the look and
             // the wait is not lost.
@@ -206,7 +213,11 @@ impl AgentService for AgentApi {
                 r.attempt as i32,
                 &phase,
                 r.iterations.min(i32::MAX as u32) as i32,
-                if r.fraction.is_finite() { r.fraction } else { 0.0 },
+                if r.fraction.is_finite() {
+                    r.fraction
+                } else {
+                    0.0
+                },
                 self.0.config.lease,
             )
             .await

@@ -235,8 +235,8 @@ impl Store {
                 .bind(agent)
                 .fetch_optional(&self.pool)
                 .await?;
-        let devices = devices
-            .ok_or_else(|| CoordinatorError::NotFound(format!("unknown agent {agent}")))?;
+        let devices =
+            devices.ok_or_else(|| CoordinatorError::NotFound(format!("unknown agent {agent}")))?;
         let devices: Vec<AgentDevice> = serde_json::from_value(devices).unwrap_or_default();
         devices
             .into_iter()
@@ -354,10 +354,12 @@ impl Store {
     }
 
     pub async fn sweep_jobs(&self, sweep: Uuid) -> Result<Vec<JobRow>> {
-        Ok(sqlx::query_as::<_, JobRow>(job_select!("WHERE j.sweep_id = $1 ORDER BY j.seq"))
-            .bind(sweep)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as::<_, JobRow>(job_select!("WHERE j.sweep_id = $1 ORDER BY j.seq"))
+                .bind(sweep)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn get_job(&self, job: Uuid) -> Result<JobRow> {
@@ -400,11 +402,7 @@ impl Store {
         Ok(Some(n))
     }
 
-    async fn complete_sweep_if_done(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        sweep: Uuid,
-    ) -> Result<()> {
+    async fn complete_sweep_if_done(&self, tx: &mut sqlx::PgConnection, sweep: Uuid) -> Result<()> {
         sqlx::query(
             "UPDATE sweeps SET state = 'completed', finished_at = now() \
              WHERE id = $1 AND state = 'active' AND NOT EXISTS \
@@ -612,7 +610,11 @@ impl Store {
 
     /// Of the (job, attempt) pairs an agent says it runs, those it should stop: no longer
     /// leased to it for that attempt.
-    pub async fn stale_running(&self, agent: Uuid, running: &[(Uuid, i32)]) -> Result<Vec<(Uuid, i32)>> {
+    pub async fn stale_running(
+        &self,
+        agent: Uuid,
+        running: &[(Uuid, i32)],
+    ) -> Result<Vec<(Uuid, i32)>> {
         if running.is_empty() {
             return Ok(Vec::new());
         }
@@ -657,8 +659,8 @@ impl Store {
         rows.into_iter()
             .map(|r| {
                 let record: serde_json::Value = r.try_get("record")?;
-                let mut result: BenchResult = serde_json::from_value(record)
-                    .map_err(|e| sqlx::Error::Decode(e.into()))?;
+                let mut result: BenchResult =
+                    serde_json::from_value(record).map_err(|e| sqlx::Error::Decode(e.into()))?;
                 result.latencies_ms = r.try_get("latencies_ms")?;
                 Ok(StoredResult {
                     id: r.try_get("id")?,

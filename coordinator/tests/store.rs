@@ -42,7 +42,11 @@ fn sweep(toml: &str) -> SweepSpec {
 const LEASE: Duration = Duration::from_secs(30);
 
 /// A well-formed record for a claimed job, with made-up latencies.
-fn result_for(job: &fleetmark_coordinator::store::JobRow, attempt: i32, agent_name: &str) -> BenchResult {
+fn result_for(
+    job: &fleetmark_coordinator::store::JobRow,
+    attempt: i32,
+    agent_name: &str,
+) -> BenchResult {
     let latencies = vec![2.0, 2.5, 3.0];
     BenchResult {
         schema: fleetmark_core::RESULT_SCHEMA_VERSION,
@@ -84,13 +88,27 @@ async fn a_sweep_runs_to_completion() {
         .unwrap();
     assert_eq!(n, 2);
     for expected_batch in [1, 2] {
-        let job = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
-        assert_eq!(job.spec.batch_size, expected_batch, "oldest job first, in sweep order");
+        let job = store
+            .claim_job(a, "cpu", "cpu", LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            job.spec.batch_size, expected_batch,
+            "oldest job first, in sweep order"
+        );
         assert_eq!(job.attempt, 1);
         assert_eq!(job.state, JobState::Running);
-        store.submit_result(a, &result_for(&job, 1, "a")).await.unwrap();
+        store
+            .submit_result(a, &result_for(&job, 1, "a"))
+            .await
+            .unwrap();
     }
-    assert!(store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().is_none());
+    assert!(store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .is_none());
     let s = store.get_sweep(sweep_id).await.unwrap();
     assert_eq!((s.state.as_str(), s.jobs, s.finished), ("completed", 2, 2));
     let results = store
@@ -113,13 +131,24 @@ async fn an_expired_lease_goes_to_another_agent_and_the_late_result_is_rejected(
         .create_sweep(&sweep("batch_sizes=[4]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let first = store.claim_job(dead, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let first = store
+        .claim_job(dead, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     // Nothing expires before its time.
     assert!(store.expire_leases(None).await.unwrap().is_empty());
     // An hour later, by the database's reckoning, the lease is long gone.
     let later = Utc::now() + chrono::Duration::hours(1);
-    assert_eq!(store.expire_leases(Some(later)).await.unwrap(), vec![first.id]);
-    let second = store.claim_job(alive, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    assert_eq!(
+        store.expire_leases(Some(later)).await.unwrap(),
+        vec![first.id]
+    );
+    let second = store
+        .claim_job(alive, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((second.id, second.attempt), (first.id, 2));
 
     // The dead agent's progress and result for attempt 1 are refused.
@@ -140,12 +169,18 @@ async fn an_expired_lease_goes_to_another_agent_and_the_late_result_is_rejected(
         .unwrap_err();
     assert!(matches!(err, CoordinatorError::StaleLease(_)), "{err}");
 
-    store.submit_result(alive, &result_for(&second, 2, "alive")).await.unwrap();
+    store
+        .submit_result(alive, &result_for(&second, 2, "alive"))
+        .await
+        .unwrap();
     let job = store.get_job(first.id).await.unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Succeeded, 2));
     assert_eq!(job.agent_name.as_deref(), Some("alive"));
     // And once succeeded, a replay of the dead agent's result is still refused.
-    assert!(store.submit_result(dead, &result_for(&first, 1, "dead")).await.is_err());
+    assert!(store
+        .submit_result(dead, &result_for(&first, 1, "dead"))
+        .await
+        .is_err());
 }
 
 #[tokio::test]
@@ -156,8 +191,15 @@ async fn illegal_transitions_are_refused_by_the_database() {
         .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let job = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
-    store.submit_result(a, &result_for(&job, 1, "a")).await.unwrap();
+    let job = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .submit_result(a, &result_for(&job, 1, "a"))
+        .await
+        .unwrap();
     let pool = store.pool();
     for sql in [
         "UPDATE jobs SET state = 'pending'",
@@ -222,12 +264,27 @@ async fn jobs_go_only_to_matching_hardware() {
     let cpu = agent(&store, "cpu-agent", "cpu").await;
     let h100 = agent(&store, "h100-agent", "h100").await;
     store
-        .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]\ngpus=[\"h100\",\"gpu\"]"), "")
+        .create_sweep(
+            &sweep("batch_sizes=[1]\nprecisions=[\"f32\"]\ngpus=[\"h100\",\"gpu\"]"),
+            "",
+        )
         .await
         .unwrap();
-    assert!(store.claim_job(cpu, "cpu", "cpu", LEASE).await.unwrap().is_none());
-    let a = store.claim_job(h100, "cpu", "h100", LEASE).await.unwrap().unwrap();
-    let b = store.claim_job(h100, "cpu", "h100", LEASE).await.unwrap().unwrap();
+    assert!(store
+        .claim_job(cpu, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .is_none());
+    let a = store
+        .claim_job(h100, "cpu", "h100", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = store
+        .claim_job(h100, "cpu", "h100", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(a.spec.target.to_string(), "h100");
     assert_eq!(b.spec.target.to_string(), "gpu");
 }
@@ -240,12 +297,20 @@ async fn failures_retry_until_attempts_run_out_and_permanent_ones_stop_at_once()
         .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let j = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let j = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     for attempt in 1..=3 {
         let again = if attempt == 1 {
             j.clone()
         } else {
-            store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap()
+            store
+                .claim_job(a, "cpu", "cpu", LEASE)
+                .await
+                .unwrap()
+                .unwrap()
         };
         assert_eq!((again.id, again.attempt), (j.id, attempt));
         let outcome = store
@@ -253,10 +318,18 @@ async fn failures_retry_until_attempts_run_out_and_permanent_ones_stop_at_once()
             .await
             .unwrap()
             .unwrap();
-        let expected = if attempt < 3 { FailOutcome::Retried } else { FailOutcome::Failed };
+        let expected = if attempt < 3 {
+            FailOutcome::Retried
+        } else {
+            FailOutcome::Failed
+        };
         assert_eq!(outcome, expected);
     }
-    let k = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let k = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(k.id, j.id);
     let outcome = store
         .fail_job(a, k.id, 1, "gate failed", true)
@@ -264,9 +337,16 @@ async fn failures_retry_until_attempts_run_out_and_permanent_ones_stop_at_once()
         .unwrap()
         .unwrap();
     assert_eq!(outcome, FailOutcome::Failed);
-    assert_eq!(store.get_job(k.id).await.unwrap().error.as_deref(), Some("gate failed"));
+    assert_eq!(
+        store.get_job(k.id).await.unwrap().error.as_deref(),
+        Some("gate failed")
+    );
     // Failing again, with a lease already gone, is refused.
-    assert!(store.fail_job(a, k.id, 1, "again", true).await.unwrap().is_none());
+    assert!(store
+        .fail_job(a, k.id, 1, "again", true)
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(store.get_sweep(sweep_id).await.unwrap().state, "completed");
 }
 
@@ -278,9 +358,17 @@ async fn cancelling_stops_pending_and_running_jobs() {
         .create_sweep(&sweep("batch_sizes=[1,2,3]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let running = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let running = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(store.cancel_sweep(sweep_id).await.unwrap(), Some(3));
-    assert!(store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().is_none());
+    assert!(store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .is_none());
     assert!(store
         .report_progress(a, running.id, 1, "timing", 1, 0.1, LEASE)
         .await
@@ -290,7 +378,10 @@ async fn cancelling_stops_pending_and_running_jobs() {
         store.stale_running(a, &[(running.id, 1)]).await.unwrap(),
         vec![(running.id, 1)]
     );
-    assert!(store.submit_result(a, &result_for(&running, 1, "a")).await.is_err());
+    assert!(store
+        .submit_result(a, &result_for(&running, 1, "a"))
+        .await
+        .is_err());
     assert_eq!(store.get_sweep(sweep_id).await.unwrap().state, "cancelled");
     assert_eq!(store.cancel_sweep(Uuid::new_v4()).await.unwrap(), None);
 }
@@ -303,7 +394,11 @@ async fn imports_land_as_a_finished_sweep_with_their_agents() {
         .create_sweep(&sweep("batch_sizes=[8]\nprecisions=[\"f16\"]"), "")
         .await
         .unwrap();
-    let job = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let job = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     let mut r = result_for(&job, 1, "h100-node");
     r.job_id = None;
     r.hardware_kind = "h100".into();
@@ -339,7 +434,11 @@ async fn leases_get_a_fresh_term_after_a_database_outage() {
         .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let job = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let job = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     // As if the agent could not report for a minute because the database was down.
     sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 minute'")
         .execute(store.pool())

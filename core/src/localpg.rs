@@ -111,7 +111,9 @@ impl LocalPostgres {
         if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
             return PathBuf::from(x).join("fleetmark/postgres");
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ".".into());
         home.join(".local/share/fleetmark/postgres")
     }
 
@@ -206,9 +208,14 @@ impl LocalPostgres {
             }
         }
         let mut cmd = self.command("initdb");
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        cmd.arg("-D").arg(&self.data_dir).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
         self.run("initdb", cmd)
     }
 

@@ -80,7 +80,10 @@ mod tests {
         assert_eq!("bfloat16".parse::<Precision>().unwrap(), Precision::Bf16);
         assert_eq!("f32".parse::<Precision>().unwrap(), Precision::F32);
         let err = "int8".parse::<Precision>().unwrap_err();
-        assert!(err.to_string().contains("unknown precision 'int8'"), "{err}");
+        assert!(
+            err.to_string().contains("unknown precision 'int8'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -156,11 +156,7 @@ impl BenchResult {
                 self.latencies_ms.len()
             ));
         }
-        if self
-            .latencies_ms
-            .iter()
-            .any(|x| !x.is_finite() || *x < 0.0)
-        {
+        if self.latencies_ms.iter().any(|x| !x.is_finite() || *x < 0.0) {
             return bad("a latency is negative or not finite".into());
         }
         if self.hardware_kind.is_empty() || self.agent_name.is_empty() {

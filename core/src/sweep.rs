@@ -108,7 +108,9 @@ impl SweepSpec {
         }
         if let Some(name) = &self.name {
             if name.len() > 200 {
-                return Err(CoreError::InvalidSweep("name is over 200 characters".into()));
+                return Err(CoreError::InvalidSweep(
+                    "name is over 200 characters".into(),
+                ));
             }
         }
         self.measurement.validate()?;
@@ -226,7 +228,10 @@ min_duration = "2s"
             let err = SweepSpec::from_toml(&format!("batch_sizes=[{b}]\nprecisions=[\"f32\"]"))
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains(&format!("batch size {b} is out of range")), "{err}");
+            assert!(
+                err.contains(&format!("batch size {b} is out of range")),
+                "{err}"
+            );
         }
     }
 
@@ -237,6 +242,10 @@ min_duration = "2s"
             batch_sizes: (1..=20).collect(),
             ..SweepSpec::from_toml("batch_sizes=[1]\nprecisions=[\"f32\"]").unwrap()
         };
-        assert!(spec.validate().unwrap_err().to_string().contains("20000 jobs"));
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("20000 jobs"));
     }
 }

@@ -31,7 +31,9 @@ fn main() {
         candle_core::utils::get_num_threads()
     );
     let mut backend = CpuBackend::new();
-    println!("| path | batch | p50 ms | p90 ms | p99 ms | mean ms ± 95% CI | images/s | iterations |");
+    println!(
+        "| path | batch | p50 ms | p90 ms | p99 ms | mean ms ± 95% CI | images/s | iterations |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for engine in [EnginePath::Stock, EnginePath::Fused] {
         for batch in [1u32, 8] {

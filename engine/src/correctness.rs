@@ -134,6 +134,9 @@ mod tests {
         let mut nan = r.clone();
         nan[3] = f32::NAN;
         assert!(!compare(&nan, &r, 1.0).passed, "NaN never passes");
-        assert!(!compare(&r[..1000], &r, 1.0).passed, "missing rows never pass");
+        assert!(
+            !compare(&r[..1000], &r, 1.0).passed,
+            "missing rows never pass"
+        );
     }
 }

@@ -63,7 +63,10 @@ impl Backend for CpuBackend {
             "threads".into(),
             candle_core::utils::get_num_threads().to_string(),
         );
-        details.insert("batch_norm".into(), if fold { "folded" } else { "separate" }.into());
+        details.insert(
+            "batch_norm".into(),
+            if fold { "folded" } else { "separate" }.into(),
+        );
         Ok(Box::new(CpuPrepared {
             model,
             input,

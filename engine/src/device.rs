@@ -120,7 +120,10 @@ mod tests {
             parse_devices("cuda:0,1").unwrap(),
             vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]
         );
-        assert!(parse_devices("tpu").unwrap_err().to_string().contains("unknown device 'tpu'"));
+        assert!(parse_devices("tpu")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device 'tpu'"));
         assert!(parse_devices("cuda:0,0").is_err());
         assert!(parse_devices("cuda:x").is_err());
     }

@@ -61,10 +61,7 @@ pub fn nvml_gpus(nvml: &Nvml) -> Result<Vec<GpuInfo>, String> {
             cuda_driver_version: cuda.clone(),
             pcie_link_gen: d.current_pcie_link_gen().ok(),
             pcie_link_width: d.current_pcie_link_width().ok(),
-            power_limit_watts: d
-                .enforced_power_limit()
-                .ok()
-                .map(|mw| mw as f64 / 1000.0),
+            power_limit_watts: d.enforced_power_limit().ok().map(|mw| mw as f64 / 1000.0),
         });
     }
     Ok(gpus)
@@ -72,9 +69,7 @@ pub fn nvml_gpus(nvml: &Nvml) -> Result<Vec<GpuInfo>, String> {
 
 /// GPUs for the inventory, or none when NVML is not there.
 pub fn detect_gpus() -> Vec<GpuInfo> {
-    open_nvml()
-        .and_then(|n| nvml_gpus(&n))
-        .unwrap_or_default()
+    open_nvml().and_then(|n| nvml_gpus(&n)).unwrap_or_default()
 }
 
 /// Reasons that mean the clocks were held down while we measured.
@@ -102,7 +97,10 @@ fn reason_names(r: ThrottleReasons) -> Vec<String> {
             ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN,
             "hw_power_brake_slowdown",
         ),
-        (ThrottleReasons::DISPLAY_CLOCK_SETTING, "display_clock_setting"),
+        (
+            ThrottleReasons::DISPLAY_CLOCK_SETTING,
+            "display_clock_setting",
+        ),
     ];
     all.iter()
         .filter(|(flag, _)| r.contains(*flag))

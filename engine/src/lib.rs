@@ -9,9 +9,9 @@
 pub mod backend;
 pub mod correctness;
 pub mod cpu;
-pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod gpuinfo;
 pub mod input;

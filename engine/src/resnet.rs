@@ -53,10 +53,7 @@ impl ConvBn {
             ConvBn::Folded(c) => c.clone(),
             ConvBn::Separate(c, bn) => c.absorb_bn(bn)?,
         };
-        let bias = c
-            .bias()
-            .cloned()
-            .expect("absorb_bn always produces a bias");
+        let bias = c.bias().cloned().expect("absorb_bn always produces a bias");
         Ok((c.weight().clone(), bias))
     }
 }

@@ -18,8 +18,13 @@ use crate::EngineError;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Init {
     /// Kaiming-uniform over fan-out, as torchvision's `kaiming_normal_(mode="fan_out")` scales.
-    Conv { fan_out: usize },
-    Uniform { lo: f32, hi: f32 },
+    Conv {
+        fan_out: usize,
+    },
+    Uniform {
+        lo: f32,
+        hi: f32,
+    },
     Counter,
 }
 

@@ -19,7 +19,13 @@ fn logits(weights: &ModelWeights, fold: bool, batch: usize, size: usize) -> Vec<
     let vb = VarBuilder::from_tensors(weights.tensors.clone(), DType::F32, &Device::Cpu);
     let model = ResNet18::load(vb, fold).unwrap();
     let x = input_batch(INPUT_SEED, batch, size).unwrap();
-    model.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    model
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -30,7 +36,10 @@ fn folding_batch_norm_keeps_the_function() {
     assert_eq!(plain.len(), 2000);
     let c = compare(&folded, &plain, 1e-4);
     assert!(c.passed, "{c:?}");
-    assert!(c.max_rel_error > 0.0, "folding changes rounding, so exact equality means it did not fold");
+    assert!(
+        c.max_rel_error > 0.0,
+        "folding changes rounding, so exact equality means it did not fold"
+    );
     // Images are independent of the batch they sit in.
     let single = logits(&w, false, 1, 64);
     assert!(compare(&single, &plain[..1000], 1e-5).passed);
@@ -100,5 +109,8 @@ fn a_cancelled_job_stops() {
         &mut |_| {},
     )
     .unwrap_err();
-    assert!(matches!(err, fleetmark_engine::EngineError::Cancelled), "{err}");
+    assert!(
+        matches!(err, fleetmark_engine::EngineError::Cancelled),
+        "{err}"
+    );
 }

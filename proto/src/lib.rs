@@ -9,5 +9,5 @@ pub mod v1 {
 
 pub use v1::*;
 
-pub mod convert;
 pub mod client;
+pub mod convert;

@@ -22,13 +22,7 @@
 //! `FLEETMARK_ALGO_CANDIDATES=N`, `FLEETMARK_WORKSPACE_LIMIT=bytes`, `FLEETMARK_PLAN=timed|ranked`,
 //! `FLEETMARK_PROFILE=1`.
 
-use std::{
-    collections::BTreeMap,
-    ffi::c_void,
-    ptr::null_mut,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, ffi::c_void, ptr::null_mut, sync::Arc, time::Duration};
 
 use candle_core::{
     cuda_backend::cudarc::{
@@ -438,7 +432,10 @@ impl FusedPrepared {
             }
         }
         let (_, mut chosen) = best.ok_or_else(|| {
-            EngineError::Unsupported(format!("no stem padding could be planned ({})", tried.join(", ")))
+            EngineError::Unsupported(format!(
+                "no stem padding could be planned ({})",
+                tried.join(", ")
+            ))
         })?;
         chosen
             .info
@@ -558,9 +555,25 @@ impl FusedPrepared {
             }));
             Ok(y)
         };
-        let stem = conv(&mut p, &mut pending, "stem".into(), &model.stem, input, None, true, None, true)?;
+        let stem = conv(
+            &mut p,
+            &mut pending,
+            "stem".into(),
+            &model.stem,
+            input,
+            None,
+            true,
+            None,
+            true,
+        )?;
         let sa = p.acts[stem];
-        let pooled = p.act(batch, out_dim(sa.h, 3, 2, 1), out_dim(sa.w, 3, 2, 1), sa.c, Place::Slab(0));
+        let pooled = p.act(
+            batch,
+            out_dim(sa.h, 3, 2, 1),
+            out_dim(sa.w, 3, 2, 1),
+            sa.c,
+            Place::Slab(0),
+        );
         p.touch(stem);
         p.touch(pooled);
         p.ops += 1;
@@ -577,12 +590,32 @@ impl FusedPrepared {
                 let (residual, ds_bias) = match &block.downsample {
                     Some(ds) => {
                         let (_, dsb) = ds.folded()?;
-                        let r = conv(&mut p, &mut pending, format!("{prefix}.ds"), ds, x, None, false, None, false)?;
+                        let r = conv(
+                            &mut p,
+                            &mut pending,
+                            format!("{prefix}.ds"),
+                            ds,
+                            x,
+                            None,
+                            false,
+                            None,
+                            false,
+                        )?;
                         (r, Some(dsb))
                     }
                     None => (x, None),
                 };
-                let y1 = conv(&mut p, &mut pending, format!("{prefix}.c1"), &block.conv1, x, None, true, None, true)?;
+                let y1 = conv(
+                    &mut p,
+                    &mut pending,
+                    format!("{prefix}.c1"),
+                    &block.conv1,
+                    x,
+                    None,
+                    true,
+                    None,
+                    true,
+                )?;
                 x = conv(
                     &mut p,
                     &mut pending,
@@ -639,7 +672,8 @@ impl FusedPrepared {
         }
 
         // Allocate everything the forward pass touches, once.
-        ctx.bind_to_thread().map_err(|e| EngineError::Setup(format!("{e:?}")))?;
+        ctx.bind_to_thread()
+            .map_err(|e| EngineError::Setup(format!("{e:?}")))?;
         let (slab, slab_ptr) = alloc(stream, slab_bytes)?;
         let host_nchw = input_batch(INPUT_SEED, batch, size)?;
         let nhwc = host_nchw.permute((0, 2, 3, 1))?.contiguous()?;
@@ -673,7 +707,10 @@ impl FusedPrepared {
         let mut relu = null_mut();
         // SAFETY: new activation descriptor, set to ReLU.
         unsafe {
-            check("create activation", dnn::cudnnCreateActivationDescriptor(&mut relu))?;
+            check(
+                "create activation",
+                dnn::cudnnCreateActivationDescriptor(&mut relu),
+            )?;
         }
         let relu = ActDesc(relu);
         // SAFETY: valid descriptor.
@@ -739,7 +776,12 @@ impl FusedPrepared {
                     }
                     let pd = PoolDesc(pd);
                     let (mode, win, pad, stride) = if max {
-                        (dnn::cudnnPoolingMode_t::CUDNN_POOLING_MAX, (3, 3), 1, (2, 2))
+                        (
+                            dnn::cudnnPoolingMode_t::CUDNN_POOLING_MAX,
+                            (3, 3),
+                            1,
+                            (2, 2),
+                        )
                     } else {
                         (
                             dnn::cudnnPoolingMode_t::CUDNN_POOLING_AVERAGE_COUNT_INCLUDE_PADDING,
@@ -896,7 +938,10 @@ impl FusedPrepared {
         // SAFETY: new descriptors set with valid parameters.
         unsafe {
             check("create filter", dnn::cudnnCreateFilterDescriptor(&mut wd))?;
-            check("create conv", dnn::cudnnCreateConvolutionDescriptor(&mut cd))?;
+            check(
+                "create conv",
+                dnn::cudnnCreateConvolutionDescriptor(&mut cd),
+            )?;
         }
         let wd = FilterDesc(wd);
         let cd = ConvDesc(cd);
@@ -988,7 +1033,9 @@ impl FusedPrepared {
         }
         let ranked: Vec<dnn::cudnnConvolutionFwdAlgoPerf_t> = perf[..returned.max(0) as usize]
             .iter()
-            .filter(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= self.ws_cap)
+            .filter(|p| {
+                p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= self.ws_cap
+            })
             .copied()
             .collect();
         if ranked.is_empty() {
@@ -1010,7 +1057,10 @@ impl FusedPrepared {
         for cand in ranked.iter().take(candidates) {
             // SAFETY: valid descriptor.
             unsafe {
-                check("set math", dnn::cudnnSetConvolutionMathType(step.cd.0, cand.mathType))?;
+                check(
+                    "set math",
+                    dnn::cudnnSetConvolutionMathType(step.cd.0, cand.mathType),
+                )?;
             }
             for &ep in &epilogues {
                 step.algo = cand.algo;
@@ -1053,7 +1103,10 @@ impl FusedPrepared {
         })?;
         // SAFETY: valid descriptor.
         unsafe {
-            check("set math", dnn::cudnnSetConvolutionMathType(step.cd.0, perf.mathType))?;
+            check(
+                "set math",
+                dnn::cudnnSetConvolutionMathType(step.cd.0, perf.mathType),
+            )?;
         }
         step.algo = perf.algo;
         step.epilogue = ep;
@@ -1213,9 +1266,7 @@ impl FusedPrepared {
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
         )?;
         let run = self.run_eager();
-        let graph = self
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags(0));
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
         run?;
         let graph = drv("end capture", graph)?
             .ok_or_else(|| EngineError::Setup("the captured graph is empty".into()))?;
@@ -1268,7 +1319,12 @@ impl Prepared for FusedPrepared {
         } = self;
         // Into the same buffer, so the captured graph reads the new batch.
         timer
-            .time(|| drv("copy input", stream.memcpy_htod(host_input.as_slice(), input)))
+            .time(|| {
+                drv(
+                    "copy input",
+                    stream.memcpy_htod(host_input.as_slice(), input),
+                )
+            })
             .map(Some)
     }
 

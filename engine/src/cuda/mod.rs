@@ -103,7 +103,11 @@ fn preflight(ordinal: usize) -> Result<(i32, (i32, i32)), EngineError> {
         let have = major * 10 + minor;
         // sm_90 builds embed sm_90a code that loads only on Hopper; older targets carry PTX
         // that newer GPUs can compile, but not the other way round.
-        let ok = if built == 90 { have == 90 } else { have >= built };
+        let ok = if built == 90 {
+            have == 90
+        } else {
+            have >= built
+        };
         if !ok {
             return Err(EngineError::Setup(format!(
                 "this agent was built for compute capability {}.{} (CUDA_COMPUTE_CAP={built}) but \
@@ -180,14 +184,24 @@ impl CudaBackend {
             // Keep freed memory in the pool instead of returning it to the driver at every
             // synchronize (a caching allocator, as PyTorch has): otherwise the stock path maps
             // and unmaps memory on every iteration.
-            set_pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX);
+            set_pool_attr(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                u64::MAX,
+            );
         }
         // Load Candle's kernels now: a PTX/driver mismatch must fail here, not mid-job.
         let probe = (|| -> candle_core::Result<f32> {
             let x = Tensor::arange(0f32, 64f32, &device)?.reshape((1, 1, 8, 8))?;
             let w = Tensor::ones((2, 1, 3, 3), DType::F32, &device)?;
-            let y = x.conv2d(&w, 1, 1, 1, 1)?.relu()?.max_pool2d(2)?.mean_all()?;
-            y.to_dtype(DType::F16)?.to_dtype(DType::F32)?.to_scalar::<f32>()
+            let y = x
+                .conv2d(&w, 1, 1, 1, 1)?
+                .relu()?
+                .max_pool2d(2)?
+                .mean_all()?;
+            y.to_dtype(DType::F16)?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()
         })();
         let probe = probe.map_err(|e| {
             EngineError::Setup(format!(
@@ -226,7 +240,10 @@ pub(crate) struct EventTimer {
 }
 
 impl EventTimer {
-    pub(crate) fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self, EngineError> {
+    pub(crate) fn new(
+        ctx: &Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+    ) -> Result<Self, EngineError> {
         let make = || {
             ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(setup("cannot create a CUDA event"))
@@ -243,13 +260,16 @@ impl EventTimer {
         &self,
         work: impl FnOnce() -> Result<(), EngineError>,
     ) -> Result<Duration, EngineError> {
-        self.start.record(&self.stream).map_err(setup("event record"))?;
+        self.start
+            .record(&self.stream)
+            .map_err(setup("event record"))?;
         work()?;
-        self.end.record(&self.stream).map_err(setup("event record"))?;
-        let ms = self
-            .start
-            .elapsed_ms(&self.end)
-            .map_err(|e| EngineError::Setup(format!("the GPU failed during the iteration: {e:?}")))?;
+        self.end
+            .record(&self.stream)
+            .map_err(setup("event record"))?;
+        let ms = self.start.elapsed_ms(&self.end).map_err(|e| {
+            EngineError::Setup(format!("the GPU failed during the iteration: {e:?}"))
+        })?;
         Ok(Duration::from_secs_f64(ms as f64 / 1e3))
     }
 }
@@ -264,7 +284,11 @@ impl PoolPeak {
 
     pub(crate) fn reset(&self) {
         if let Some(p) = self.0 {
-            set_pool_attr(p, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
+            set_pool_attr(
+                p,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                0,
+            );
         }
     }
 
@@ -330,19 +354,28 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    fn prepare_stock(&self, job: &JobSpec, weights: &ModelWeights) -> Result<StockPrepared, EngineError> {
+    fn prepare_stock(
+        &self,
+        job: &JobSpec,
+        weights: &ModelWeights,
+    ) -> Result<StockPrepared, EngineError> {
         let dtype = dtype_of(job.precision);
         let vb = VarBuilder::from_tensors(weights.tensors.clone(), dtype, &self.device);
         let model = ResNet18::load(vb, false)?;
-        let host_input =
-            input_batch(INPUT_SEED, job.batch_size as usize, job.image_size as usize)?.to_dtype(dtype)?;
+        let host_input = input_batch(INPUT_SEED, job.batch_size as usize, job.image_size as usize)?
+            .to_dtype(dtype)?;
         let input = host_input.to_device(&self.device)?;
         let mut details = BTreeMap::new();
         details.insert("layout".into(), "nchw".into());
         details.insert("batch_norm".into(), "separate".into());
         details.insert(
             "conv".into(),
-            if cfg!(feature = "candle-cudnn") { "candle cudnn" } else { "candle im2col+cublas" }.into(),
+            if cfg!(feature = "candle-cudnn") {
+                "candle cudnn"
+            } else {
+                "candle im2col+cublas"
+            }
+            .into(),
         );
         details.insert("cuda_graph".into(), "false".into());
         Ok(StockPrepared {
