@@ -31,6 +31,7 @@ use nvml_wrapper::Nvml;
 use crate::{
     backend::{Backend, Prepared, TelemetrySource},
     cpu::dtype_of,
+    gpucheck::{check_driver, check_generation, check_ordinal, cuda_version_string},
     gpuinfo::NvmlTelemetry,
     input::{input_batch, INPUT_SEED},
     resnet::ResNet18,
@@ -48,19 +49,6 @@ pub fn device_count() -> Result<usize, EngineError> {
         .map_err(|e| EngineError::Setup(format!("the CUDA driver failed to initialise: {e:?}")))
 }
 
-/// "13.0" from 13000.
-fn cuda_version_string(v: i32) -> String {
-    format!("{}.{}", v / 1000, (v % 1000) / 10)
-}
-
-/// "13.0" -> 13000.
-fn parse_cuda_version(s: &str) -> Option<i32> {
-    let mut parts = s.split('.');
-    let major: i32 = parts.next()?.trim().parse().ok()?;
-    let minor: i32 = parts.next().unwrap_or("0").trim().parse().ok()?;
-    Some(major * 1000 + minor * 10)
-}
-
 /// Checks that this build can run on GPU `ordinal`, before any job is accepted.
 fn preflight(ordinal: usize) -> Result<(i32, (i32, i32)), EngineError> {
     let mut driver = 0i32;
@@ -72,53 +60,19 @@ fn preflight(ordinal: usize) -> Result<(i32, (i32, i32)), EngineError> {
                 "the NVIDIA driver did not answer ({e:?}): is the driver installed and a GPU present?"
             ))
         })?;
-    if let Some(built) = parse_cuda_version(crate::versions::CUDA_BUILD_VERSION) {
-        if driver < built {
-            return Err(EngineError::Setup(format!(
-                "the NVIDIA driver supports CUDA {} but this agent was built with CUDA {}: update \
-                 the driver, or build the agent with a toolkit no newer than CUDA {} (see README)",
-                cuda_version_string(driver),
-                crate::versions::CUDA_BUILD_VERSION,
-                cuda_version_string(driver)
-            )));
-        }
-    }
-    let count = device_count()?;
-    if count == 0 {
-        return Err(EngineError::Setup(
-            "no GPU: the NVIDIA driver is installed but reports no device".into(),
-        ));
-    }
-    if ordinal >= count {
-        return Err(EngineError::Setup(format!(
-            "cuda:{ordinal} does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{}",
-            count - 1
-        )));
-    }
+    check_driver(driver, crate::versions::CUDA_BUILD_VERSION).map_err(EngineError::Setup)?;
+    check_ordinal(ordinal, device_count()?).map_err(EngineError::Setup)?;
     let ctx = CudaContext::new(ordinal).map_err(setup("cannot create a CUDA context"))?;
     let (major, minor) = ctx
         .compute_capability()
         .map_err(setup("cannot read the compute capability"))?;
-    if let Ok(built) = crate::versions::CUDA_COMPUTE_CAP.parse::<i32>() {
-        let have = major * 10 + minor;
-        // sm_90 builds embed sm_90a code that loads only on Hopper; older targets carry PTX
-        // that newer GPUs can compile, but not the other way round.
-        let ok = if built == 90 {
-            have == 90
-        } else {
-            have >= built
-        };
-        if !ok {
-            return Err(EngineError::Setup(format!(
-                "this agent was built for compute capability {}.{} (CUDA_COMPUTE_CAP={built}) but \
-                 cuda:{ordinal} is {major}.{minor} ({}): rebuild with CUDA_COMPUTE_CAP={have} \
-                 (see deploy/build-agents.sh)",
-                built / 10,
-                built % 10,
-                ctx.name().unwrap_or_default()
-            )));
-        }
-    }
+    check_generation(
+        (major, minor),
+        crate::versions::CUDA_COMPUTE_CAP,
+        ordinal,
+        &ctx.name().unwrap_or_default(),
+    )
+    .map_err(EngineError::Setup)?;
     Ok((driver, (major, minor)))
 }
 
