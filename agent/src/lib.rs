@@ -84,6 +84,21 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, AgentError> {
     Ok(out)
 }
 
+/// A default agent name that differs between machines even when their host names do not
+/// (cloud images often all call themselves `ubuntu`): host name plus the start of the machine id.
+pub fn default_name() -> String {
+    let host = HostInventory::collect_host().hostname;
+    let host = if host.is_empty() {
+        "agent".to_string()
+    } else {
+        host
+    };
+    match std::fs::read_to_string("/etc/machine-id") {
+        Ok(id) if id.trim().len() >= 8 => format!("{host}-{}", &id.trim()[..8]),
+        _ => host,
+    }
+}
+
 /// This machine as the coordinator should see it.
 pub fn host_inventory() -> HostInventory {
     let mut host = HostInventory::collect_host();
@@ -320,6 +335,13 @@ async fn device_loop(shared: Arc<Shared>, worker: Arc<DeviceWorker>) -> Result<(
             Err(s) if s.code() == Code::Unauthenticated => {
                 return Err(AgentError::Unauthenticated(s.message().to_string()))
             }
+            Err(s) if s.code() == Code::InvalidArgument => {
+                // Another agent registered under our name with other devices, most likely.
+                warn!(device = %device, error = %s.message(), "the coordinator refused the claim");
+                if !backoff.wait(&shared.shutdown).await {
+                    break;
+                }
+            }
             Err(s) if s.code() == Code::NotFound => {
                 warn!(error = %s.message(), "the coordinator does not know this agent, registering again");
                 if !register(&shared).await? {
@@ -456,7 +478,57 @@ async fn report_progress(
     }
 }
 
-/// Delivers a result, retrying while the coordinator is unreachable.
+/// Where results that could not be delivered are kept, one JSON record per line, for
+/// `fleetmark import`.
+pub fn spool_path(agent: &str) -> std::path::PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    let safe: String = agent
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    base.join("fleetmark")
+        .join(format!("undelivered-{safe}.jsonl"))
+}
+
+fn spool(shared: &Shared, job_id: &str, result: &BenchResult, why: &str) {
+    use std::io::Write;
+    let path = spool_path(&shared.config.name);
+    let written = std::fs::create_dir_all(path.parent().expect("spool path has a parent"))
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+        })
+        .and_then(|mut f| {
+            writeln!(
+                f,
+                "{}",
+                serde_json::to_string(result).expect("records serialise")
+            )
+        });
+    match written {
+        Ok(()) => warn!(job_id = %job_id, reason = why, path = %path.display(),
+                        "result kept on disk; load it with `fleetmark import`"),
+        Err(e) => {
+            warn!(job_id = %job_id, reason = why, error = %e, "result lost: cannot write the spool file")
+        }
+    }
+}
+
+/// Delivers a result, retrying while the coordinator is unreachable. A result that cannot be
+/// delivered (the agent is stopping, or the coordinator stays away) is kept on disk.
 async fn deliver(shared: &Shared, job_id: &str, result: BenchResult) {
     let wire: pb::BenchResult = (&result).into();
     let mut backoff = Backoff::new(shared.config.max_backoff);
@@ -484,10 +556,13 @@ async fn deliver(shared: &Shared, job_id: &str, result: BenchResult) {
             }
             Err(s) if is_transient(&s) && tokio::time::Instant::now() < give_up => {
                 debug!(job_id = %job_id, error = %s.message(), "result not delivered yet, retrying");
-                backoff.sleep().await;
+                if !backoff.wait(&shared.shutdown).await {
+                    spool(shared, job_id, &result, "the agent is stopping");
+                    return;
+                }
             }
             Err(s) => {
-                warn!(job_id = %job_id, error = %s.message(), "result could not be delivered");
+                spool(shared, job_id, &result, s.message());
                 return;
             }
         }

@@ -31,7 +31,8 @@ struct DeviceArgs {
     /// Devices to serve: cpu, cuda:0, cuda:0,1 or cuda:all (one job per GPU at a time).
     #[arg(long, env = "FLEETMARK_DEVICE", default_value = "cpu")]
     device: String,
-    /// This agent's name; agents on one host need distinct names. Defaults to the host name.
+    /// This agent's name; two agents with one name are one agent to the coordinator. Defaults
+    /// to the host name and the first characters of /etc/machine-id.
     #[arg(long, env = "FLEETMARK_AGENT_NAME")]
     name: Option<String>,
     /// Hourly price of this node in USD, for images per dollar in `fleetmark compare`.
@@ -120,7 +121,7 @@ fn config_from(
 ) -> anyhow::Result<Config> {
     let name = match d.name {
         Some(n) => n,
-        None => fleetmark_agent::host_inventory().hostname,
+        None => fleetmark_agent::default_name(),
     };
     let mut c = Config::new(coordinator, name);
     c.token = token;
@@ -131,7 +132,17 @@ fn config_from(
     Ok(c)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -160,7 +171,7 @@ fn main() -> anyhow::Result<()> {
                     shutdown_signal().await;
                     c.store(true, std::sync::atomic::Ordering::Relaxed);
                 });
-                fleetmark_agent::standalone::run_sweep(&config, &sweep, &out, cancel).await
+                fleetmark_agent::standalone::run_sweep(&config, &sweep, &out, cancel.clone()).await
             })?;
             eprintln!(
                 "{} succeeded, {} failed, {} skipped (no matching device); records in {}",
@@ -169,6 +180,10 @@ fn main() -> anyhow::Result<()> {
                 summary.skipped,
                 out.display()
             );
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!("error: interrupted before the sweep finished");
+                std::process::exit(130);
+            }
             if summary.failed > 0 {
                 std::process::exit(1);
             }

@@ -54,7 +54,9 @@ impl DeviceWorker {
                 };
                 let mut weights: Option<(WeightsSpec, ModelWeights)> = None;
                 while let Ok(item) = rx.recv() {
-                    let result = (|| {
+                    // A panic in a job must not take the device thread down with it: the agent
+                    // would keep claiming jobs it can no longer run.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let w = match &weights {
                             Some((s, w)) if *s == item.job.weights => w,
                             _ => {
@@ -74,7 +76,15 @@ impl DeviceWorker {
                                 let _ = progress.send(p);
                             },
                         )
-                    })();
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let msg = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(EngineError::Unsupported(format!("the job panicked: {msg}")))
+                    });
                     let _ = item.reply.send(result);
                 }
             })

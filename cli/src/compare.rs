@@ -143,6 +143,7 @@ pub fn build(
                         (price > 0.0).then(|| ips * 3600.0 / price)
                     };
                     let mut maths: Vec<&str> = rs.iter().map(|r| r.backend.math.as_str()).collect();
+                    maths.sort_unstable();
                     maths.dedup();
                     (
                         col,

@@ -140,6 +140,7 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
             gpu: vec!["any".into()],
             image_size: args.image_size,
             warmup: args.warmup,
+            warmup_duration: Duration::from_millis(500),
             min_iterations: args.min_iterations,
             min_duration: args.min_duration,
             max_duration: Duration::from_secs(60),

@@ -159,6 +159,9 @@ pub struct SubmitArgs {
     /// Warm-up iterations before timing.
     #[arg(long, default_value_t = 10)]
     pub warmup: u32,
+    /// Warm up for at least this long, too.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub warmup_duration: Duration,
     #[arg(long, default_value_t = 50)]
     pub min_iterations: u32,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -220,7 +223,7 @@ impl SubmitArgs {
             weights: WeightsSpec::Seeded { seed: self.seed },
             measurement: MeasurementSpec {
                 warmup_iterations: self.warmup,
-                warmup_duration: Duration::ZERO,
+                warmup_duration: self.warmup_duration,
                 min_iterations: self.min_iterations,
                 min_duration: self.min_duration,
                 max_duration: self.max_duration,

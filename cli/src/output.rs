@@ -107,7 +107,7 @@ const RESULT_COLUMNS: &[&str] = &[
     "throttled",
 ];
 
-fn result_row(r: &BenchResult, plain: bool) -> Vec<String> {
+fn result_row(r: &BenchResult) -> Vec<String> {
     let gate = match &r.correctness {
         Some(c) => format!("{:.1e}", c.max_rel_error),
         None if r.backend.simulated => "simulated".into(),
@@ -130,18 +130,72 @@ fn result_row(r: &BenchResult, plain: bool) -> Vec<String> {
         ms(r.latency.p90_ms),
         ms(r.latency.p99_ms),
         format!("{} ± {}", ms(r.latency.mean_ms), ms(ci)),
-        if plain {
-            format!("{:.1}", r.images_per_sec)
-        } else {
-            throughput(r.images_per_sec)
-        },
-        if plain {
-            r.peak_memory_bytes.to_string()
-        } else {
-            bytes(r.peak_memory_bytes)
-        },
+        throughput(r.images_per_sec),
+        bytes(r.peak_memory_bytes),
         gate,
         throttled,
+    ]
+}
+
+const RESULT_CSV_COLUMNS: &[&str] = &[
+    "result_id",
+    "sweep_id",
+    "hardware_kind",
+    "hardware_name",
+    "agent",
+    "device",
+    "path",
+    "precision",
+    "math",
+    "batch_size",
+    "image_size",
+    "iterations",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "mean_ms",
+    "std_ms",
+    "ci95_low_ms",
+    "ci95_high_ms",
+    "images_per_sec",
+    "peak_memory_bytes",
+    "max_rel_error",
+    "throttled",
+];
+
+/// One result as plain numbers, for spreadsheets and scripts.
+fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
+    let l = &r.latency;
+    vec![
+        id.to_string(),
+        sweep.to_string(),
+        r.hardware_kind.clone(),
+        r.hardware_name.clone(),
+        r.agent_name.clone(),
+        r.device.clone(),
+        r.backend.path.clone(),
+        r.spec.precision.to_string(),
+        r.backend.math.clone(),
+        r.spec.batch_size.to_string(),
+        r.spec.image_size.to_string(),
+        l.count.to_string(),
+        l.p50_ms.to_string(),
+        l.p90_ms.to_string(),
+        l.p99_ms.to_string(),
+        l.mean_ms.to_string(),
+        l.std_ms.to_string(),
+        l.ci95_low_ms.to_string(),
+        l.ci95_high_ms.to_string(),
+        r.images_per_sec.to_string(),
+        r.peak_memory_bytes.to_string(),
+        r.correctness
+            .as_ref()
+            .map(|c| c.max_rel_error.to_string())
+            .unwrap_or_default(),
+        r.telemetry
+            .as_ref()
+            .map(|t| t.throttled.to_string())
+            .unwrap_or_default(),
     ]
 }
 
@@ -156,21 +210,48 @@ pub fn results(results: &[(String, String, BenchResult)], format: Format) -> Str
             format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
         }
         Format::Csv => csv(
-            RESULT_COLUMNS,
+            RESULT_CSV_COLUMNS,
             results
                 .iter()
-                .map(|(_, _, r)| result_row(r, true))
+                .map(|(id, sweep, r)| result_csv_row(id, sweep, r))
                 .collect(),
         ),
         Format::Table => table(
             RESULT_COLUMNS,
-            results
-                .iter()
-                .map(|(_, _, r)| result_row(r, false))
-                .collect(),
+            results.iter().map(|(_, _, r)| result_row(r)).collect(),
             5,
         ),
     }
+}
+
+fn agent_csv_row(a: &pb::AgentStatus) -> Vec<String> {
+    let inv = a.inventory.clone().unwrap_or_default();
+    vec![
+        a.agent_id.clone(),
+        a.name.clone(),
+        a.state.clone(),
+        a.devices
+            .iter()
+            .map(|d| format!("{}={}", d.device, d.kind))
+            .collect::<Vec<_>>()
+            .join(" "),
+        inv.cpu_model.clone(),
+        inv.logical_cores.to_string(),
+        inv.memory_bytes.to_string(),
+        inv.gpus
+            .iter()
+            .map(|g| g.name.clone())
+            .collect::<Vec<_>>()
+            .join(";"),
+        a.price_per_hour.map(|p| p.to_string()).unwrap_or_default(),
+        a.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(";"),
+        from_timestamp(a.last_seen_at).to_rfc3339(),
+        a.running_jobs.len().to_string(),
+    ]
 }
 
 pub fn agents(agents: &[pb::AgentStatus], format: Format) -> String {
@@ -241,7 +322,23 @@ pub fn agents(agents: &[pb::AgentStatus], format: Format) -> String {
                 .collect();
             format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
         }
-        Format::Csv => csv(&header, rows),
+        Format::Csv => csv(
+            &[
+                "agent_id",
+                "name",
+                "state",
+                "devices",
+                "cpu",
+                "logical_cores",
+                "memory_bytes",
+                "gpus",
+                "price_per_hour",
+                "labels",
+                "last_seen_at",
+                "running_jobs",
+            ],
+            agents.iter().map(agent_csv_row).collect(),
+        ),
         Format::Table => table(&header, rows, 4),
     }
 }

@@ -77,6 +77,12 @@ impl From<CoordinatorError> for Status {
                         Status::unavailable(format!("database unavailable: {e}"))
                     }
                     sqlx::Error::Database(ref db)
+                        if db.code().is_some_and(|c| c == "40001" || c == "40P01") =>
+                    {
+                        // Serialization failure or deadlock: the whole call can simply be retried.
+                        Status::aborted(format!("database conflict, retry: {e}"))
+                    }
+                    sqlx::Error::Database(ref db)
                         if db.code().is_some_and(|c| c.starts_with("57P")) =>
                     {
                         // 57P01 admin_shutdown and friends: the server is restarting.

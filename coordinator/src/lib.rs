@@ -142,14 +142,16 @@ async fn connect_with_retry(config: &Config) -> Result<Store, CoordinatorError> 
 /// Returns expired leases to the queue. Every coordinator runs one; the update is idempotent, so
 /// several racing is harmless.
 ///
-/// After losing the database, the first thing the reaper does is give every running lease a
-/// fresh term: agents kept working but could not report, and reaping them the moment the
+/// At start-up and after losing the database, the first thing the reaper does is give every
+/// running lease a fresh term: agents kept working but could not report, and reaping them the moment the
 /// database is back would throw their work away. Another coordinator that kept its connection
 /// may still reap them; that costs a re-run, never a wrong result.
 async fn reaper(state: Arc<State>) {
     let mut tick = tokio::time::interval(state.config.reap_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut database_was_lost = false;
+    // A coordinator that starts is a coordinator that was down, or a new one: either way the
+    // agents may not have been able to report, so the first tick renews every running lease.
+    let mut database_was_lost = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -158,7 +160,12 @@ async fn reaper(state: Arc<State>) {
         if database_was_lost {
             match state.store.extend_running_leases(state.config.lease).await {
                 Ok(n) => {
-                    info!(jobs = n, "database back: running leases extended");
+                    if n > 0 {
+                        info!(
+                            jobs = n,
+                            "running leases renewed after start-up or a database outage"
+                        );
+                    }
                     database_was_lost = false;
                 }
                 Err(e) => {
@@ -176,7 +183,11 @@ async fn reaper(state: Arc<State>) {
             Err(e) => {
                 warn!(error = %e, "lease reaper failed");
                 database_was_lost = true;
+                continue;
             }
+        }
+        if let Err(e) = state.store.complete_finished_sweeps().await {
+            warn!(error = %e, "sweep completion check failed");
         }
     }
 }

@@ -36,8 +36,25 @@ struct Args {
     db_connections: u32,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(real_main()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line; no backtrace for configuration mistakes.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -46,6 +63,18 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    for (flag, d) in [
+        ("--lease", args.lease),
+        ("--heartbeat", args.heartbeat),
+        ("--reap-interval", args.reap_interval),
+    ] {
+        if d.is_zero() {
+            anyhow::bail!("{flag} must be longer than zero");
+        }
+    }
+    if args.lease > Duration::from_secs(24 * 3600) || args.heartbeat > Duration::from_secs(3600) {
+        anyhow::bail!("--lease is limited to a day and --heartbeat to an hour");
+    }
     if args.heartbeat * 2 > args.lease {
         anyhow::bail!(
             "the lease ({}) must be at least twice the heartbeat ({}), or healthy agents lose their jobs",

@@ -402,22 +402,43 @@ impl Store {
         Ok(Some(n))
     }
 
-    async fn complete_sweep_if_done(&self, tx: &mut sqlx::PgConnection, sweep: Uuid) -> Result<()> {
+    /// Marks the sweep completed once none of its jobs can run any more. Called after the
+    /// transaction that finished a job has committed: two last jobs finishing at the same time
+    /// each commit first, so the later check sees both finished (inside the transactions,
+    /// each would still see the other running and the sweep would stay active). It also keeps
+    /// the sweep row out of the job transactions, so they never lock it in the opposite order
+    /// from `cancel_sweep`.
+    async fn complete_sweep_if_done(&self, sweep: Uuid) -> Result<()> {
         sqlx::query(
             "UPDATE sweeps SET state = 'completed', finished_at = now() \
              WHERE id = $1 AND state = 'active' AND NOT EXISTS \
                  (SELECT 1 FROM jobs WHERE sweep_id = $1 AND state IN ('pending', 'running'))",
         )
         .bind(sweep)
-        .execute(tx)
+        .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Completes every active sweep whose jobs are all finished. A backstop the reaper runs, so
+    /// a completion check lost to a crash between commit and check is made up for.
+    pub async fn complete_finished_sweeps(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE sweeps s SET state = 'completed', finished_at = now() \
+             WHERE s.state = 'active' AND NOT EXISTS \
+                 (SELECT 1 FROM jobs j WHERE j.sweep_id = s.id AND j.state IN ('pending', 'running'))",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     // ---- jobs ----
 
     /// Claims the oldest pending job this device can run, starting a new attempt with a lease.
-    /// Rows another coordinator is claiming right now are skipped, not waited for.
+    /// A job whose last attempt failed on this very device goes behind the others, so a retry
+    /// lands on another card when one is free. Rows another coordinator is claiming right now
+    /// are skipped, not waited for.
     pub async fn claim_job(
         &self,
         agent: Uuid,
@@ -430,7 +451,8 @@ impl Store {
                  SELECT j.id FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
                  WHERE j.state = 'pending' AND s.state = 'active' \
                    AND (j.target = 'any' OR j.target = $3 OR (j.target = 'gpu' AND $3 <> 'cpu')) \
-                 ORDER BY j.created_at, j.seq \
+                 ORDER BY (j.last_agent_id IS NOT DISTINCT FROM $1 \
+                           AND j.last_device IS NOT DISTINCT FROM $2) , j.created_at, j.seq \
                  LIMIT 1 \
                  FOR UPDATE OF j SKIP LOCKED) \
              UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, \
@@ -491,11 +513,29 @@ impl Store {
             .job_id
             .ok_or_else(|| CoordinatorError::InvalidArgument("the result has no job id".into()))?;
         let mut tx = self.pool.begin().await?;
-        let sweep: Option<Uuid> = sqlx::query_scalar("SELECT sweep_id FROM jobs WHERE id = $1")
-            .bind(job)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let sweep = sweep.ok_or_else(|| CoordinatorError::NotFound(format!("no job {job}")))?;
+        let row: Option<(Uuid, serde_json::Value)> =
+            sqlx::query_as("SELECT sweep_id, spec FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (sweep, spec) =
+            row.ok_or_else(|| CoordinatorError::NotFound(format!("no job {job}")))?;
+        // The result must answer this job, on hardware the job allows.
+        let spec: JobSpec = serde_json::from_value(spec)
+            .map_err(|e| CoordinatorError::InvalidArgument(format!("stored job spec: {e}")))?;
+        if result.spec != spec {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "the result's spec ({}) is not job {job}'s ({})",
+                result.spec.label(),
+                spec.label()
+            )));
+        }
+        if !spec.target.matches_name(&result.hardware_kind) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "job {job} targets {} but the result comes from {}",
+                spec.target, result.hardware_kind
+            )));
+        }
         let id = insert_result(&mut tx, sweep, job, agent, result).await?;
         let done = sqlx::query(
             "UPDATE jobs SET state = 'succeeded', lease_agent_id = NULL, lease_device = NULL, \
@@ -515,8 +555,8 @@ impl Store {
                 result.attempt
             )));
         }
-        self.complete_sweep_if_done(&mut tx, sweep).await?;
         tx.commit().await?;
+        self.complete_sweep_if_done(sweep).await?;
         Ok(id)
     }
 
@@ -551,13 +591,15 @@ impl Store {
             return Ok(None);
         };
         let outcome = if state == "failed" {
-            self.complete_sweep_if_done(&mut tx, sweep).await?;
             FailOutcome::Failed
         } else {
             notify(&mut tx).await?;
             FailOutcome::Retried
         };
         tx.commit().await?;
+        if outcome == FailOutcome::Failed {
+            self.complete_sweep_if_done(sweep).await?;
+        }
         Ok(Some(outcome))
     }
 
@@ -578,18 +620,15 @@ impl Store {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-        let mut requeued = false;
-        for (_, sweep, state) in &rows {
-            if state == "failed" {
-                self.complete_sweep_if_done(&mut tx, *sweep).await?;
-            } else {
-                requeued = true;
-            }
-        }
-        if requeued {
+        if rows.iter().any(|(_, _, state)| state != "failed") {
             notify(&mut tx).await?;
         }
         tx.commit().await?;
+        for (_, sweep, state) in &rows {
+            if state == "failed" {
+                self.complete_sweep_if_done(*sweep).await?;
+            }
+        }
         Ok(rows.into_iter().map(|(id, _, _)| id).collect())
     }
 

@@ -129,10 +129,16 @@ impl HardwareTarget {
     }
 
     pub fn matches(&self, kind: &HardwareKind) -> bool {
+        self.matches_name(kind.as_str())
+    }
+
+    /// Like [`Self::matches`], for a kind as an agent reported it (which may be an unknown card's
+    /// sanitised name).
+    pub fn matches_name(&self, kind: &str) -> bool {
         match self {
             HardwareTarget::Any => true,
-            HardwareTarget::AnyGpu => !kind.is_cpu(),
-            HardwareTarget::Kind(k) => k == kind,
+            HardwareTarget::AnyGpu => kind != "cpu",
+            HardwareTarget::Kind(k) => k.as_str() == kind,
         }
     }
 }

@@ -12,6 +12,9 @@ use crate::{CoreError, HardwareTarget, Precision};
 pub const MAX_BATCH: u32 = 4096;
 pub const MIN_IMAGE_SIZE: u32 = 32;
 pub const MAX_IMAGE_SIZE: u32 = 1024;
+/// Largest batch × image area: batch 4096 at 224x224. Past this the input alone is gigabytes
+/// and activations tens of gigabytes, enough to take down the agent that claims the job.
+pub const MAX_PIXELS_PER_BATCH: u64 = 4096 * 224 * 224;
 
 /// Which implementation of the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -187,6 +190,7 @@ impl JobSpec {
                 max: MAX_IMAGE_SIZE,
             });
         }
+        validate_batch_area(self.batch_size as u64, self.image_size)?;
         self.measurement.validate()
     }
 
@@ -197,6 +201,19 @@ impl JobSpec {
             self.model, self.batch_size, self.precision, self.target, self.image_size
         )
     }
+}
+
+/// Batch and image size together must stay within [`MAX_PIXELS_PER_BATCH`].
+pub fn validate_batch_area(batch: u64, image_size: u32) -> Result<(), CoreError> {
+    let pixels = batch.saturating_mul(image_size as u64 * image_size as u64);
+    if pixels > MAX_PIXELS_PER_BATCH {
+        let max_batch = MAX_PIXELS_PER_BATCH / (image_size as u64 * image_size as u64);
+        return Err(CoreError::InvalidSweep(format!(
+            "batch {batch} at {image_size}x{image_size} is too large: at that image size the \
+             largest batch is {max_batch}"
+        )));
+    }
+    Ok(())
 }
 
 pub fn validate_batch(batch: u64) -> Result<u32, CoreError> {
@@ -272,6 +289,14 @@ mod tests {
             .to_string()
             .contains("batch size 100000 is out of range"));
         assert_eq!(validate_batch(256).unwrap(), 256);
+    }
+
+    #[test]
+    fn large_images_limit_the_batch() {
+        assert!(validate_batch_area(4096, 224).is_ok());
+        let e = validate_batch_area(4096, 1024).unwrap_err().to_string();
+        assert!(e.contains("largest batch is 196"), "{e}");
+        assert!(validate_batch_area(196, 1024).is_ok());
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct LocalPostgres {
     pub bin_dir: PathBuf,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// False when `start` found the server already running (and so should leave it running).
+    pub started_here: bool,
     run_as: Option<String>,
 }
 
@@ -133,12 +135,14 @@ impl LocalPostgres {
             bin_dir,
             data_dir: data_dir.to_path_buf(),
             port: 0,
+            started_here: false,
             run_as,
         };
         if let Some(port) = pg.running_port() {
             pg.port = port;
             return Ok(pg);
         }
+        pg.started_here = true;
         if !data_dir.join("PG_VERSION").exists() {
             pg.init()?;
         }

@@ -159,6 +159,32 @@ impl BenchResult {
         if self.latencies_ms.iter().any(|x| !x.is_finite() || *x < 0.0) {
             return bad("a latency is negative or not finite".into());
         }
+        let l = &self.latency;
+        let summary = [
+            l.mean_ms,
+            l.std_ms,
+            l.min_ms,
+            l.max_ms,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.ci95_low_ms,
+            l.ci95_high_ms,
+            self.images_per_sec,
+            self.timed_seconds,
+        ];
+        if summary.iter().any(|x| !x.is_finite()) {
+            return bad("a summary statistic is not finite".into());
+        }
+        if self
+            .price_per_hour
+            .is_some_and(|p| !(p.is_finite() && p >= 0.0))
+        {
+            return bad("the price per hour must be a number >= 0".into());
+        }
+        if self.agent_name.len() > 200 {
+            return bad("the agent name is over 200 characters".into());
+        }
         if self.hardware_kind.is_empty() || self.agent_name.is_empty() {
             return bad("hardware kind and agent name are required".into());
         }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    job::{validate_batch, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE},
+    job::{validate_batch, validate_batch_area, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE},
     CoreError, EnginePath, HardwareTarget, JobSpec, MeasurementSpec, Precision, WeightsSpec,
 };
 
@@ -99,6 +99,9 @@ impl SweepSpec {
                 min: MIN_IMAGE_SIZE,
                 max: MAX_IMAGE_SIZE,
             });
+        }
+        for &b in &self.batch_sizes {
+            validate_batch_area(b, self.image_size)?;
         }
         if self.repetitions == 0 || self.repetitions > 1000 {
             return Err(CoreError::InvalidSweep(format!(

@@ -411,6 +411,7 @@ impl FusedPrepared {
         };
         let mut best: Option<(f64, FusedPrepared)> = None;
         let mut tried = Vec::new();
+        let mut first_error: Option<EngineError> = None;
         for pad in pads {
             for &strategy in &strategies {
                 let tag = format!("{pad}/{}", strategy.as_str());
@@ -420,10 +421,18 @@ impl FusedPrepared {
                         Err(e) => {
                             tried.push(format!("{tag}:failed"));
                             tracing::debug!(pad, error = %e, "plan candidate failed");
+                            first_error.get_or_insert(e);
                             continue;
                         }
                     };
-                let t = candidate.median_forward_ms(10)?;
+                let t = match candidate.median_forward_ms(10) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tried.push(format!("{tag}:failed"));
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                };
                 tried.push(format!("{tag}:{t:.3}ms"));
                 if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
                     // The loser is dropped here, before the next candidate is built.
@@ -492,7 +501,9 @@ impl FusedPrepared {
         let elem = Elem::of(job.precision);
         let batch = job.batch_size as usize;
         let size = job.image_size as usize;
-        let tf32 = env_str("FLEETMARK_TF32").as_deref() != Some("0");
+        // TF32 exists from Ampere (compute capability 8.0) on; older cards compute f32 in f32.
+        let (cc_major, _) = drv("compute capability", ctx.compute_capability())?;
+        let tf32 = env_str("FLEETMARK_TF32").as_deref() != Some("0") && cc_major >= 8;
         let stem_pad = stem_pad.max(3);
         let use_graph = env_str("FLEETMARK_CUDA_GRAPH").as_deref() != Some("0");
         let epilogue_choice = env_str("FLEETMARK_EPILOGUE").unwrap_or_else(|| "auto".into());
@@ -1049,7 +1060,7 @@ impl FusedPrepared {
         let epilogues: Vec<Epilogue> = match (epilogue_choice, step.relu) {
             // The fused call needs ReLU for most algorithms; without it we go separate.
             (_, false) => vec![Epilogue::Separate],
-            ("api", true) => vec![Epilogue::Api, Epilogue::ApiF32Bias, Epilogue::Separate],
+            ("api", true) => vec![Epilogue::Api, Epilogue::ApiF32Bias],
             ("separate", true) => vec![Epilogue::Separate],
             _ => vec![Epilogue::Api, Epilogue::ApiF32Bias, Epilogue::Separate],
         };
