@@ -294,25 +294,17 @@ async fn failures_retry_until_attempts_run_out_and_permanent_ones_stop_at_once()
     let (_db, store) = store().await;
     let a = agent(&store, "a", "cpu").await;
     let (sweep_id, _) = store
-        .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
+        .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
         .await
-        .unwrap();
-    let j = store
-        .claim_job(a, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
         .unwrap();
     for attempt in 1..=3 {
-        let again = if attempt == 1 {
-            j.clone()
-        } else {
-            store
-                .claim_job(a, "cpu", "cpu", LEASE)
-                .await
-                .unwrap()
-                .unwrap()
-        };
-        assert_eq!((again.id, again.attempt), (j.id, attempt));
+        // The only job there is: the same device takes it again.
+        let j = store
+            .claim_job(a, "cpu", "cpu", LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(j.attempt, attempt);
         let outcome = store
             .fail_job(a, j.id, attempt, "flaky", false)
             .await
@@ -325,12 +317,22 @@ async fn failures_retry_until_attempts_run_out_and_permanent_ones_stop_at_once()
         };
         assert_eq!(outcome, expected);
     }
+    assert!(store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(store.get_sweep(sweep_id).await.unwrap().state, "completed");
+
+    let (second, _) = store
+        .create_sweep(&sweep("batch_sizes=[2]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
     let k = store
         .claim_job(a, "cpu", "cpu", LEASE)
         .await
         .unwrap()
         .unwrap();
-    assert_ne!(k.id, j.id);
     let outcome = store
         .fail_job(a, k.id, 1, "gate failed", true)
         .await
@@ -347,7 +349,7 @@ async fn failures_retry_until_attempts_run_out_and_permanent_ones_stop_at_once()
         .await
         .unwrap()
         .is_none());
-    assert_eq!(store.get_sweep(sweep_id).await.unwrap().state, "completed");
+    assert_eq!(store.get_sweep(second).await.unwrap().state, "completed");
 }
 
 #[tokio::test]
@@ -449,4 +451,108 @@ async fn leases_get_a_fresh_term_after_a_database_outage() {
     let j = store.get_job(job.id).await.unwrap();
     assert_eq!((j.state, j.attempt), (JobState::Running, 1));
     assert!(j.lease_expires_at.unwrap() > Utc::now() + chrono::Duration::seconds(20));
+}
+
+#[tokio::test]
+async fn a_retry_goes_to_another_device_when_one_is_free() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    let b = agent(&store, "b", "cpu").await;
+    store
+        .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let first = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.spec.batch_size, 1);
+    store
+        .fail_job(a, first.id, 1, "out of memory", false)
+        .await
+        .unwrap();
+    // The device that just failed it takes the other job first...
+    let next = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.spec.batch_size, 2);
+    // ...and the retry goes to another agent.
+    let retry = store
+        .claim_job(b, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((retry.id, retry.attempt), (first.id, 2));
+}
+
+#[tokio::test]
+async fn a_result_must_answer_its_job() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "h100").await;
+    store
+        .create_sweep(
+            &sweep("batch_sizes=[8]\nprecisions=[\"f16\"]\ngpus=[\"h100\"]"),
+            "",
+        )
+        .await
+        .unwrap();
+    let job = store
+        .claim_job(a, "cpu", "h100", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut wrong_hw = result_for(&job, 1, "a");
+    wrong_hw.hardware_kind = "t4".into();
+    let err = store
+        .submit_result(a, &wrong_hw)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("targets h100 but the result comes from t4"),
+        "{err}"
+    );
+    let mut wrong_spec = result_for(&job, 1, "a");
+    wrong_spec.hardware_kind = "h100".into();
+    wrong_spec.spec.batch_size = 16;
+    let err = store
+        .submit_result(a, &wrong_spec)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not job"), "{err}");
+    // Nothing was stored, and the right result is still accepted.
+    let mut right = result_for(&job, 1, "a");
+    right.hardware_kind = "h100".into();
+    store.submit_result(a, &right).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_reaper_completes_a_sweep_whose_check_was_missed() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    let (sweep_id, _) = store
+        .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let job = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .submit_result(a, &result_for(&job, 1, "a"))
+        .await
+        .unwrap();
+    // As if the process died between committing the job and checking the sweep.
+    sqlx::query("UPDATE sweeps SET state = 'active', finished_at = NULL")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(store.complete_finished_sweeps().await.unwrap(), 1);
+    assert_eq!(store.get_sweep(sweep_id).await.unwrap().state, "completed");
+    assert_eq!(store.complete_finished_sweeps().await.unwrap(), 0);
 }
