@@ -2,8 +2,12 @@
 # The `fleetmark` image: fleetmark-coordinator (the entrypoint), the fleetmark CLI, and a CPU
 # build of fleetmark-agent (for trying a sweep without a GPU). Build from the repository root:
 #   docker build -f deploy/docker/fleetmark.Dockerfile -t fleetmark:latest .
+# With --build-arg BINARIES=prebuilt it packages binaries already built on a bookworm host
+# (copied into prebuilt/ at the repository root) instead of compiling them again; CI's podman
+# smoke test (.ci/podman-smoke.sh) does that.
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+ARG BINARIES=build
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
@@ -15,11 +19,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && mkdir -p /out \
  && cp target/release/fleetmark-coordinator target/release/fleetmark target/release/fleetmark-agent /out/
 
+FROM scratch AS prebuilt
+COPY prebuilt/fleetmark-coordinator prebuilt/fleetmark prebuilt/fleetmark-agent /out/
+
+FROM ${BINARIES} AS binaries
+
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/ /usr/local/bin/
+COPY --from=binaries /out/ /usr/local/bin/
 COPY deploy/docker/entrypoint.sh /usr/local/bin/fleetmark-entrypoint
 # A fixed unprivileged user (Kubernetes runAsNonRoot needs a numeric one).
 RUN useradd --system --uid 65532 --home-dir /var/lib/fleetmark --create-home fleetmark
