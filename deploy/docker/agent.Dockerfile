@@ -40,7 +40,9 @@ COPY --from=build /out/ /opt/fleetmark-agent/libexec/
 COPY deploy/fleetmark-agent.sh /opt/fleetmark-agent/bin/fleetmark-agent
 COPY deploy/docker/agent-select.sh /usr/local/bin/fleetmark-agent-select
 COPY deploy/docker/entrypoint.sh /usr/local/bin/fleetmark-entrypoint
-RUN useradd --system --uid 65532 --home-dir /var/lib/fleetmark --create-home fleetmark
+RUN groupadd --system --gid 65532 fleetmark \
+ && useradd --system --uid 65532 --gid 65532 --home-dir /var/lib/fleetmark --create-home fleetmark \
+ && install -d -o 65532 -g 65532 -m 700 /var/lib/fleetmark/state
 USER 65532:65532
 # Undelivered results are kept under $XDG_STATE_HOME/fleetmark/: mount a volume there to keep
 # them across container restarts.

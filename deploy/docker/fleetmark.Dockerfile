@@ -31,7 +31,9 @@ RUN apt-get update \
 COPY --from=binaries /out/ /usr/local/bin/
 COPY deploy/docker/entrypoint.sh /usr/local/bin/fleetmark-entrypoint
 # A fixed unprivileged user (Kubernetes runAsNonRoot needs a numeric one).
-RUN useradd --system --uid 65532 --home-dir /var/lib/fleetmark --create-home fleetmark
+RUN groupadd --system --gid 65532 fleetmark \
+ && useradd --system --uid 65532 --gid 65532 --home-dir /var/lib/fleetmark --create-home fleetmark \
+ && install -d -o 65532 -g 65532 -m 700 /var/lib/fleetmark/state
 USER 65532:65532
 ENV XDG_STATE_HOME=/var/lib/fleetmark/state \
     FLEETMARK_LISTEN=0.0.0.0:7070
