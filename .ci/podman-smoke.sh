@@ -39,7 +39,8 @@ fi
 step "the binaries (cargo build)"
 cargo build -q -p fleetmark-coordinator -p fleetmark -p fleetmark-agent
 rm -rf prebuilt && mkdir prebuilt
-cp target/debug/fleetmark-coordinator target/debug/fleetmark target/debug/fleetmark-agent prebuilt/
+bin="${CARGO_TARGET_DIR:-target}/debug"
+cp "$bin/fleetmark-coordinator" "$bin/fleetmark" "$bin/fleetmark-agent" prebuilt/
 
 db="fleetmark_smoke_$$"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

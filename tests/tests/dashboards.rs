@@ -45,11 +45,7 @@ fn expected_columns() -> BTreeMap<&'static str, Vec<(&'static str, Kind)>> {
         ("p50 latency by batch size", by_batch("p50_ms")),
         (
             "Images/s over time",
-            vec![
-                ("time", Time),
-                ("metric", Text),
-                ("images_per_sec", Number),
-            ],
+            vec![("time", Time), ("metric", Text), ("images_per_sec", Number)],
         ),
         ("Peak GPU memory by batch size", by_batch("peak_bytes")),
         (
@@ -114,7 +110,9 @@ fn render(sql: &str) -> String {
     while let Some(i) = rest.find("$__timeFilter(") {
         out.push_str(&rest[..i]);
         let after = &rest[i + "$__timeFilter(".len()..];
-        let close = after.find(')').expect("$__timeFilter( has its closing parenthesis");
+        let close = after
+            .find(')')
+            .expect("$__timeFilter( has its closing parenthesis");
         let col = after[..close].trim();
         out.push_str(&format!(
             "{col} BETWEEN '2020-01-01T00:00:00Z' AND '2100-01-01T00:00:00Z'"
@@ -236,8 +234,8 @@ async fn run(
         .iter()
         .map(|c| {
             let ty = c.type_info().name().to_string();
-            let kind = kind_of(&ty)
-                .unwrap_or_else(|| panic!("{what}: column {} has type {ty}", c.name()));
+            let kind =
+                kind_of(&ty).unwrap_or_else(|| panic!("{what}: column {} has type {ty}", c.name()));
             (c.name().to_string(), kind)
         })
         .collect();
@@ -277,7 +275,9 @@ fn panel_sql(panel: &Value) -> Vec<(String, String)> {
                 t["format"].as_str().unwrap_or("table").to_string(),
                 t["rawSql"]
                     .as_str()
-                    .unwrap_or_else(|| panic!("panel {} has a target without rawSql", panel["title"]))
+                    .unwrap_or_else(|| {
+                        panic!("panel {} has a target without rawSql", panel["title"])
+                    })
                     .to_string(),
             )
         })
@@ -312,7 +312,10 @@ async fn every_panel_query_returns_the_columns_its_panel_needs() {
             let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
             let got: Vec<(&str, Kind)> = columns.iter().map(|(n, k)| (n.as_str(), *k)).collect();
             assert_eq!(got, want, "panel {title:?}: columns");
-            assert!(!rows.is_empty(), "panel {title:?} shows nothing on seeded data");
+            assert!(
+                !rows.is_empty(),
+                "panel {title:?} shows nothing on seeded data"
+            );
             if format == "time_series" || panel["type"] == "timeseries" {
                 assert_eq!(
                     columns.first().map(|(n, k)| (n.as_str(), *k)),
@@ -329,7 +332,10 @@ async fn every_panel_query_returns_the_columns_its_panel_needs() {
                         o["valueField"].as_str().expect("valueField"),
                     );
                     for f in [row, col, val] {
-                        assert!(names.contains(&f), "panel {title:?}: no column {f} for the matrix");
+                        assert!(
+                            names.contains(&f),
+                            "panel {title:?}: no column {f} for the matrix"
+                        );
                     }
                     // A repeated (row, column) pair would be silently dropped by the matrix.
                     let pairs: BTreeSet<(&String, &String)> =
@@ -413,5 +419,8 @@ fn the_dashboard_imports_with_a_data_source_picker() {
             assert_eq!(t["datasource"]["uid"], var_ref.as_str(), "{}", p["title"]);
         }
     }
-    assert!(!text.contains("fleetmark-pg"), "a hard-coded data source uid");
+    assert!(
+        !text.contains("fleetmark-pg"),
+        "a hard-coded data source uid"
+    );
 }
