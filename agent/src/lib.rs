@@ -164,8 +164,12 @@ pub async fn run_with_devices(
     if config.name.trim().is_empty() {
         return Err(AgentError::Config("the agent needs a --name".into()));
     }
-    let client = agent_client_with(&config.coordinator, config.token.as_deref(), config.deadlines)
-        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let client = agent_client_with(
+        &config.coordinator,
+        config.token.as_deref(),
+        config.deadlines,
+    )
+    .map_err(|e| AgentError::Config(e.to_string()))?;
     let host = host_inventory();
     let identity = AgentIdentity {
         name: config.name.clone(),

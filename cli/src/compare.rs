@@ -122,26 +122,28 @@ pub fn summarise(results: &[BenchResult]) -> Vec<Summary> {
     }
     groups
         .into_iter()
-        .map(|((model, precision, batch_size, image_size, kind, path), rs)| {
-            let priced: Vec<f64> = rs.iter().filter_map(|r| r.price_per_hour).collect();
-            let mut maths: Vec<&str> = rs.iter().map(|r| r.backend.math.as_str()).collect();
-            maths.sort_unstable();
-            maths.dedup();
-            Summary {
-                model,
-                precision,
-                batch_size,
-                image_size,
-                hardware_kind: kind,
-                path,
-                results: rs.len(),
-                images_per_sec: median(rs.iter().map(|r| r.images_per_sec).collect()),
-                p50_ms: median(rs.iter().map(|r| r.latency.p50_ms).collect()),
-                math: maths.join("+"),
-                peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
-                price_per_hour: (!priced.is_empty()).then(|| median(priced)),
-            }
-        })
+        .map(
+            |((model, precision, batch_size, image_size, kind, path), rs)| {
+                let priced: Vec<f64> = rs.iter().filter_map(|r| r.price_per_hour).collect();
+                let mut maths: Vec<&str> = rs.iter().map(|r| r.backend.math.as_str()).collect();
+                maths.sort_unstable();
+                maths.dedup();
+                Summary {
+                    model,
+                    precision,
+                    batch_size,
+                    image_size,
+                    hardware_kind: kind,
+                    path,
+                    results: rs.len(),
+                    images_per_sec: median(rs.iter().map(|r| r.images_per_sec).collect()),
+                    p50_ms: median(rs.iter().map(|r| r.latency.p50_ms).collect()),
+                    math: maths.join("+"),
+                    peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
+                    price_per_hour: (!priced.is_empty()).then(|| median(priced)),
+                }
+            },
+        )
         .collect()
 }
 
@@ -176,7 +178,12 @@ pub fn build_from(
     type Key = (String, String, u32, u32);
     let mut groups: BTreeMap<Key, BTreeMap<String, &Summary>> = BTreeMap::new();
     for c in cells {
-        let key = (c.model.clone(), c.precision.clone(), c.batch_size, c.image_size);
+        let key = (
+            c.model.clone(),
+            c.precision.clone(),
+            c.batch_size,
+            c.image_size,
+        );
         groups.entry(key).or_default().insert(column(c), c);
     }
     let mut columns: Vec<String> = groups

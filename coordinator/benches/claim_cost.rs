@@ -87,7 +87,10 @@ async fn main() {
             .unwrap();
         queue(&store, "h100", unmatched).await;
         queue(&store, "any", claimable).await;
-        sqlx::query("ANALYZE jobs").execute(store.pool()).await.unwrap();
+        sqlx::query("ANALYZE jobs")
+            .execute(store.pool())
+            .await
+            .unwrap();
         let (mean, p99) = measure(&store, agent).await;
         println!("| {claimable} | {unmatched} | {mean:.2} | {p99:.2} |");
     }

@@ -16,8 +16,7 @@ use uuid::Uuid;
 use crate::{
     error::CoordinatorError,
     store::{
-        AgentDevice, AgentRegistration, CompareFilter, FailOutcome, JobRow, ResultFilter,
-        SweepRow,
+        AgentDevice, AgentRegistration, CompareFilter, FailOutcome, JobRow, ResultFilter, SweepRow,
     },
     State,
 };
@@ -608,7 +607,11 @@ impl SweepService for SweepApi {
         let filter = CompareFilter {
             model: r.model,
             precisions,
-            batch_sizes: r.batch_sizes.iter().map(|b| (*b).min(i32::MAX as u32) as i32).collect(),
+            batch_sizes: r
+                .batch_sizes
+                .iter()
+                .map(|b| (*b).min(i32::MAX as u32) as i32)
+                .collect(),
             image_size: r.image_size.map(|s| s.min(i32::MAX as u32) as i32),
         };
         let cells = self.0.store.compare(&filter).await.map_err(Status::from)?;

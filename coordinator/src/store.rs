@@ -266,22 +266,20 @@ impl Store {
         let n = sqlx::query(
             "UPDATE agents SET last_seen_at = now(), stopping_since = NULL WHERE id = $1",
         )
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(n == 1)
     }
 
     /// Records that an agent's operator is stopping it: leases it cannot hand back before it
     /// goes expire without costing their jobs an attempt.
     pub async fn mark_agent_stopping(&self, id: Uuid) -> Result<()> {
-        sqlx::query(
-            "UPDATE agents SET last_seen_at = now(), stopping_since = now() WHERE id = $1",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("UPDATE agents SET last_seen_at = now(), stopping_since = now() WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -710,7 +708,11 @@ impl Store {
     /// [`Store::mark_alive`]) at least `lease` from now: they kept working but could not report
     /// meanwhile. Leases of agents that had already gone quiet are left to expire, so a
     /// coordinator that restarts in a loop never keeps a dead agent's job.
-    pub async fn extend_running_leases(&self, lease: Duration, heard_within: Duration) -> Result<u64> {
+    pub async fn extend_running_leases(
+        &self,
+        lease: Duration,
+        heard_within: Duration,
+    ) -> Result<u64> {
         Ok(sqlx::query(
             "UPDATE jobs j SET \
                  lease_expires_at = greatest(j.lease_expires_at, now() + $1 * interval '1 millisecond'), \
@@ -910,11 +912,7 @@ impl Store {
     }
 }
 
-fn device_kind_in(
-    agent: Uuid,
-    device: &str,
-    devices: Option<serde_json::Value>,
-) -> Result<String> {
+fn device_kind_in(agent: Uuid, device: &str, devices: Option<serde_json::Value>) -> Result<String> {
     let devices =
         devices.ok_or_else(|| CoordinatorError::NotFound(format!("unknown agent {agent}")))?;
     let devices: Vec<AgentDevice> = serde_json::from_value(devices).unwrap_or_default();

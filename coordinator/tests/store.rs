@@ -473,8 +473,16 @@ async fn renewal_after_an_outage_skips_agents_that_had_gone_quiet() {
         .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let a = store.claim_job(alive, "cpu", "cpu", LEASE).await.unwrap().unwrap();
-    let d = store.claim_job(dead, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let a = store
+        .claim_job(alive, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let d = store
+        .claim_job(dead, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     // A coordinator served until ten seconds ago. `alive` was heard a second before that,
     // `dead` a minute before; both leases ran out during the outage.
     sqlx::query("INSERT INTO service_clock (alive_at) VALUES (now() - interval '10 seconds')")
@@ -489,10 +497,12 @@ async fn renewal_after_an_outage_skips_agents_that_had_gone_quiet() {
             .await
             .unwrap();
     }
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE state = 'running'")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE state = 'running'",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
     assert_eq!(store.extend_running_leases(LEASE, HEARD).await.unwrap(), 1);
     assert_eq!(store.expire_leases(None).await.unwrap(), vec![d.id]);
     assert_eq!(store.get_job(a.id).await.unwrap().state, JobState::Running);
@@ -515,7 +525,11 @@ async fn hand_backs_use_no_attempt_and_are_bounded() {
         .unwrap();
     // More hand-backs than max_attempts (3): the job stays queued.
     for attempt in 1..=5 {
-        let j = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+        let j = store
+            .claim_job(a, "cpu", "cpu", LEASE)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(j.attempt, attempt);
         let outcome = store
             .hand_back(a, j.id, attempt, "the agent stopped during the job")
@@ -530,7 +544,11 @@ async fn hand_backs_use_no_attempt_and_are_bounded() {
         .execute(store.pool())
         .await
         .unwrap();
-    let j = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let j = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     let outcome = store
         .hand_back(a, j.id, 6, "stopped again")
         .await
@@ -552,8 +570,16 @@ async fn an_expired_lease_of_a_stopping_agent_is_a_hand_back() {
         .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let s = store.claim_job(stopping, "cpu", "cpu", LEASE).await.unwrap().unwrap();
-    let v = store.claim_job(vanished, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let s = store
+        .claim_job(stopping, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let v = store
+        .claim_job(vanished, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     store.mark_agent_stopping(stopping).await.unwrap();
     let later = Utc::now() + chrono::Duration::minutes(5);
     let mut expired = store.expire_leases(Some(later)).await.unwrap();
@@ -586,14 +612,25 @@ async fn an_unacknowledged_claim_returns_without_costing_an_attempt() {
         .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let j = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let j = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     let past_grace = Utc::now() + chrono::Duration::seconds(3);
-    assert_eq!(store.expire_leases(Some(past_grace)).await.unwrap(), vec![j.id]);
+    assert_eq!(
+        store.expire_leases(Some(past_grace)).await.unwrap(),
+        vec![j.id]
+    );
     let (f, h, e) = counts(&store, j.id).await;
     assert_eq!((f, h), (0, 1));
     assert!(e.unwrap().contains("not acknowledged"));
     // Acknowledged by a progress report, the claim holds for its lease.
-    let j = store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    let j = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(j.attempt, 2);
     store
         .report_progress(a, j.id, 2, "loading", 0, 0.0, LEASE)
@@ -601,7 +638,11 @@ async fn an_unacknowledged_claim_returns_without_costing_an_attempt() {
         .unwrap()
         .unwrap();
     let past_grace = Utc::now() + chrono::Duration::seconds(3);
-    assert!(store.expire_leases(Some(past_grace)).await.unwrap().is_empty());
+    assert!(store
+        .expire_leases(Some(past_grace))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(store.get_job(j.id).await.unwrap().state, JobState::Running);
 }
 
@@ -613,7 +654,11 @@ async fn the_database_refuses_a_return_to_the_queue_that_counts_nothing() {
         .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    store.claim_job(a, "cpu", "cpu", LEASE).await.unwrap().unwrap();
+    store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     let err = sqlx::query(
         "UPDATE jobs SET state = 'pending', lease_agent_id = NULL, lease_device = NULL, \
              lease_expires_at = NULL",

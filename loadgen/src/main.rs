@@ -35,7 +35,10 @@ const SWEEP_CHUNK: usize = 10_000;
 const STATS_SETTLE: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, Parser)]
-#[command(name = "fleetmark-loadgen", about = "Dispatch load generator for a Fleetmark coordinator")]
+#[command(
+    name = "fleetmark-loadgen",
+    about = "Dispatch load generator for a Fleetmark coordinator"
+)]
 struct Args {
     /// The coordinator under load.
     #[arg(long)]
@@ -234,7 +237,12 @@ struct Shared {
 }
 
 /// One simulated agent: claim, acknowledge, submit, until told to stop.
-async fn agent_loop(mut client: AgentServiceClient<Channel>, id: String, name: String, s: Arc<Shared>) {
+async fn agent_loop(
+    mut client: AgentServiceClient<Channel>,
+    id: String,
+    name: String,
+    s: Arc<Shared>,
+) {
     while !s.stop.load(Ordering::Relaxed) {
         let claim = client
             .claim_job(pb::ClaimJobRequest {
@@ -297,7 +305,12 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
         .await?)
 }
 
-async fn submit(sweeps: &mut SweepServiceClient<Channel>, name: &str, n: usize, target: &str) -> anyhow::Result<Vec<String>> {
+async fn submit(
+    sweeps: &mut SweepServiceClient<Channel>,
+    name: &str,
+    n: usize,
+    target: &str,
+) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
     let mut left = n;
     let mut k = 0;

@@ -203,9 +203,8 @@ impl Failover {
 impl Service<http::Request<Body>> for Failover {
     type Response = http::Response<Body>;
     type Error = Status;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Status>> + Send>,
-    >;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Status>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
         // Each call waits for its own channel's readiness, under its deadline.

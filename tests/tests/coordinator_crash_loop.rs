@@ -62,15 +62,25 @@ async fn a_crash_looping_coordinator_does_not_keep_a_dead_agents_job() {
             died.elapsed()
         );
     };
-    assert!(restarts >= 2, "the coordinator restarted while the lease ran ({restarts})");
+    assert!(
+        restarts >= 2,
+        "the coordinator restarted while the lease ran ({restarts})"
+    );
     // One lease from its last report, plus restarts and reaper ticks on a loaded machine.
     assert!(
         requeued < lease * 3,
         "requeued {requeued:?} after the agent died ({restarts} restarts)"
     );
-    let j = jobs(&pool, sweep).await.expect("jobs").pop().expect("the job");
+    let j = jobs(&pool, sweep)
+        .await
+        .expect("jobs")
+        .pop()
+        .expect("the job");
     let (_, failures, _, error) = job_counts(&pool, j.id).await;
-    assert_eq!(failures, 1, "a vanished agent's expiry counts against the job: {error:?}");
+    assert_eq!(
+        failures, 1,
+        "a vanished agent's expiry counts against the job: {error:?}"
+    );
     assert_eq!(j.last_agent_id, Some(doomed_id));
 
     assert_eq!(j.state, "pending");

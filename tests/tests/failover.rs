@@ -13,11 +13,18 @@ async fn the_agent_moves_to_the_next_coordinator_and_delivers_without_an_expiry(
         lease: "6s",
         ..Default::default()
     };
-    let mut first = Coordinator::start("coordinator-1", dir.path(), &db.url, free_port(), &opts).await;
+    let mut first =
+        Coordinator::start("coordinator-1", dir.path(), &db.url, free_port(), &opts).await;
     let second = Coordinator::start("coordinator-2", dir.path(), &db.url, free_port(), &opts).await;
     let both = format!("{},{}", first.url, second.url);
     let pool = pool(&db.url).await;
-    let mut agent = start_agent("mover", dir.path(), &both, "simulated", &["--call-timeout", "2s"]);
+    let mut agent = start_agent(
+        "mover",
+        dir.path(),
+        &both,
+        "simulated",
+        &["--call-timeout", "2s"],
+    );
 
     let toml = sweep_toml("failover", &[1], 32, "4s");
     let sweep = submit_file(&second.url, None, dir.path(), "failover", &toml).await;
@@ -42,5 +49,9 @@ async fn the_agent_moves_to_the_next_coordinator_and_delivers_without_an_expiry(
     // The CLI, dead coordinator first: the live one answers.
     let out = cli(&both, None, &["sweeps", "--format", "json"]).await;
     assert_success(&out, "fleetmark sweeps with a dead coordinator first");
-    assert!(stdout(&out).contains(&sweep.to_string()), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&sweep.to_string()),
+        "{}",
+        stdout(&out)
+    );
 }

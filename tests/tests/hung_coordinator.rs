@@ -14,11 +14,18 @@ async fn a_frozen_coordinator_stalls_nobody_past_the_deadline() {
         lease: "8s",
         ..Default::default()
     };
-    let mut frozen = Coordinator::start("coordinator-1", dir.path(), &db.url, free_port(), &opts).await;
+    let mut frozen =
+        Coordinator::start("coordinator-1", dir.path(), &db.url, free_port(), &opts).await;
     let live = Coordinator::start("coordinator-2", dir.path(), &db.url, free_port(), &opts).await;
     let both = format!("{},{}", frozen.url, live.url);
     let pool = pool(&db.url).await;
-    let mut agent = start_agent("patient", dir.path(), &both, "simulated", &["--call-timeout", "2s"]);
+    let mut agent = start_agent(
+        "patient",
+        dir.path(),
+        &both,
+        "simulated",
+        &["--call-timeout", "2s"],
+    );
 
     let toml = sweep_toml("hung", &[1], 32, "5s");
     let sweep = submit_file(&live.url, None, dir.path(), "hung", &toml).await;
@@ -51,7 +58,10 @@ async fn a_frozen_coordinator_stalls_nobody_past_the_deadline() {
     // still frozen.
     wait_sweep_finished(&pool, sweep, SWEEP_TIMEOUT).await;
     let (done, _) = assert_sweep_complete_once(&pool, sweep, 1).await;
-    assert_eq!(done[0].attempt, 1, "no lease expired while the first coordinator hung");
+    assert_eq!(
+        done[0].attempt, 1,
+        "no lease expired while the first coordinator hung"
+    );
     agent.assert_running();
     frozen.thaw();
     frozen.wait_ready().await;

@@ -81,7 +81,9 @@ async fn an_unacknowledged_claim_returns_to_the_queue_within_the_grace() {
     let (attempt, failures, handbacks, error) = job_counts(&pool, job.id).await;
     assert_eq!((attempt, failures, handbacks), (1, 0, 1), "{error:?}");
     assert!(
-        error.as_deref().is_some_and(|e| e.contains("not acknowledged")),
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("not acknowledged")),
         "{error:?}"
     );
 

@@ -43,13 +43,25 @@ async fn three_rolling_sigterm_restarts_never_fail_the_job() {
             .terminate(Duration::from_secs(20))
             .await
             .expect("the agent exits within 20 s of SIGTERM");
-        assert!(status.success(), "clean exit: {status}; log:\n{}", agent.log());
-        let j = jobs(&pool, sweep).await.expect("jobs").pop().expect("the job");
+        assert!(
+            status.success(),
+            "clean exit: {status}; log:\n{}",
+            agent.log()
+        );
+        let j = jobs(&pool, sweep)
+            .await
+            .expect("jobs")
+            .pop()
+            .expect("the job");
         assert_eq!(j.state, "pending", "round {round}: handed back: {j:#?}");
         assert!(j.lease_agent_id.is_none());
         let (attempt, failures, handbacks, error) = job_counts(&pool, job).await;
         assert_eq!(attempt, round, "every run has its own number");
-        assert_eq!(failures, 0, "a stop is not the job's failure (round {round}, phase {:?})", me.phase);
+        assert_eq!(
+            failures, 0,
+            "a stop is not the job's failure (round {round}, phase {:?})",
+            me.phase
+        );
         assert_eq!(handbacks, round, "each stop counts as a hand-back");
         assert!(
             error.as_deref().is_some_and(|e| e.contains("stopped")),
