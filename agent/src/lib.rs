@@ -28,7 +28,7 @@ use fleetmark_engine::{
     AgentIdentity, EngineError, JobContext, Progress,
 };
 use fleetmark_proto::{
-    client::{agent_client, is_transient, AgentClient},
+    client::{agent_client_with, is_transient, AgentClient, Deadlines},
     convert::parse_uuid,
     v1 as pb,
 };
@@ -54,6 +54,8 @@ pub struct Config {
     pub claim_wait: Duration,
     /// Longest pause between retries while the coordinator is unreachable.
     pub max_backoff: Duration,
+    /// Deadlines of calls and keepalives of connections to the coordinators.
+    pub deadlines: Deadlines,
 }
 
 impl Config {
@@ -68,6 +70,7 @@ impl Config {
             backend: BackendOptions::default(),
             claim_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(2),
+            deadlines: Deadlines::default(),
         }
     }
 }
@@ -161,8 +164,12 @@ pub async fn run_with_devices(
     if config.name.trim().is_empty() {
         return Err(AgentError::Config("the agent needs a --name".into()));
     }
-    let client = agent_client(&config.coordinator, config.token.as_deref())
-        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let client = agent_client_with(
+        &config.coordinator,
+        config.token.as_deref(),
+        config.deadlines,
+    )
+    .map_err(|e| AgentError::Config(e.to_string()))?;
     let host = host_inventory();
     let identity = AgentIdentity {
         name: config.name.clone(),
@@ -200,6 +207,7 @@ pub async fn run_with_devices(
         return Ok(());
     }
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
+    let farewell = tokio::spawn(say_stopping(shared.clone()));
     let mut loops = Vec::new();
     for w in &workers {
         loops.push(tokio::spawn(device_loop(shared.clone(), w.clone())));
@@ -216,6 +224,8 @@ pub async fn run_with_devices(
         }
     }
     heartbeat.abort();
+    // Give the stopping notice a moment to go out (it is bounded by its call deadline).
+    let _ = tokio::time::timeout(Duration::from_secs(2), farewell).await;
     info!(agent = %shared.config.name, "agent stopped");
     match first_error {
         Some(e) => Err(e),
@@ -286,7 +296,11 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         let agent_id = shared.agent_id.read().await.clone();
         let mut client = shared.client.clone();
         match client
-            .heartbeat(pb::HeartbeatRequest { agent_id, running })
+            .heartbeat(pb::HeartbeatRequest {
+                agent_id,
+                running,
+                stopping: false,
+            })
             .await
         {
             Ok(resp) => {
@@ -310,6 +324,22 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Once shutdown begins, tells the coordinator this agent is stopping, so a lease it cannot hand
+/// back in time expires as a hand-back, not as the job's failure.
+async fn say_stopping(shared: Arc<Shared>) {
+    shared.shutdown.cancelled().await;
+    let agent_id = shared.agent_id.read().await.clone();
+    let mut client = shared.client.clone();
+    let req = pb::HeartbeatRequest {
+        agent_id,
+        running: Vec::new(),
+        stopping: true,
+    };
+    if let Err(s) = client.heartbeat(req).await {
+        debug!(error = %s.message(), "stopping notice not delivered");
+    }
+}
+
 /// Claims and runs jobs for one device until shutdown.
 async fn device_loop(shared: Arc<Shared>, worker: Arc<DeviceWorker>) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(shared.config.max_backoff);
@@ -317,12 +347,15 @@ async fn device_loop(shared: Arc<Shared>, worker: Arc<DeviceWorker>) -> Result<(
     while !shared.shutdown.is_cancelled() {
         let agent_id = shared.agent_id.read().await.clone();
         let mut client = shared.client.clone();
+        // A long poll: its deadline is the wait plus a margin.
+        let mut req = tonic::Request::new(pb::ClaimJobRequest {
+            agent_id,
+            device: device.clone(),
+            wait_ms: shared.config.claim_wait.as_millis() as u32,
+        });
+        req.set_timeout(shared.config.deadlines.long_poll(shared.config.claim_wait));
         let claim = tokio::select! {
-            r = client.claim_job(pb::ClaimJobRequest {
-                agent_id,
-                device: device.clone(),
-                wait_ms: shared.config.claim_wait.as_millis() as u32,
-            }) => r,
+            r = client.claim_job(req) => r,
             _ = shared.shutdown.cancelled() => break,
         };
         match claim {
@@ -369,7 +402,14 @@ async fn run_claimed(shared: &Arc<Shared>, worker: &DeviceWorker, job: pb::Job) 
     let spec = match spec {
         Ok(s) => s,
         Err(e) => {
-            fail(shared, &job_id, attempt, &format!("invalid job: {e}"), true).await;
+            fail(
+                shared,
+                &job_id,
+                attempt,
+                &format!("invalid job: {e}"),
+                Ending::Permanent,
+            )
+            .await;
             return;
         }
     };
@@ -415,18 +455,24 @@ async fn run_claimed(shared: &Arc<Shared>, worker: &DeviceWorker, job: pb::Job) 
             info!(job_id = %job_id, "job stopped: its lease is gone (cancelled or reassigned)")
         }
         Err(EngineError::Cancelled) => {
+            // Not the job's fault: it goes back without using an attempt.
             fail(
                 shared,
                 &job_id,
                 attempt,
                 "the agent stopped during the job",
-                false,
+                Ending::HandBack,
             )
             .await
         }
         Err(e) => {
             warn!(job_id = %job_id, error = %e, "job failed");
-            fail(shared, &job_id, attempt, &e.to_string(), e.is_permanent()).await
+            let ending = if e.is_permanent() {
+                Ending::Permanent
+            } else {
+                Ending::Failure
+            };
+            fail(shared, &job_id, attempt, &e.to_string(), ending).await
         }
     }
 }
@@ -442,12 +488,20 @@ async fn report_progress(
 ) -> bool {
     let every = *shared.heartbeat.read().await;
     let mut latest: Option<Progress> = None;
+    // The first report acknowledges the claim: it goes out at once, not at the next tick, since
+    // the coordinator takes an unacknowledged claim back after a short grace.
+    let mut acknowledged = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             p = rx.recv() => match p {
-                Some(p) => { latest = Some(p); continue; }
+                Some(p) => {
+                    latest = Some(p);
+                    if acknowledged {
+                        continue;
+                    }
+                }
                 None => return false,
             },
             _ = tick.tick() => {}
@@ -464,7 +518,7 @@ async fn report_progress(
             fraction: p.fraction,
         };
         match client.report_progress(req).await {
-            Ok(_) => {}
+            Ok(_) => acknowledged = true,
             Err(s) if s.code() == Code::FailedPrecondition => {
                 warn!(job_id = %job_id, attempt, reason = %s.message(), "lease lost, stopping the job");
                 cancel.store(true, Ordering::Relaxed);
@@ -569,7 +623,18 @@ async fn deliver(shared: &Shared, job_id: &str, result: BenchResult) {
     }
 }
 
-async fn fail(shared: &Shared, job_id: &str, attempt: u32, reason: &str, permanent: bool) {
+/// How a run that produced no result ends, as the agent tells the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The job failed; it may be retried.
+    Failure,
+    /// The job failed in a way a retry cannot fix.
+    Permanent,
+    /// The agent is stopping: not the job's fault, no attempt used.
+    HandBack,
+}
+
+async fn fail(shared: &Shared, job_id: &str, attempt: u32, reason: &str, ending: Ending) {
     let mut backoff = Backoff::new(shared.config.max_backoff);
     for _ in 0..20 {
         let agent_id = shared.agent_id.read().await.clone();
@@ -580,7 +645,8 @@ async fn fail(shared: &Shared, job_id: &str, attempt: u32, reason: &str, permane
                 job_id: job_id.to_string(),
                 attempt,
                 reason: reason.to_string(),
-                permanent,
+                permanent: ending == Ending::Permanent,
+                handback: ending == Ending::HandBack,
             })
             .await;
         match r {

@@ -48,12 +48,17 @@ struct DeviceArgs {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// The coordinator to dial, such as http://coordinator:7070.
+    /// The coordinator to dial, such as http://coordinator:7070. Several, comma-separated (or a
+    /// name that resolves to several addresses): the agent moves to the next when one fails.
     #[arg(long, env = "FLEETMARK_COORDINATOR")]
     coordinator: Option<String>,
     /// Bearer token the coordinator requires.
     #[arg(long, env = "FLEETMARK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Deadline of each call to the coordinator (a claim's is its wait plus a margin): a hung
+    /// coordinator stalls the agent no longer than this, then the next one is tried.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    call_timeout: Duration,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -159,7 +164,11 @@ fn real_main() -> anyhow::Result<()> {
                      or use `fleetmark-agent run` to benchmark without one"
                 )
             })?;
-            let config = config_from(coordinator, cli.serve.token, cli.serve.device)?;
+            if cli.serve.call_timeout.is_zero() {
+                anyhow::bail!("--call-timeout must be longer than zero");
+            }
+            let mut config = config_from(coordinator, cli.serve.token, cli.serve.device)?;
+            config.deadlines = config.deadlines.with_call(cli.serve.call_timeout);
             rt.block_on(fleetmark_agent::run(config, shutdown_signal()))?;
         }
         Some(Command::Run { sweep, out, device }) => {

@@ -67,41 +67,124 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Groups results into comparison rows, with columns named by hardware kind, or kind/path when
-/// one kind was measured on more than one path.
-pub fn build(
-    results: &[BenchResult],
-    baseline: Option<&str>,
-) -> Result<(Vec<String>, Vec<Row>), CliError> {
-    let mut paths: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
-    for r in results {
-        paths
-            .entry(r.hardware_kind.as_str())
-            .or_default()
-            .insert(r.backend.path.as_str());
-    }
-    let column = |r: &BenchResult| {
-        if paths[r.hardware_kind.as_str()].len() > 1 {
-            format!("{}/{}", r.hardware_kind, r.backend.path)
-        } else {
-            r.hardware_kind.clone()
+/// One cell's summary before columns and speed-ups are known: what the coordinator's
+/// `CompareResults` returns, or what [`build`] computes from records.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub model: String,
+    pub precision: String,
+    pub batch_size: u32,
+    pub image_size: u32,
+    pub hardware_kind: String,
+    pub path: String,
+    pub results: usize,
+    pub images_per_sec: f64,
+    pub p50_ms: f64,
+    pub math: String,
+    pub peak_memory_bytes: u64,
+    pub price_per_hour: Option<f64>,
+}
+
+impl From<pb::CompareCell> for Summary {
+    fn from(c: pb::CompareCell) -> Self {
+        Summary {
+            model: c.model,
+            precision: c.precision,
+            batch_size: c.batch_size,
+            image_size: c.image_size,
+            hardware_kind: c.hardware_kind,
+            path: c.path,
+            results: c.results as usize,
+            images_per_sec: c.images_per_sec,
+            p50_ms: c.p50_ms,
+            math: c.math,
+            peak_memory_bytes: c.peak_memory_bytes,
+            price_per_hour: c.price_per_hour,
         }
-    };
-    type Key = (String, String, u32, u32);
-    let mut groups: BTreeMap<Key, BTreeMap<String, Vec<&BenchResult>>> = BTreeMap::new();
+    }
+}
+
+/// Summarises records the way the coordinator does in SQL: per (model, precision, batch,
+/// image size, kind, path), medians of throughput, p50 and price.
+pub fn summarise(results: &[BenchResult]) -> Vec<Summary> {
+    type Key = (String, String, u32, u32, String, String);
+    let mut groups: BTreeMap<Key, Vec<&BenchResult>> = BTreeMap::new();
     for r in results {
         let key = (
             r.spec.model.clone(),
             r.spec.precision.to_string(),
             r.spec.batch_size,
             r.spec.image_size,
+            r.hardware_kind.clone(),
+            r.backend.path.clone(),
         );
-        groups
-            .entry(key)
+        groups.entry(key).or_default().push(r);
+    }
+    groups
+        .into_iter()
+        .map(
+            |((model, precision, batch_size, image_size, kind, path), rs)| {
+                let priced: Vec<f64> = rs.iter().filter_map(|r| r.price_per_hour).collect();
+                let mut maths: Vec<&str> = rs.iter().map(|r| r.backend.math.as_str()).collect();
+                maths.sort_unstable();
+                maths.dedup();
+                Summary {
+                    model,
+                    precision,
+                    batch_size,
+                    image_size,
+                    hardware_kind: kind,
+                    path,
+                    results: rs.len(),
+                    images_per_sec: median(rs.iter().map(|r| r.images_per_sec).collect()),
+                    p50_ms: median(rs.iter().map(|r| r.latency.p50_ms).collect()),
+                    math: maths.join("+"),
+                    peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
+                    price_per_hour: (!priced.is_empty()).then(|| median(priced)),
+                }
+            },
+        )
+        .collect()
+}
+
+/// Groups results into comparison rows, with columns named by hardware kind, or kind/path when
+/// one kind was measured on more than one path.
+pub fn build(
+    results: &[BenchResult],
+    baseline: Option<&str>,
+) -> Result<(Vec<String>, Vec<Row>), CliError> {
+    build_from(&summarise(results), baseline)
+}
+
+/// [`build`] over summaries (from the coordinator, or from [`summarise`]).
+pub fn build_from(
+    cells: &[Summary],
+    baseline: Option<&str>,
+) -> Result<(Vec<String>, Vec<Row>), CliError> {
+    let mut paths: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    for c in cells {
+        paths
+            .entry(c.hardware_kind.as_str())
             .or_default()
-            .entry(column(r))
-            .or_default()
-            .push(r);
+            .insert(c.path.as_str());
+    }
+    let column = |c: &Summary| {
+        if paths[c.hardware_kind.as_str()].len() > 1 {
+            format!("{}/{}", c.hardware_kind, c.path)
+        } else {
+            c.hardware_kind.clone()
+        }
+    };
+    type Key = (String, String, u32, u32);
+    let mut groups: BTreeMap<Key, BTreeMap<String, &Summary>> = BTreeMap::new();
+    for c in cells {
+        let key = (
+            c.model.clone(),
+            c.precision.clone(),
+            c.batch_size,
+            c.image_size,
+        );
+        groups.entry(key).or_default().insert(column(c), c);
     }
     let mut columns: Vec<String> = groups
         .values()
@@ -133,30 +216,19 @@ pub fn build(
         .map(|((model, precision, batch_size, image_size), cells)| {
             let mut hardware: BTreeMap<String, Cell> = cells
                 .into_iter()
-                .map(|(col, rs)| {
-                    let ips = median(rs.iter().map(|r| r.images_per_sec).collect());
-                    let priced: Vec<f64> = rs.iter().filter_map(|r| r.price_per_hour).collect();
-                    let images_per_dollar = if priced.is_empty() {
-                        None
-                    } else {
-                        let price = median(priced);
-                        (price > 0.0).then(|| ips * 3600.0 / price)
-                    };
-                    let mut maths: Vec<&str> = rs.iter().map(|r| r.backend.math.as_str()).collect();
-                    maths.sort_unstable();
-                    maths.dedup();
+                .map(|(col, s)| {
+                    let images_per_dollar = s
+                        .price_per_hour
+                        .filter(|p| *p > 0.0)
+                        .map(|p| s.images_per_sec * 3600.0 / p);
                     (
                         col,
                         Cell {
-                            images_per_sec: ips,
-                            p50_ms: median(rs.iter().map(|r| r.latency.p50_ms).collect()),
-                            results: rs.len(),
-                            math: maths.join("+"),
-                            peak_memory_bytes: rs
-                                .iter()
-                                .map(|r| r.peak_memory_bytes)
-                                .max()
-                                .unwrap_or(0),
+                            images_per_sec: s.images_per_sec,
+                            p50_ms: s.p50_ms,
+                            results: s.results,
+                            math: s.math.clone(),
+                            peak_memory_bytes: s.peak_memory_bytes,
                             speedup: None,
                             images_per_dollar,
                         },
@@ -261,31 +333,30 @@ pub async fn run(remote: &mut Remote, args: CompareArgs) -> Result<ExitCode, Cli
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CliError::Input(e.to_string()))?;
-    let results = crate::fetch_results(
-        remote,
-        pb::ListResultsRequest {
+    // Filtered and aggregated by the coordinator's database: the answer is one row per cell.
+    let cells: Vec<Summary> = remote
+        .client
+        .compare_results(pb::CompareRequest {
             model: args.model.clone(),
-            omit_latencies: true,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let results: Vec<BenchResult> = results
+            precisions,
+            batch_sizes: args.batch.clone(),
+            image_size: args.image_size,
+        })
+        .await
+        .map_err(|s| remote.err(s))?
+        .into_inner()
+        .cells
         .into_iter()
-        .map(|(_, _, r)| r)
-        .filter(|r| !r.backend.simulated)
-        .filter(|r| precisions.is_empty() || precisions.contains(&r.spec.precision.to_string()))
-        .filter(|r| args.batch.is_empty() || args.batch.contains(&r.spec.batch_size))
-        .filter(|r| args.image_size.is_none_or(|s| s == r.spec.image_size))
+        .map(Summary::from)
         .collect();
-    if results.is_empty() {
+    if cells.is_empty() {
         eprintln!("no results to compare for model {}", args.model);
         if args.format == Format::Json {
             println!("[]");
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (columns, rows) = build(&results, args.baseline.as_deref())?;
+    let (columns, rows) = build_from(&cells, args.baseline.as_deref())?;
     print!("{}", render(&columns, &rows, args.format));
     Ok(ExitCode::SUCCESS)
 }

@@ -128,6 +128,7 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
         let conn = Conn {
             coordinator: url.clone(),
             token: None,
+            call_timeout: fleetmark_proto::client::Deadlines::default().call,
         };
         let mut remote = Remote::new(&conn)?;
         wait_for_agents(&mut remote, args.agents).await?;

@@ -13,7 +13,7 @@ use fleetmark_core::{
     BenchResult, EnginePath, HardwareTarget, MeasurementSpec, Precision, SweepSpec, WeightsSpec,
 };
 use fleetmark_proto::{
-    client::{sweep_client, SweepClient},
+    client::{sweep_client_with, Deadlines, SweepClient},
     convert::{parse_uuid, result_without_latencies},
     v1 as pb,
 };
@@ -88,9 +88,13 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The coordinator to talk to.
+    /// The coordinator to talk to. Several, comma-separated (or a name that resolves to
+    /// several addresses): the next is tried when one cannot be reached.
     #[arg(long, global = true, env = "FLEETMARK_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
+    /// Deadline of each call to the coordinator.
+    #[arg(long, global = true, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub call_timeout: std::time::Duration,
     /// Bearer token the coordinator requires.
     #[arg(long, global = true, env = "FLEETMARK_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -244,7 +248,8 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(conn: &Connection) -> Result<Self, CliError> {
-        let client = sweep_client(&conn.coordinator, conn.token.as_deref())
+        let deadlines = Deadlines::default().with_call(conn.call_timeout);
+        let client = sweep_client_with(&conn.coordinator, conn.token.as_deref(), deadlines)
             .map_err(|e| CliError::Input(e.to_string()))?;
         Ok(Remote {
             url: conn.coordinator.clone(),
@@ -275,27 +280,31 @@ pub async fn submit(
         .map_err(|s| remote.err(s))
 }
 
-/// A sweep's results as domain records, with their ids.
+/// A sweep's results as domain records, with their ids, fetched page by page.
 pub async fn fetch_results(
     remote: &mut Remote,
-    req: pb::ListResultsRequest,
+    mut req: pb::ListResultsRequest,
 ) -> Result<Vec<(String, String, BenchResult)>, CliError> {
-    let resp = remote
-        .client
-        .list_results(req)
-        .await
-        .map_err(|s| remote.err(s))?
-        .into_inner();
-    resp.results
-        .into_iter()
-        .map(|s| {
+    let mut out = Vec::new();
+    loop {
+        let resp = remote
+            .client
+            .list_results(req.clone())
+            .await
+            .map_err(|s| remote.err(s))?
+            .into_inner();
+        for s in resp.results {
             let r = s
                 .result
                 .ok_or_else(|| CliError::Remote("a result without a record".into()))?;
             let r = result_without_latencies(r).map_err(|e| CliError::Remote(e.to_string()))?;
-            Ok((s.result_id, s.sweep_id, r))
-        })
-        .collect()
+            out.push((s.result_id, s.sweep_id, r));
+        }
+        if resp.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        req.page_token = resp.next_page_token;
+    }
 }
 
 /// Runs one command; the exit code says whether it worked.

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 mod service;
 pub mod store;
+mod sweep_events;
 mod wakeup;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -42,6 +43,18 @@ pub struct Config {
     pub max_db_connections: u32,
     /// How long start-up waits for the database to accept connections.
     pub startup_timeout: Duration,
+    /// How long a claimed job waits for its agent's first progress report before it returns
+    /// to the queue, without costing an attempt (a claim lost on its way to the agent).
+    pub claim_grace: Duration,
+}
+
+impl Config {
+    /// At start-up (and after losing the database) a coordinator renews the leases of agents
+    /// heard from within this long before the service stopped: three heartbeats, but never
+    /// more than a lease.
+    pub fn renew_heard_within(&self) -> Duration {
+        (self.heartbeat_interval * 3).min(self.lease)
+    }
 }
 
 impl Config {
@@ -54,6 +67,7 @@ impl Config {
             reap_interval: Duration::from_secs(1),
             max_db_connections: 16,
             startup_timeout: Duration::from_secs(30),
+            claim_grace: Duration::from_secs(5),
         }
     }
 }
@@ -63,6 +77,7 @@ pub(crate) struct State {
     pub store: Store,
     pub config: Config,
     pub wakeup: Arc<tokio::sync::Notify>,
+    pub sweep_events: sweep_events::SweepEvents,
     pub shutdown: CancellationToken,
 }
 
@@ -72,7 +87,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    let store = connect_with_retry(&config).await?;
+    let store = connect_with_retry(&config)
+        .await?
+        .with_claim_grace(config.claim_grace);
     store.migrate().await?;
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, lease_ms = config.lease.as_millis() as u64, "coordinator listening");
@@ -82,11 +99,13 @@ pub async fn run(
         store: store.clone(),
         config: config.clone(),
         wakeup: Arc::new(tokio::sync::Notify::new()),
+        sweep_events: sweep_events::SweepEvents::new(),
         shutdown: token.clone(),
     });
     let background = [
         tokio::spawn(reaper(state.clone())),
         tokio::spawn(wakeup::listen(state.clone())),
+        tokio::spawn(sweep_events::publish(state.clone())),
     ];
 
     let auth = auth::Auth::new(config.token.clone());
@@ -97,7 +116,13 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let stop = token.clone();
+    // Keepalives from the same place as the clients': a peer that stops answering pings (a
+    // hung or vanished agent) has its connection and long polls dropped.
+    let keep = fleetmark_proto::client::Deadlines::default();
     let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(keep.keepalive_interval))
+        .http2_keepalive_timeout(Some(keep.keepalive_timeout))
+        .tcp_keepalive(Some(keep.keepalive_interval))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             agents,
             auth.clone(),
@@ -142,15 +167,15 @@ async fn connect_with_retry(config: &Config) -> Result<Store, CoordinatorError> 
 /// Returns expired leases to the queue. Every coordinator runs one; the update is idempotent, so
 /// several racing is harmless.
 ///
-/// At start-up and after losing the database, the first thing the reaper does is give every
-/// running lease a fresh term: agents kept working but could not report, and reaping them the moment the
-/// database is back would throw their work away. Another coordinator that kept its connection
-/// may still reap them; that costs a re-run, never a wrong result.
+/// At start-up and after losing the database, the first thing the reaper does is renew the
+/// leases of agents that were heard from just before the outage: they kept working but could
+/// not report, and reaping them the moment the database is back would throw their work away.
+/// Agents that had gone quiet before it get nothing, so a coordinator restarting in a loop
+/// never keeps a dead agent's job leased. Each tick also records that a coordinator is serving
+/// (`mark_alive`), which is what "before the outage" is measured from.
 async fn reaper(state: Arc<State>) {
     let mut tick = tokio::time::interval(state.config.reap_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A coordinator that starts is a coordinator that was down, or a new one: either way the
-    // agents may not have been able to report, so the first tick renews every running lease.
     let mut database_was_lost = true;
     loop {
         tokio::select! {
@@ -158,26 +183,24 @@ async fn reaper(state: Arc<State>) {
             _ = state.shutdown.cancelled() => return,
         }
         if database_was_lost {
-            match state.store.extend_running_leases(state.config.lease).await {
-                Ok(n) => {
-                    if n > 0 {
-                        info!(
-                            jobs = n,
-                            "running leases renewed after start-up or a database outage"
-                        );
-                    }
-                    database_was_lost = false;
-                }
+            match renew_after_outage(&state).await {
+                Ok(()) => database_was_lost = false,
                 Err(e) => {
                     warn!(error = %e, "database still unavailable");
                     continue;
                 }
             }
         }
+        if let Err(e) = state.store.mark_alive().await {
+            warn!(error = %e, "lease reaper failed");
+            database_was_lost = true;
+            continue;
+        }
         match state.store.expire_leases(None).await {
             Ok(expired) if !expired.is_empty() => {
-                info!(jobs = ?expired, "leases expired, jobs requeued");
+                info!(jobs = ?expired, "leases expired or claims unacknowledged, jobs requeued");
                 state.wakeup.notify_waiters();
+                state.sweep_events.changed(uuid::Uuid::nil());
             }
             Ok(_) => {}
             Err(e) => {
@@ -190,4 +213,18 @@ async fn reaper(state: Arc<State>) {
             warn!(error = %e, "sweep completion check failed");
         }
     }
+}
+
+async fn renew_after_outage(state: &State) -> Result<(), CoordinatorError> {
+    let n = state
+        .store
+        .extend_running_leases(state.config.lease, state.config.renew_heard_within())
+        .await?;
+    if n > 0 {
+        info!(
+            jobs = n,
+            "running leases of recently heard agents renewed after start-up or a database outage"
+        );
+    }
+    Ok(())
 }

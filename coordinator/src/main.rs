@@ -31,6 +31,10 @@ struct Args {
     /// How often to look for expired leases.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     reap_interval: Duration,
+    /// How long a claimed job waits for its agent's first progress report before it returns to
+    /// the queue without costing an attempt (a claim lost on the way to the agent).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    claim_grace: Duration,
     /// Database connections in the pool.
     #[arg(long, default_value_t = 16)]
     db_connections: u32,
@@ -67,6 +71,7 @@ async fn real_main() -> anyhow::Result<()> {
         ("--lease", args.lease),
         ("--heartbeat", args.heartbeat),
         ("--reap-interval", args.reap_interval),
+        ("--claim-grace", args.claim_grace),
     ] {
         if d.is_zero() {
             anyhow::bail!("{flag} must be longer than zero");
@@ -91,6 +96,7 @@ async fn real_main() -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat;
     config.reap_interval = args.reap_interval;
     config.max_db_connections = args.db_connections;
+    config.claim_grace = args.claim_grace;
     run(config, listener, shutdown_signal())
         .await
         .context("coordinator failed")

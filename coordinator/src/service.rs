@@ -15,7 +15,9 @@ use uuid::Uuid;
 
 use crate::{
     error::CoordinatorError,
-    store::{AgentDevice, AgentRegistration, FailOutcome, JobRow, ResultFilter, SweepRow},
+    store::{
+        AgentDevice, AgentRegistration, CompareFilter, FailOutcome, JobRow, ResultFilter, SweepRow,
+    },
     State,
 };
 
@@ -23,8 +25,10 @@ use crate::{
 const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 /// Waiting claims re-check this often even without a notification.
 const CLAIM_RECHECK: Duration = Duration::from_secs(1);
-/// How often a watch stream looks at the sweep.
-const WATCH_POLL: Duration = Duration::from_millis(300);
+/// A watch stream re-reads its sweep when told it changed, at most this often...
+const WATCH_MIN_INTERVAL: Duration = Duration::from_millis(300);
+/// ...and, in case a notification was lost, at least this often.
+const WATCH_RECHECK: Duration = Duration::from_secs(5);
 
 pub(crate) struct AgentApi(pub Arc<State>);
 pub(crate) struct SweepApi(pub Arc<State>);
@@ -119,6 +123,14 @@ impl AgentService for AgentApi {
                 known: false,
             }));
         }
+        if r.stopping {
+            info!(agent_id = %agent, "agent stopping");
+            self.0
+                .store
+                .mark_agent_stopping(agent)
+                .await
+                .map_err(Status::from)?;
+        }
         let running = r
             .running
             .iter()
@@ -152,10 +164,9 @@ impl AgentService for AgentApi {
         let state = &self.0;
         let kind = state
             .store
-            .device_kind(agent, &r.device)
+            .touch_device_kind(agent, &r.device)
             .await
             .map_err(Status::from)?;
-        state.store.touch_agent(agent).await.map_err(Status::from)?;
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(r.wait_ms as u64).min(MAX_CLAIM_WAIT);
         loop {
@@ -172,6 +183,7 @@ impl AgentService for AgentApi {
             {
                 info!(job_id = %job.id, agent_id = %agent, device = %r.device, attempt = job.attempt,
                       spec = %job.spec.label(), "job claimed");
+                state.sweep_events.job_changed(job.id, job.sweep_id);
                 return Ok(Response::new(pb::ClaimJobResponse {
                     job: Some(pb::Job {
                         job_id: job.id.to_string(),
@@ -223,9 +235,12 @@ impl AgentService for AgentApi {
             .await
             .map_err(Status::from)?
         {
-            Some(expires) => Ok(Response::new(pb::ReportProgressResponse {
-                lease_expires_at: Some(timestamp(expires)),
-            })),
+            Some((expires, sweep)) => {
+                self.0.sweep_events.job_changed(job, sweep);
+                Ok(Response::new(pb::ReportProgressResponse {
+                    lease_expires_at: Some(timestamp(expires)),
+                }))
+            }
             None => Err(CoordinatorError::StaleLease(format!(
                 "job {job} attempt {} is no longer leased to this agent",
                 r.attempt
@@ -249,6 +264,7 @@ impl AgentService for AgentApi {
             Ok(id) => {
                 info!(job_id = ?result.job_id, agent_id = %agent, images_per_sec = result.images_per_sec,
                       "result accepted");
+                self.0.sweep_events.job_finished(result.job_id);
                 Ok(Response::new(pb::SubmitResultResponse {
                     result_id: id.to_string(),
                 }))
@@ -271,16 +287,19 @@ impl AgentService for AgentApi {
         let agent = agent_id(&r.agent_id)?;
         let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
         let reason: String = r.reason.chars().take(4000).collect();
-        match self
-            .0
-            .store
-            .fail_job(agent, job, r.attempt as i32, &reason, r.permanent)
-            .await
-            .map_err(Status::from)?
-        {
+        let store = &self.0.store;
+        let released = if r.handback && !r.permanent {
+            store.hand_back(agent, job, r.attempt as i32, &reason).await
+        } else {
+            store
+                .fail_job(agent, job, r.attempt as i32, &reason, r.permanent)
+                .await
+        };
+        match released.map_err(Status::from)? {
             Some(outcome) => {
-                warn!(job_id = %job, attempt = r.attempt, permanent = r.permanent, reason = %reason,
-                      "job attempt failed");
+                self.0.sweep_events.job_finished(Some(job));
+                warn!(job_id = %job, attempt = r.attempt, permanent = r.permanent,
+                      handback = r.handback, reason = %reason, "job attempt ended without a result");
                 Ok(Response::new(pb::FailJobResponse {
                     state: match outcome {
                         FailOutcome::Retried => "pending",
@@ -320,6 +339,27 @@ fn summary(s: &SweepRow) -> pb::SweepSummary {
         jobs: s.jobs as u32,
         finished: s.finished as u32,
     }
+}
+
+/// Results per `ListResults` page when the caller does not say, and at most.
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+
+fn page_size(asked: u32) -> usize {
+    match asked as usize {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+/// A page token is the id of the previous page's last result.
+fn page_after(token: &str) -> Result<Option<Uuid>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    parse_uuid("page token", token)
+        .map(Some)
+        .map_err(Status::from)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::SweepStatus, Status>> + Send + 'static>>;
@@ -365,17 +405,36 @@ impl SweepService for SweepApi {
         let first = sweep_status(&self.0, id).await?;
         let state = self.0.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut events = state.sweep_events.subscribe();
         tokio::spawn(async move {
             let mut last = first;
             if tx.send(Ok(last.clone())).await.is_err() {
                 return;
             }
             while last.state == "active" {
+                // Wait for a change to this sweep (pushed), or the slow re-check.
+                let recheck = tokio::time::sleep(WATCH_RECHECK);
+                tokio::pin!(recheck);
+                loop {
+                    tokio::select! {
+                        ev = events.recv() => match ev {
+                            Ok(s) if s == id || s.is_nil() => break,
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        },
+                        _ = &mut recheck => break,
+                        _ = state.shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                    }
+                }
+                // At most one read per interval, however many changes arrive.
                 tokio::select! {
-                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                    _ = tokio::time::sleep(WATCH_MIN_INTERVAL) => {}
                     _ = state.shutdown.cancelled() => return,
                     _ = tx.closed() => return,
                 }
+                while events.try_recv().is_ok() {}
                 match sweep_status(&state, id).await {
                     Ok(now) if now != last => {
                         last = now;
@@ -385,7 +444,7 @@ impl SweepService for SweepApi {
                     }
                     Ok(_) => {}
                     // A database hiccup is not the end of the sweep: keep watching.
-                    Err(e) => warn!(error = %e, sweep_id = %id, "watch poll failed"),
+                    Err(e) => warn!(error = %e, sweep_id = %id, "watch read failed"),
                 }
             }
         });
@@ -421,6 +480,7 @@ impl SweepService for SweepApi {
         match self.0.store.cancel_sweep(id).await.map_err(Status::from)? {
             Some(n) => {
                 info!(sweep_id = %id, jobs = n, "sweep cancelled");
+                self.0.sweep_events.changed(id);
                 Ok(Response::new(pb::CancelSweepResponse {
                     cancelled_jobs: n as u32,
                 }))
@@ -459,13 +519,21 @@ impl SweepService for SweepApi {
             batch_size: (r.batch_size > 0).then_some(r.batch_size as i32),
             include_simulated: r.include_simulated,
             omit_latencies: r.omit_latencies,
+            after: page_after(&r.page_token)?,
+            limit: Some(page_size(r.page_size) as i64 + 1),
         };
-        let results = self
+        let mut results = self
             .0
             .store
             .list_results(&filter)
             .await
             .map_err(Status::from)?;
+        let next_page_token = if results.len() > page_size(r.page_size) {
+            results.truncate(page_size(r.page_size));
+            results.last().map(|s| s.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::ListResultsResponse {
             results: results
                 .iter()
@@ -475,6 +543,7 @@ impl SweepService for SweepApi {
                     result: Some((&s.result).into()),
                 })
                 .collect(),
+            next_page_token,
         }))
     }
 
@@ -516,6 +585,52 @@ impl SweepService for SweepApi {
                         .collect(),
                     last_seen_at: Some(timestamp(a.last_seen_at)),
                     running_jobs: a.running_jobs.iter().map(Uuid::to_string).collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn compare_results(
+        &self,
+        req: Request<pb::CompareRequest>,
+    ) -> Result<Response<pb::CompareResponse>, Status> {
+        let r = req.into_inner();
+        let precisions = r
+            .precisions
+            .iter()
+            .map(|p| {
+                p.parse::<fleetmark_core::Precision>()
+                    .map(|p| p.to_string())
+                    .map_err(CoordinatorError::from)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = CompareFilter {
+            model: r.model,
+            precisions,
+            batch_sizes: r
+                .batch_sizes
+                .iter()
+                .map(|b| (*b).min(i32::MAX as u32) as i32)
+                .collect(),
+            image_size: r.image_size.map(|s| s.min(i32::MAX as u32) as i32),
+        };
+        let cells = self.0.store.compare(&filter).await.map_err(Status::from)?;
+        Ok(Response::new(pb::CompareResponse {
+            cells: cells
+                .into_iter()
+                .map(|c| pb::CompareCell {
+                    model: c.model,
+                    precision: c.precision,
+                    batch_size: c.batch_size as u32,
+                    image_size: c.image_size as u32,
+                    hardware_kind: c.hardware_kind,
+                    path: c.path,
+                    results: c.results as u32,
+                    images_per_sec: c.images_per_sec,
+                    p50_ms: c.p50_ms,
+                    math: c.math,
+                    peak_memory_bytes: c.peak_memory_bytes.max(0) as u64,
+                    price_per_hour: c.price_per_hour,
                 })
                 .collect(),
         }))

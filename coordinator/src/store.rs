@@ -137,6 +137,36 @@ pub struct ResultFilter {
     pub batch_size: Option<i32>,
     pub include_simulated: bool,
     pub omit_latencies: bool,
+    /// Only results after this one in the listing order (paging).
+    pub after: Option<Uuid>,
+    /// At most this many (all when `None`).
+    pub limit: Option<i64>,
+}
+
+/// What `compare` asks for: non-simulated results of one model, optionally narrowed.
+#[derive(Debug, Clone, Default)]
+pub struct CompareFilter {
+    pub model: String,
+    pub precisions: Vec<String>,
+    pub batch_sizes: Vec<i32>,
+    pub image_size: Option<i32>,
+}
+
+/// One comparison cell, aggregated in SQL.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct CompareCell {
+    pub model: String,
+    pub precision: String,
+    pub batch_size: i32,
+    pub image_size: i32,
+    pub hardware_kind: String,
+    pub path: String,
+    pub results: i64,
+    pub images_per_sec: f64,
+    pub p50_ms: f64,
+    pub math: String,
+    pub peak_memory_bytes: i64,
+    pub price_per_hour: Option<f64>,
 }
 
 /// What happened to a failed attempt.
@@ -149,6 +179,9 @@ pub enum FailOutcome {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// How long a claimed job waits for its agent's first progress report before it returns to
+    /// the queue (without costing an attempt). `None`: a claim holds the job for its lease.
+    claim_grace: Option<Duration>,
 }
 
 /// The columns of `JobRow`, joined with the agent's name and the result's throughput, followed
@@ -176,11 +209,20 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        Ok(Store { pool })
+        Ok(Store::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Store { pool }
+        Store {
+            pool,
+            claim_grace: None,
+        }
+    }
+
+    /// Claims must be acknowledged within `grace` (see [`Store::claim_job`]).
+    pub fn with_claim_grace(mut self, grace: Duration) -> Self {
+        self.claim_grace = Some(grace);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -219,13 +261,39 @@ impl Store {
     }
 
     /// Marks the agent as seen; false when no such agent exists.
+    /// An agent that is heard from is no longer stopping (a restarted one, say).
     pub async fn touch_agent(&self, id: Uuid) -> Result<bool> {
-        let n = sqlx::query("UPDATE agents SET last_seen_at = now() WHERE id = $1")
+        let n = sqlx::query(
+            "UPDATE agents SET last_seen_at = now(), stopping_since = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Records that an agent's operator is stopping it: leases it cannot hand back before it
+    /// goes expire without costing their jobs an attempt.
+    pub async fn mark_agent_stopping(&self, id: Uuid) -> Result<()> {
+        sqlx::query("UPDATE agents SET last_seen_at = now(), stopping_since = now() WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks the agent as seen and returns the kind of one of its devices, in one statement
+    /// (the start of every claim).
+    pub async fn touch_device_kind(&self, agent: Uuid, device: &str) -> Result<String> {
+        let devices: Option<serde_json::Value> = sqlx::query_scalar(
+            "UPDATE agents SET last_seen_at = now(), stopping_since = NULL WHERE id = $1 \
+             RETURNING devices",
+        )
+        .bind(agent)
+        .fetch_optional(&self.pool)
+        .await?;
+        device_kind_in(agent, device, devices)
     }
 
     /// The kind of one of an agent's devices, as it registered it.
@@ -235,18 +303,7 @@ impl Store {
                 .bind(agent)
                 .fetch_optional(&self.pool)
                 .await?;
-        let devices =
-            devices.ok_or_else(|| CoordinatorError::NotFound(format!("unknown agent {agent}")))?;
-        let devices: Vec<AgentDevice> = serde_json::from_value(devices).unwrap_or_default();
-        devices
-            .into_iter()
-            .find(|d| d.device == device)
-            .map(|d| d.kind)
-            .ok_or_else(|| {
-                CoordinatorError::InvalidArgument(format!(
-                    "agent {agent} did not register device '{device}'"
-                ))
-            })
+        device_kind_in(agent, device, devices)
     }
 
     /// Agents, with `online` meaning seen within `online_window`.
@@ -436,9 +493,10 @@ impl Store {
     // ---- jobs ----
 
     /// Claims the oldest pending job this device can run, starting a new attempt with a lease.
-    /// A job whose last attempt failed on this very device goes behind the others, so a retry
-    /// lands on another card when one is free. Rows another coordinator is claiming right now
-    /// are skipped, not waited for.
+    /// A job whose last run was on this very device goes behind the others, so a retry lands
+    /// on another card when one is free. Rows another coordinator is claiming right now are
+    /// skipped, not waited for. With a claim grace set, the claim must be acknowledged by the
+    /// agent's first progress report within it.
     pub async fn claim_job(
         &self,
         agent: Uuid,
@@ -446,38 +504,20 @@ impl Store {
         kind: &str,
         lease: Duration,
     ) -> Result<Option<JobRow>> {
-        let claimed: Option<Uuid> = sqlx::query_scalar(
-            "WITH candidate AS ( \
-                 SELECT j.id FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
-                 WHERE j.state = 'pending' AND s.state = 'active' \
-                   AND (j.target = 'any' OR j.target = $3 OR (j.target = 'gpu' AND $3 <> 'cpu')) \
-                 ORDER BY (j.last_agent_id IS NOT DISTINCT FROM $1 \
-                           AND j.last_device IS NOT DISTINCT FROM $2) , j.created_at, j.seq \
-                 LIMIT 1 \
-                 FOR UPDATE OF j SKIP LOCKED) \
-             UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, \
-                 lease_agent_id = $1, lease_device = $2, \
-                 lease_expires_at = now() + $4 * interval '1 millisecond', \
-                 last_agent_id = $1, last_device = $2, \
-                 started_at = coalesce(jobs.started_at, now()), \
-                 phase = 'assigned', iterations = 0, fraction = 0 \
-             FROM candidate WHERE jobs.id = candidate.id \
-             RETURNING jobs.id",
-        )
-        .bind(agent)
-        .bind(device)
-        .bind(kind)
-        .bind(lease.as_millis() as f64)
-        .fetch_optional(&self.pool)
-        .await?;
-        match claimed {
-            Some(id) => Ok(Some(self.get_job(id).await?)),
-            None => Ok(None),
-        }
+        let grace = self.claim_grace.map(|g| g.as_millis() as f64);
+        Ok(sqlx::query_as::<_, JobRow>(CLAIM_SQL)
+            .bind(agent)
+            .bind(device)
+            .bind(kind)
+            .bind(lease.as_millis() as f64)
+            .bind(grace)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
-    /// Records progress and extends the lease. `None` when the caller no longer holds the
-    /// lease of this attempt.
+    /// Records progress (which also acknowledges the claim) and extends the lease. Returns the
+    /// new expiry and the job's sweep; `None` when the caller no longer holds the lease of this
+    /// attempt.
     #[allow(clippy::too_many_arguments)]
     pub async fn report_progress(
         &self,
@@ -488,12 +528,12 @@ impl Store {
         iterations: i32,
         fraction: f64,
         lease: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
-        Ok(sqlx::query_scalar(
+    ) -> Result<Option<(DateTime<Utc>, Uuid)>> {
+        Ok(sqlx::query_as(
             "UPDATE jobs SET phase = $4, iterations = $5, fraction = $6, \
-                 lease_expires_at = now() + $7 * interval '1 millisecond' \
+                 lease_expires_at = now() + $7 * interval '1 millisecond', claim_ack_by = NULL \
              WHERE id = $2 AND attempt = $3 AND lease_agent_id = $1 AND state = 'running' \
-             RETURNING lease_expires_at",
+             RETURNING lease_expires_at, sweep_id",
         )
         .bind(agent)
         .bind(job)
@@ -570,13 +610,50 @@ impl Store {
         reason: &str,
         permanent: bool,
     ) -> Result<Option<FailOutcome>> {
+        let release = if permanent {
+            Release::Permanent
+        } else {
+            Release::Failure
+        };
+        self.release(agent, job, attempt, reason, release).await
+    }
+
+    /// Returns a job its agent could not finish through no fault of the job (the agent is
+    /// stopping): the queue takes it back without using an attempt. Hand-backs are counted and
+    /// bounded too, so a job cannot bounce forever. `None` when the caller no longer held the
+    /// lease.
+    pub async fn hand_back(
+        &self,
+        agent: Uuid,
+        job: Uuid,
+        attempt: i32,
+        reason: &str,
+    ) -> Result<Option<FailOutcome>> {
+        self.release(agent, job, attempt, reason, Release::HandBack)
+            .await
+    }
+
+    async fn release(
+        &self,
+        agent: Uuid,
+        job: Uuid,
+        attempt: i32,
+        reason: &str,
+        release: Release,
+    ) -> Result<Option<FailOutcome>> {
         let mut tx = self.pool.begin().await?;
         let row: Option<(String, Uuid)> = sqlx::query_as(
             "UPDATE jobs SET \
-                 state = CASE WHEN $5 OR attempt >= max_attempts THEN 'failed'::job_state \
-                              ELSE 'pending'::job_state END, \
-                 finished_at = CASE WHEN $5 OR attempt >= max_attempts THEN now() END, \
-                 error = $4, lease_agent_id = NULL, lease_device = NULL, lease_expires_at = NULL \
+                 failures = failures + (NOT $6)::int, handbacks = handbacks + $6::int, \
+                 state = CASE WHEN $5 OR (NOT $6 AND failures + 1 >= max_attempts) \
+                                 OR ($6 AND handbacks + 1 >= max_handbacks) \
+                              THEN 'failed'::job_state ELSE 'pending'::job_state END, \
+                 finished_at = CASE WHEN $5 OR (NOT $6 AND failures + 1 >= max_attempts) \
+                                 OR ($6 AND handbacks + 1 >= max_handbacks) THEN now() END, \
+                 error = CASE WHEN $6 AND handbacks + 1 >= max_handbacks \
+                              THEN $4 || ' (handed back ' || (handbacks + 1) || ' times: giving up)' \
+                              ELSE $4 END, \
+                 lease_agent_id = NULL, lease_device = NULL, lease_expires_at = NULL \
              WHERE id = $2 AND attempt = $3 AND lease_agent_id = $1 AND state = 'running' \
              RETURNING state::text, sweep_id",
         )
@@ -584,7 +661,8 @@ impl Store {
         .bind(job)
         .bind(attempt)
         .bind(reason)
-        .bind(permanent)
+        .bind(release == Release::Permanent)
+        .bind(release == Release::HandBack)
         .fetch_optional(&mut *tx)
         .await?;
         let Some((state, sweep)) = row else {
@@ -603,23 +681,16 @@ impl Store {
         Ok(Some(outcome))
     }
 
-    /// Returns expired leases to the queue (or fails jobs out of attempts). `now` defaults to
-    /// the database's clock; tests pass a later time instead of sleeping.
+    /// Returns expired leases to the queue (or fails jobs out of attempts). A lease that
+    /// expired because its agent's operator stopped it, and a claim never acknowledged within
+    /// its grace, are hand-backs, not failures. `now` defaults to the database's clock; tests
+    /// pass a later time instead of sleeping.
     pub async fn expire_leases(&self, now: Option<DateTime<Utc>>) -> Result<Vec<Uuid>> {
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
-            "UPDATE jobs SET \
-                 state = CASE WHEN attempt >= max_attempts THEN 'failed'::job_state \
-                              ELSE 'pending'::job_state END, \
-                 finished_at = CASE WHEN attempt >= max_attempts THEN now() END, \
-                 error = 'lease expired on attempt ' || attempt || ': the agent stopped reporting', \
-                 lease_agent_id = NULL, lease_device = NULL, lease_expires_at = NULL \
-             WHERE state = 'running' AND lease_expires_at < coalesce($1, now()) \
-             RETURNING id, sweep_id, state::text",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<(Uuid, Uuid, String)> = sqlx::query_as(EXPIRE_SQL)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
         if rows.iter().any(|(_, _, state)| state != "failed") {
             notify(&mut tx).await?;
         }
@@ -632,19 +703,43 @@ impl Store {
         Ok(rows.into_iter().map(|(id, _, _)| id).collect())
     }
 
-    /// Pushes every running lease to at least `lease` from now. Used after this coordinator
-    /// lost the database: agents could not report progress meanwhile, and their leases should
-    /// not be judged by reports that could not be made.
-    pub async fn extend_running_leases(&self, lease: Duration) -> Result<u64> {
+    /// Gives the running leases of agents that were heard from shortly before the service
+    /// stopped (within `heard_within` of the last moment any coordinator served, see
+    /// [`Store::mark_alive`]) at least `lease` from now: they kept working but could not report
+    /// meanwhile. Leases of agents that had already gone quiet are left to expire, so a
+    /// coordinator that restarts in a loop never keeps a dead agent's job.
+    pub async fn extend_running_leases(
+        &self,
+        lease: Duration,
+        heard_within: Duration,
+    ) -> Result<u64> {
         Ok(sqlx::query(
-            "UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, \
-                 now() + $1 * interval '1 millisecond') \
-             WHERE state = 'running'",
+            "UPDATE jobs j SET \
+                 lease_expires_at = greatest(j.lease_expires_at, now() + $1 * interval '1 millisecond'), \
+                 claim_ack_by = CASE WHEN j.claim_ack_by IS NOT NULL \
+                     THEN greatest(j.claim_ack_by, now() + $2 * interval '1 millisecond') END \
+             FROM agents a \
+             WHERE a.id = j.lease_agent_id AND j.state = 'running' \
+               AND a.last_seen_at >= coalesce((SELECT alive_at FROM service_clock), now()) \
+                                     - $2 * interval '1 millisecond'",
         )
         .bind(lease.as_millis() as f64)
+        .bind(heard_within.as_millis() as f64)
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    /// Records that a coordinator is serving now (every reaper tick): the start of the next
+    /// outage, as far as lease renewal is concerned.
+    pub async fn mark_alive(&self) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO service_clock (id, alive_at) VALUES (true, now()) \
+             ON CONFLICT (id) DO UPDATE SET alive_at = greatest(service_clock.alive_at, now())",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Of the (job, attempt) pairs an agent says it runs, those it should stop: no longer
@@ -685,7 +780,11 @@ impl Store {
                AND ($3::text IS NULL OR precision = $3) \
                AND ($4::int IS NULL OR batch_size = $4) \
                AND ($5 OR NOT simulated) \
-             ORDER BY hardware_kind, model, precision, batch_size, finished_at",
+               AND ($7::uuid IS NULL OR (hardware_kind, model, precision, batch_size, finished_at, id) > \
+                    (SELECT hardware_kind, model, precision, batch_size, finished_at, id \
+                     FROM results WHERE id = $7)) \
+             ORDER BY hardware_kind, model, precision, batch_size, finished_at, id \
+             LIMIT $8",
         )
         .bind(f.sweep_id)
         .bind(&f.model)
@@ -693,6 +792,8 @@ impl Store {
         .bind(f.batch_size)
         .bind(f.include_simulated)
         .bind(f.omit_latencies)
+        .bind(f.after)
+        .bind(f.limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
@@ -709,6 +810,34 @@ impl Store {
             })
             .collect::<sqlx::Result<_>>()
             .map_err(Into::into)
+    }
+
+    /// Non-simulated results grouped by (model, precision, batch size, image size, hardware
+    /// kind, path), with medians computed by the database: the answer grows with the number
+    /// of cells, never with the number of results.
+    pub async fn compare(&self, f: &CompareFilter) -> Result<Vec<CompareCell>> {
+        Ok(sqlx::query_as::<_, CompareCell>(
+            "SELECT model, precision, batch_size, image_size, hardware_kind, path, \
+                    count(*) AS results, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY images_per_sec) AS images_per_sec, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY p50_ms) AS p50_ms, \
+                    string_agg(DISTINCT math, '+' ORDER BY math) AS math, \
+                    max(peak_memory_bytes) AS peak_memory_bytes, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY price_per_hour) AS price_per_hour \
+             FROM results \
+             WHERE NOT simulated AND model = $1 \
+               AND (cardinality($2::text[]) = 0 OR precision = ANY($2)) \
+               AND (cardinality($3::int[]) = 0 OR batch_size = ANY($3)) \
+               AND ($4::int IS NULL OR image_size = $4) \
+             GROUP BY model, precision, batch_size, image_size, hardware_kind, path \
+             ORDER BY model, precision, batch_size, image_size, hardware_kind, path",
+        )
+        .bind(&f.model)
+        .bind(&f.precisions)
+        .bind(&f.batch_sizes)
+        .bind(f.image_size)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Loads results produced elsewhere (standalone agents) as a new, already finished sweep.
@@ -780,6 +909,108 @@ impl Store {
         }
         tx.commit().await?;
         Ok((sweep, results.len()))
+    }
+}
+
+fn device_kind_in(agent: Uuid, device: &str, devices: Option<serde_json::Value>) -> Result<String> {
+    let devices =
+        devices.ok_or_else(|| CoordinatorError::NotFound(format!("unknown agent {agent}")))?;
+    let devices: Vec<AgentDevice> = serde_json::from_value(devices).unwrap_or_default();
+    devices
+        .into_iter()
+        .find(|d| d.device == device)
+        .map(|d| d.kind)
+        .ok_or_else(|| {
+            CoordinatorError::InvalidArgument(format!(
+                "agent {agent} did not register device '{device}'"
+            ))
+        })
+}
+
+/// How a run that produced no result ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// The job failed; it is retried while attempts remain.
+    Failure,
+    /// The job failed in a way a retry cannot fix.
+    Permanent,
+    /// Not the job's fault (the agent is stopping): no attempt is used.
+    HandBack,
+}
+
+/// One claim, one statement: the two oldest pending jobs of each target this device can run
+/// (`any`, its own kind, and `gpu` unless it is a CPU), each found by a short probe of
+/// `jobs_pending_by_target` and locked with SKIP LOCKED; of those few, the oldest whose last run
+/// was not on this very device (so a retry lands on another card when one is free), else the
+/// oldest. The claimed row comes back in `JobRow`'s shape, so no second query is needed.
+const CLAIM_SQL: &str = "\
+    WITH c_any AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
+            WHERE state = 'pending' AND target = 'any' \
+            ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
+         c_kind AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
+            WHERE state = 'pending' AND target = $3 \
+            ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
+         c_gpu AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
+            WHERE state = 'pending' AND target = 'gpu' AND $3 <> 'cpu' \
+            ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
+         pick AS (SELECT id FROM (SELECT * FROM c_any UNION ALL SELECT * FROM c_kind \
+                                  UNION ALL SELECT * FROM c_gpu) u \
+                  ORDER BY (u.last_agent_id IS NOT DISTINCT FROM $1 \
+                            AND u.last_device IS NOT DISTINCT FROM $2), u.created_at, u.seq \
+                  LIMIT 1), \
+         claimed AS (UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, \
+            lease_agent_id = $1, lease_device = $2, \
+            lease_expires_at = now() + $4 * interval '1 millisecond', \
+            claim_ack_by = now() + $5 * interval '1 millisecond', \
+            last_agent_id = $1, last_device = $2, \
+            started_at = coalesce(jobs.started_at, now()), \
+            phase = 'assigned', iterations = 0, fraction = 0 \
+          FROM pick WHERE jobs.id = pick.id \
+          RETURNING jobs.*) \
+    SELECT c.id, c.sweep_id, c.seq, c.spec, c.state::text AS state, c.attempt, c.lease_expires_at, \
+           NULL::text AS agent_name, c.lease_device AS device, c.phase, c.iterations, c.fraction, \
+           c.error, NULL::float8 AS images_per_sec \
+    FROM claimed c";
+
+/// Ends runs whose lease expired or whose claim was not acknowledged in time. The conditions
+/// are on the updated row itself, so a reaper that waited for another's lock re-checks them
+/// against the row as it is now (a job requeued and claimed again meanwhile is left alone).
+const EXPIRE_SQL: &str = "\
+    UPDATE jobs j SET \
+        failures = j.failures + f.fault::int, handbacks = j.handbacks + (NOT f.fault)::int, \
+        state = CASE WHEN (f.fault AND j.failures + 1 >= j.max_attempts) \
+                       OR (NOT f.fault AND j.handbacks + 1 >= j.max_handbacks) \
+                     THEN 'failed'::job_state ELSE 'pending'::job_state END, \
+        finished_at = CASE WHEN (f.fault AND j.failures + 1 >= j.max_attempts) \
+                       OR (NOT f.fault AND j.handbacks + 1 >= j.max_handbacks) THEN now() END, \
+        error = CASE WHEN f.unacked \
+                       THEN 'the claim of attempt ' || j.attempt || ' was not acknowledged in time' \
+                     WHEN NOT f.fault \
+                       THEN 'lease expired on attempt ' || j.attempt || ': its agent was stopped' \
+                     ELSE 'lease expired on attempt ' || j.attempt || ': the agent stopped reporting' END \
+             || CASE WHEN NOT f.fault AND j.handbacks + 1 >= j.max_handbacks \
+                     THEN ' (handed back ' || (j.handbacks + 1) || ' times: giving up)' ELSE '' END, \
+        lease_agent_id = NULL, lease_device = NULL, lease_expires_at = NULL \
+    FROM (SELECT j2.id, \
+                 coalesce(j2.claim_ack_by < coalesce($1, now()), false) AS unacked, \
+                 NOT coalesce(j2.claim_ack_by < coalesce($1, now()), false) \
+                     AND a.stopping_since IS NULL AS fault \
+          FROM jobs j2 JOIN agents a ON a.id = j2.lease_agent_id \
+          WHERE j2.state = 'running' \
+            AND (j2.lease_expires_at < coalesce($1, now()) OR j2.claim_ack_by < coalesce($1, now()))) f \
+    WHERE j.id = f.id AND j.state = 'running' \
+      AND (j.lease_expires_at < coalesce($1, now()) OR j.claim_ack_by < coalesce($1, now())) \
+    RETURNING j.id, j.sweep_id, j.state::text";
+
+impl Store {
+    /// Announces changed sweeps to other coordinators' watchers (see `sweep_events`).
+    pub(crate) async fn notify_sweeps(&self, payload: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::sweep_events::SWEEPS_CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

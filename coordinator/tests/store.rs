@@ -446,11 +446,232 @@ async fn leases_get_a_fresh_term_after_a_database_outage() {
         .execute(store.pool())
         .await
         .unwrap();
-    assert_eq!(store.extend_running_leases(LEASE).await.unwrap(), 1);
+    assert_eq!(store.extend_running_leases(LEASE, HEARD).await.unwrap(), 1);
     assert!(store.expire_leases(None).await.unwrap().is_empty());
     let j = store.get_job(job.id).await.unwrap();
     assert_eq!((j.state, j.attempt), (JobState::Running, 1));
     assert!(j.lease_expires_at.unwrap() > Utc::now() + chrono::Duration::seconds(20));
+}
+
+const HEARD: Duration = Duration::from_secs(3);
+
+/// (failures, handbacks, error) of a job.
+async fn counts(store: &Store, job: Uuid) -> (i32, i32, Option<String>) {
+    sqlx::query_as("SELECT failures, handbacks, error FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn renewal_after_an_outage_skips_agents_that_had_gone_quiet() {
+    let (_db, store) = store().await;
+    let alive = agent(&store, "alive", "cpu").await;
+    let dead = agent(&store, "dead", "cpu").await;
+    store
+        .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let a = store
+        .claim_job(alive, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let d = store
+        .claim_job(dead, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    // A coordinator served until ten seconds ago. `alive` was heard a second before that,
+    // `dead` a minute before; both leases ran out during the outage.
+    sqlx::query("INSERT INTO service_clock (alive_at) VALUES (now() - interval '10 seconds')")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    for (agent, ago) in [(alive, "11 seconds"), (dead, "70 seconds")] {
+        sqlx::query("UPDATE agents SET last_seen_at = now() - $2::interval WHERE id = $1")
+            .bind(agent)
+            .bind(ago)
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE state = 'running'",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(store.extend_running_leases(LEASE, HEARD).await.unwrap(), 1);
+    assert_eq!(store.expire_leases(None).await.unwrap(), vec![d.id]);
+    assert_eq!(store.get_job(a.id).await.unwrap().state, JobState::Running);
+    // Serving again: the clock moves to now, and a second start renews nothing new.
+    store.mark_alive().await.unwrap();
+    let alive_at: chrono::DateTime<Utc> = sqlx::query_scalar("SELECT alive_at FROM service_clock")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(alive_at > Utc::now() - chrono::Duration::seconds(5));
+}
+
+#[tokio::test]
+async fn hand_backs_use_no_attempt_and_are_bounded() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    let (sweep_id, _) = store
+        .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    // More hand-backs than max_attempts (3): the job stays queued.
+    for attempt in 1..=5 {
+        let j = store
+            .claim_job(a, "cpu", "cpu", LEASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(j.attempt, attempt);
+        let outcome = store
+            .hand_back(a, j.id, attempt, "the agent stopped during the job")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, FailOutcome::Retried);
+        assert_eq!(counts(&store, j.id).await.0, 0);
+    }
+    // The bound: the sixth hand-back of a job allowed six fails it.
+    sqlx::query("UPDATE jobs SET max_handbacks = 6")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let j = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = store
+        .hand_back(a, j.id, 6, "stopped again")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, FailOutcome::Failed);
+    let (failures, handbacks, error) = counts(&store, j.id).await;
+    assert_eq!((failures, handbacks), (0, 6));
+    assert!(error.unwrap().contains("giving up"));
+    assert_eq!(store.get_sweep(sweep_id).await.unwrap().state, "completed");
+}
+
+#[tokio::test]
+async fn an_expired_lease_of_a_stopping_agent_is_a_hand_back() {
+    let (_db, store) = store().await;
+    let stopping = agent(&store, "stopping", "cpu").await;
+    let vanished = agent(&store, "vanished", "cpu").await;
+    store
+        .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let s = store
+        .claim_job(stopping, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let v = store
+        .claim_job(vanished, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    store.mark_agent_stopping(stopping).await.unwrap();
+    let later = Utc::now() + chrono::Duration::minutes(5);
+    let mut expired = store.expire_leases(Some(later)).await.unwrap();
+    expired.sort();
+    let mut both = vec![s.id, v.id];
+    both.sort();
+    assert_eq!(expired, both);
+    let (f, h, e) = counts(&store, s.id).await;
+    assert_eq!((f, h), (0, 1), "{e:?}");
+    assert!(e.unwrap().contains("was stopped"));
+    let (f, h, _) = counts(&store, v.id).await;
+    assert_eq!((f, h), (1, 0));
+    // Heard from again (restarted), it is no longer stopping.
+    assert!(store.touch_agent(stopping).await.unwrap());
+    let since: Option<chrono::DateTime<Utc>> =
+        sqlx::query_scalar("SELECT stopping_since FROM agents WHERE id = $1")
+            .bind(stopping)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert!(since.is_none());
+}
+
+#[tokio::test]
+async fn an_unacknowledged_claim_returns_without_costing_an_attempt() {
+    let (_db, store) = store().await;
+    let store = store.with_claim_grace(Duration::from_secs(2));
+    let a = agent(&store, "a", "cpu").await;
+    store
+        .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let j = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let past_grace = Utc::now() + chrono::Duration::seconds(3);
+    assert_eq!(
+        store.expire_leases(Some(past_grace)).await.unwrap(),
+        vec![j.id]
+    );
+    let (f, h, e) = counts(&store, j.id).await;
+    assert_eq!((f, h), (0, 1));
+    assert!(e.unwrap().contains("not acknowledged"));
+    // Acknowledged by a progress report, the claim holds for its lease.
+    let j = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(j.attempt, 2);
+    store
+        .report_progress(a, j.id, 2, "loading", 0, 0.0, LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let past_grace = Utc::now() + chrono::Duration::seconds(3);
+    assert!(store
+        .expire_leases(Some(past_grace))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.get_job(j.id).await.unwrap().state, JobState::Running);
+}
+
+#[tokio::test]
+async fn the_database_refuses_a_return_to_the_queue_that_counts_nothing() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    store
+        .create_sweep(&sweep("batch_sizes=[1]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = sqlx::query(
+        "UPDATE jobs SET state = 'pending', lease_agent_id = NULL, lease_device = NULL, \
+             lease_expires_at = NULL",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("failure or a hand-back"), "{err}");
+    let err = sqlx::query("UPDATE jobs SET failures = failures + 1")
+        .execute(store.pool())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("only when a run ends"), "{err}");
 }
 
 #[tokio::test]

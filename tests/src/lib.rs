@@ -194,6 +194,16 @@ impl Child {
         }
     }
 
+    /// Sends `signal` to the process, if it has not exited.
+    pub fn signal(&mut self, signal: libc::c_int) {
+        if self.try_wait().is_none() {
+            // SAFETY: kill(2) on the pid of a child we have not reaped yet: it cannot be reused.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, signal);
+            }
+        }
+    }
+
     /// SIGKILL, then reap. A process that is already gone is fine.
     pub fn kill(&mut self) {
         if self.try_wait().is_none() {
@@ -259,6 +269,8 @@ pub struct CoordinatorOpts {
     pub lease: &'static str,
     pub heartbeat: &'static str,
     pub reap_interval: &'static str,
+    /// How long a claim waits for its agent's acknowledgement (`--claim-grace`).
+    pub claim_grace: &'static str,
 }
 
 impl Default for CoordinatorOpts {
@@ -268,6 +280,7 @@ impl Default for CoordinatorOpts {
             lease: "10s",
             heartbeat: "500ms",
             reap_interval: "200ms",
+            claim_grace: "5s",
         }
     }
 }
@@ -298,6 +311,7 @@ impl Coordinator {
             .args(["--lease", opts.lease])
             .args(["--heartbeat", opts.heartbeat])
             .args(["--reap-interval", opts.reap_interval])
+            .args(["--claim-grace", opts.claim_grace])
             .args(["--db-connections", "8"]);
         if let Some(t) = &opts.token {
             cmd.arg("--token").arg(t);
@@ -331,6 +345,17 @@ impl Coordinator {
 
     pub fn client(&self) -> SweepClient {
         sweep_client(&self.url, self.token.as_deref()).expect("client")
+    }
+
+    /// Freezes the process (SIGSTOP): it keeps its sockets but answers nothing, as a hung
+    /// coordinator would.
+    pub fn freeze(&mut self) {
+        self.process.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn thaw(&mut self) {
+        self.process.signal(libc::SIGCONT);
     }
 }
 
@@ -494,6 +519,15 @@ pub async fn jobs(pool: &PgPool, sweep: Uuid) -> sqlx::Result<Vec<JobInfo>> {
             })
         })
         .collect()
+}
+
+/// How a job's runs ended so far: (attempt, failures, hand-backs, error).
+pub async fn job_counts(pool: &PgPool, job: Uuid) -> (i32, i32, i32, Option<String>) {
+    sqlx::query_as("SELECT attempt, failures, handbacks, error FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(pool)
+        .await
+        .expect("job counts")
 }
 
 /// One stored result row.
