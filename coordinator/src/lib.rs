@@ -24,9 +24,11 @@ use tracing::{info, warn};
 pub use error::CoordinatorError;
 pub use store::Store;
 
-/// Largest message either side may send: a result with a long run of raw latencies, or an
-/// import of many results, is several megabytes.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest request the coordinator reads (see `fleetmark_core::limits`): a bigger one is
+/// refused by tonic from its length prefix, before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = fleetmark_core::limits::MAX_REQUEST_BYTES;
+/// Largest response the coordinator sends.
+pub const MAX_RESPONSE_BYTES: usize = fleetmark_core::limits::MAX_RESPONSE_BYTES;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -42,6 +44,12 @@ pub struct Config {
     pub max_db_connections: u32,
     /// How long start-up waits for the database to accept connections.
     pub startup_timeout: Duration,
+    /// How often the server pings each connection over HTTP/2; a peer that does not answer
+    /// within `keepalive_timeout` is disconnected (a half-open or stuck connection).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive probes on every accepted socket, for peers that vanished without a FIN.
+    pub tcp_keepalive: Duration,
 }
 
 impl Config {
@@ -54,6 +62,9 @@ impl Config {
             reap_interval: Duration::from_secs(1),
             max_db_connections: 16,
             startup_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -91,13 +102,15 @@ pub async fn run(
 
     let auth = auth::Auth::new(config.token.clone());
     let agents = AgentServiceServer::new(service::AgentApi(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let sweeps = SweepServiceServer::new(service::SweepApi(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let stop = token.clone();
     let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             agents,
             auth.clone(),
@@ -106,7 +119,9 @@ pub async fn run(
             sweeps, auth,
         ))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(config.tcp_keepalive)),
             async move {
                 shutdown.await;
                 // Long polls and watch streams end when this fires, so the server can drain.

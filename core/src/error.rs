@@ -32,5 +32,11 @@ pub enum CoreError {
     InvalidDuration { given: String, reason: String },
 
     #[error("invalid result record: {0}")]
-    InvalidResult(String),
+    InvalidResult(#[from] crate::result::ResultError),
+
+    #[error("{0}")]
+    Limit(#[from] crate::limits::LimitError),
+
+    #[error("invalid weights: {0}")]
+    InvalidWeights(String),
 }

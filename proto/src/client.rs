@@ -31,8 +31,10 @@ impl Interceptor for BearerAuth {
 pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type SweepClient = SweepServiceClient<InterceptedService<Channel, BearerAuth>>;
 
-/// Largest message a client accepts (results with many raw latencies).
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest message a client sends (a result with many raw latencies, an import chunk).
+pub const MAX_REQUEST_BYTES: usize = fleetmark_core::limits::MAX_REQUEST_BYTES;
+/// Largest message a client accepts (a listing of results with their raw latencies).
+pub const MAX_RESPONSE_BYTES: usize = fleetmark_core::limits::MAX_RESPONSE_BYTES;
 
 /// "127.0.0.1:7070" and "http://127.0.0.1:7070" both work.
 pub fn normalize_url(url: &str) -> String {
@@ -71,16 +73,16 @@ fn auth(token: Option<&str>) -> Result<BearerAuth, WireError> {
 pub fn agent_client(url: &str, token: Option<&str>) -> Result<AgentClient, WireError> {
     let channel = endpoint(url)?.connect_lazy();
     Ok(AgentServiceClient::with_interceptor(channel, auth(token)?)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES))
 }
 
 /// A client for the sweep API (the CLI).
 pub fn sweep_client(url: &str, token: Option<&str>) -> Result<SweepClient, WireError> {
     let channel = endpoint(url)?.connect_lazy();
     Ok(SweepServiceClient::with_interceptor(channel, auth(token)?)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES))
 }
 
 /// True for errors that mean "try again later": the coordinator or its database is down.

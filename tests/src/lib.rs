@@ -42,6 +42,7 @@ const SCRUBBED_ENV: &[&str] = &[
     "FLEETMARK_AGENT_NAME",
     "FLEETMARK_PRICE_PER_HOUR",
     "FLEETMARK_LABELS",
+    "FLEETMARK_WEIGHTS_DIR",
     "DATABASE_URL",
     "RUST_LOG",
 ];
@@ -259,6 +260,8 @@ pub struct CoordinatorOpts {
     pub lease: &'static str,
     pub heartbeat: &'static str,
     pub reap_interval: &'static str,
+    /// Further flags, appended as given.
+    pub extra_args: Vec<&'static str>,
 }
 
 impl Default for CoordinatorOpts {
@@ -268,6 +271,7 @@ impl Default for CoordinatorOpts {
             lease: "10s",
             heartbeat: "500ms",
             reap_interval: "200ms",
+            extra_args: Vec::new(),
         }
     }
 }
@@ -298,7 +302,8 @@ impl Coordinator {
             .args(["--lease", opts.lease])
             .args(["--heartbeat", opts.heartbeat])
             .args(["--reap-interval", opts.reap_interval])
-            .args(["--db-connections", "8"]);
+            .args(["--db-connections", "8"])
+            .args(&opts.extra_args);
         if let Some(t) = &opts.token {
             cmd.arg("--token").arg(t);
         }
