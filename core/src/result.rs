@@ -178,6 +178,13 @@ pub enum ResultError {
 
 /// Relative tolerance for numbers reported alongside the samples they summarise.
 const THROUGHPUT_TOLERANCE: f64 = 0.01;
+/// Relative slack for orderings: the mean of identical samples can exceed them by an ulp.
+const ORDER_SLACK: f64 = 1e-9;
+
+/// `a <= b`, up to floating-point rounding.
+fn le(a: f64, b: f64) -> bool {
+    a <= b + ORDER_SLACK * a.abs().max(b.abs())
+}
 
 fn finite(field: &'static str, x: f64) -> Result<(), ResultError> {
     if !x.is_finite() {
@@ -228,17 +235,17 @@ pub fn validate_stats(l: &LatencyStats) -> Result<(), ResultError> {
         });
     }
     let ordered = [l.min_ms, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms];
-    if ordered.windows(2).any(|w| w[0] > w[1]) {
+    if ordered.windows(2).any(|w| !le(w[0], w[1])) {
         return Err(ResultError::Order {
             rule: "min <= p50 <= p90 <= p99 <= max",
         });
     }
-    if !(l.min_ms <= l.mean_ms && l.mean_ms <= l.max_ms) {
+    if !(le(l.min_ms, l.mean_ms) && le(l.mean_ms, l.max_ms)) {
         return Err(ResultError::Order {
             rule: "min <= mean <= max",
         });
     }
-    if !(l.ci95_low_ms <= l.mean_ms && l.mean_ms <= l.ci95_high_ms) {
+    if !(le(l.ci95_low_ms, l.mean_ms) && le(l.mean_ms, l.ci95_high_ms)) {
         return Err(ResultError::Order {
             rule: "ci95 low <= mean <= ci95 high",
         });
@@ -251,7 +258,7 @@ fn validate_metric(field: &'static str, m: &Option<MetricSummary>) -> Result<(),
         for x in [m.min, m.mean, m.max] {
             non_negative(field, x)?;
         }
-        if !(m.min <= m.mean && m.mean <= m.max) {
+        if !(le(m.min, m.mean) && le(m.mean, m.max)) {
             return Err(ResultError::Order {
                 rule: "telemetry min <= mean <= max",
             });
@@ -426,5 +433,17 @@ impl BenchResult {
         } else {
             format!("{p} ({} math)", self.backend.math)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mean_of_identical_samples_is_within_them() {
+        let l = LatencyStats::from_samples(&[0.1, 0.1, 0.1]).unwrap();
+        assert!(l.mean_ms > l.max_ms, "rounding puts the mean an ulp above");
+        validate_stats(&l).unwrap();
     }
 }

@@ -164,10 +164,11 @@ proptest! {
             Ok(()) => {
                 // Whatever passed is sane: finite, ordered, consistent throughput.
                 let l = &r.latency;
+                let le = |a: f64, b: f64| a <= b + 1e-9 * a.abs().max(b.abs());
                 prop_assert!(r.images_per_sec.is_finite() && r.images_per_sec >= 0.0);
-                prop_assert!(l.min_ms <= l.p50_ms && l.p50_ms <= l.p90_ms);
-                prop_assert!(l.p90_ms <= l.p99_ms && l.p99_ms <= l.max_ms);
-                prop_assert!(l.min_ms <= l.mean_ms && l.mean_ms <= l.max_ms);
+                prop_assert!(le(l.min_ms, l.p50_ms) && le(l.p50_ms, l.p90_ms));
+                prop_assert!(le(l.p90_ms, l.p99_ms) && le(l.p99_ms, l.max_ms));
+                prop_assert!(le(l.min_ms, l.mean_ms) && le(l.mean_ms, l.max_ms));
                 let expected = l.images_per_sec(r.spec.batch_size);
                 prop_assert!((r.images_per_sec - expected).abs() <= 0.01 * expected);
                 prop_assert!(r.latencies_ms.iter().all(|x| x.is_finite() && *x >= 0.0));
