@@ -375,10 +375,20 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
         );
         assert!(msg.len() < 512, "{msg}");
     }
+    let long_name = format!(
+        "name = \"{}\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]",
+        "n".repeat(201)
+    );
     for (what, toml) in [
-        ("a NUL in the sweep name", "name = \"a\\u0000b\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]"),
-        ("a raw NUL", "name = \"a\0b\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]"),
-        ("a 201-character sweep name", &format!("name = \"{}\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]", "n".repeat(201))),
+        (
+            "a NUL in the sweep name",
+            "name = \"a\\u0000b\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]",
+        ),
+        (
+            "a raw NUL",
+            "name = \"a\0b\"\nbatch_sizes = [1]\nprecisions = [\"f32\"]",
+        ),
+        ("a 201-character sweep name", long_name.as_str()),
     ] {
         assert_code(
             p.sweeps
