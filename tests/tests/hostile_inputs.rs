@@ -64,7 +64,13 @@ impl Probe {
     }
 
     async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        let sql = match table {
+            "agents" => "SELECT count(*) FROM agents",
+            "sweeps" => "SELECT count(*) FROM sweeps",
+            "results" => "SELECT count(*) FROM results",
+            other => panic!("no count for {other}"),
+        };
+        sqlx::query_scalar(sql)
             .fetch_one(&self.pool)
             .await
             .expect("count")
