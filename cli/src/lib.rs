@@ -414,7 +414,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     .map_err(|s| remote.err(s))?
                     .into_inner();
                 for o in &resp.outcomes {
-                    eprintln!("record {}: {}", offset + o.index as usize + 1, describe_outcome(o));
+                    eprintln!(
+                        "record {}: {}",
+                        offset + o.index as usize + 1,
+                        describe_outcome(o)
+                    );
                 }
                 offset += chunk.len();
                 if !resp.sweep_id.is_empty() {
@@ -495,9 +499,7 @@ pub fn parse_records(text: &str, source: &str) -> Result<Vec<BenchResult>, CliEr
         out.push(r);
     }
     if out.is_empty() {
-        return Err(CliError::Input(format!(
-            "{source} holds no result records"
-        )));
+        return Err(CliError::Input(format!("{source} holds no result records")));
     }
     Ok(out)
 }

@@ -469,8 +469,12 @@ impl SweepService for SweepApi {
         req: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
         let r = req.into_inner();
-        fleetmark_core::limits::check_text("model", &r.model, fleetmark_core::limits::MAX_NAME_CHARS)
-            .map_err(limit)?;
+        fleetmark_core::limits::check_text(
+            "model",
+            &r.model,
+            fleetmark_core::limits::MAX_NAME_CHARS,
+        )
+        .map_err(limit)?;
         let sweep_id = if r.sweep_id.is_empty() {
             None
         } else {

@@ -912,16 +912,23 @@ async fn attach_spooled(
     r: &BenchResult,
     imported_by: &str,
 ) -> Result<Option<ImportOutcome>> {
-    let row: Option<(Uuid, String, i32, Option<Uuid>, Option<String>, serde_json::Value, String)> =
-        sqlx::query_as(
-            "SELECT j.sweep_id, j.state::text, j.attempt, j.lease_agent_id, a.name, j.spec, s.state \
+    let row: Option<(
+        Uuid,
+        String,
+        i32,
+        Option<Uuid>,
+        Option<String>,
+        serde_json::Value,
+        String,
+    )> = sqlx::query_as(
+        "SELECT j.sweep_id, j.state::text, j.attempt, j.lease_agent_id, a.name, j.spec, s.state \
              FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
              LEFT JOIN agents a ON a.id = j.lease_agent_id \
              WHERE j.id = $1 FOR UPDATE OF j",
-        )
-        .bind(job)
-        .fetch_optional(&mut *tx)
-        .await?;
+    )
+    .bind(job)
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some((sweep, state, attempt, lease_agent, lease_name, spec, sweep_state)) = row else {
         return Ok(None);
     };
@@ -1049,7 +1056,16 @@ async fn file_imported(
     stored.job_id = Some(job);
     stored.attempt = 1;
     stored.agent_name = agent_name;
-    insert_result_hashed(&mut *tx, sweep, job, agent, &stored, &r.content_hash(), Some(imported_by)).await
+    insert_result_hashed(
+        &mut *tx,
+        sweep,
+        job,
+        agent,
+        &stored,
+        &r.content_hash(),
+        Some(imported_by),
+    )
+    .await
 }
 
 async fn notify(tx: &mut sqlx::PgConnection) -> Result<()> {

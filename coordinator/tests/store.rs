@@ -555,7 +555,10 @@ async fn a_result_must_answer_its_job() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("the agent registered h100 'h100 device'"), "{err}");
+    assert!(
+        err.contains("the agent registered h100 'h100 device'"),
+        "{err}"
+    );
     let mut right = result_for(&job, 1, "a");
     right.hardware_kind = "h100".into();
     right.hardware_name = "h100 device".into();
@@ -612,7 +615,10 @@ fn hardware_must_match_the_registration_down_to_the_gpu() {
         id: Uuid::new_v4(),
         sweep_id: Uuid::new_v4(),
         seq: 0,
-        spec: sweep("batch_sizes=[1]\nprecisions=[\"f32\"]").expand().unwrap().remove(0),
+        spec: sweep("batch_sizes=[1]\nprecisions=[\"f32\"]")
+            .expand()
+            .unwrap()
+            .remove(0),
         state: JobState::Running,
         attempt: 1,
         lease_expires_at: None,
@@ -637,7 +643,10 @@ fn hardware_must_match_the_registration_down_to_the_gpu() {
     r.host.gpus.clear();
     assert!(check_hardware(&r, &devices, &registered).is_err());
     // Where the registration knows no UUID, kind and name decide.
-    assert_eq!(check_hardware(&r, &devices, &HostInventory::default()), Ok(()));
+    assert_eq!(
+        check_hardware(&r, &devices, &HostInventory::default()),
+        Ok(())
+    );
     r.device = "cuda:1".into();
     assert!(check_hardware(&r, &devices, &registered)
         .unwrap_err()

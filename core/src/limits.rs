@@ -168,7 +168,11 @@ pub fn check_labels<'a>(
             });
         }
         check_text("a label key", k, MAX_LABEL_KEY_CHARS)?;
-        check_text(&format!("label '{}'", Excerpt::of(k)), v, MAX_LABEL_VALUE_CHARS)?;
+        check_text(
+            &format!("label '{}'", Excerpt::of(k)),
+            v,
+            MAX_LABEL_VALUE_CHARS,
+        )?;
     }
     Ok(())
 }
@@ -210,7 +214,9 @@ mod tests {
     fn names_are_counted_in_characters() {
         let two_hundred_e_acute = "é".repeat(200);
         assert!(check_name("name", &two_hundred_e_acute).is_ok());
-        let e = check_name("name", &"é".repeat(201)).unwrap_err().to_string();
+        let e = check_name("name", &"é".repeat(201))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "name is 201 characters long; at most 200 are allowed");
         assert!(check_name("name", "a\0b")
             .unwrap_err()

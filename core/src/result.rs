@@ -164,7 +164,9 @@ pub enum ResultError {
     NotAFraction { field: &'static str },
     #[error("the latency statistics are out of order: {rule} does not hold")]
     Order { rule: &'static str },
-    #[error("images/s {reported:.4e} does not match batch x 1000 / mean = {expected:.4e} (within 1%)")]
+    #[error(
+        "images/s {reported:.4e} does not match batch x 1000 / mean = {expected:.4e} (within 1%)"
+    )]
     Throughput { reported: f64, expected: f64 },
     #[error("a raw latency is negative or not finite")]
     BadSample,

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    limits::{check_name, Excerpt, MAX_ERROR_CHARS, MAX_SWEEP_TOML_BYTES},
     job::{validate_batch, validate_batch_area, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE},
+    limits::{check_name, Excerpt, MAX_ERROR_CHARS, MAX_SWEEP_TOML_BYTES},
     CoreError, EnginePath, HardwareTarget, JobSpec, MeasurementSpec, Precision, WeightsSpec,
 };
 
@@ -76,7 +76,9 @@ impl SweepSpec {
             )));
         }
         if text.contains('\0') {
-            return Err(CoreError::MalformedSweep("the sweep contains a NUL byte".into()));
+            return Err(CoreError::MalformedSweep(
+                "the sweep contains a NUL byte".into(),
+            ));
         }
         let spec: SweepSpec = toml::from_str(text).map_err(|e| {
             let mut msg = e.message().to_string();

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 use fleetmark_core::{
-    limits::MAX_ERROR_CHARS, BackendInfo, BenchResult, Correctness, LatencyStats,
-    MetricSummary, SweepSpec, Telemetry,
+    limits::MAX_ERROR_CHARS, BackendInfo, BenchResult, Correctness, LatencyStats, MetricSummary,
+    SweepSpec, Telemetry,
 };
 use proptest::prelude::*;
 
@@ -71,7 +71,11 @@ proptest! {
 }
 
 fn good_result() -> BenchResult {
-    let spec = SweepSpec::from_toml(GOOD_SWEEP).unwrap().expand().unwrap().remove(0);
+    let spec = SweepSpec::from_toml(GOOD_SWEEP)
+        .unwrap()
+        .expand()
+        .unwrap()
+        .remove(0);
     let latencies = vec![2.0, 3.0, 4.0, 5.0];
     let latency = LatencyStats::from_samples(&latencies).unwrap();
     let now = Utc::now();
@@ -97,7 +101,11 @@ fn good_result() -> BenchResult {
         timed_seconds: 0.02,
         telemetry: Some(Telemetry {
             samples: 1,
-            power_watts: Some(MetricSummary { min: 1.0, mean: 2.0, max: 3.0 }),
+            power_watts: Some(MetricSummary {
+                min: 1.0,
+                mean: 2.0,
+                max: 3.0,
+            }),
             ..Default::default()
         }),
         correctness: Some(Correctness {

@@ -176,7 +176,9 @@ pub fn run_job(
             return Ok(());
         }
         // A result carries every sample; past this bound the coordinator would refuse it.
-        if elapsed >= m.max_duration || latencies.len() >= fleetmark_core::limits::MAX_LATENCY_SAMPLES {
+        if elapsed >= m.max_duration
+            || latencies.len() >= fleetmark_core::limits::MAX_LATENCY_SAMPLES
+        {
             return Ok(());
         }
         check_cancel(cancel)?;

@@ -142,7 +142,8 @@ impl ModelWeights {
         match spec {
             WeightsSpec::Seeded { seed } => Self::seeded(*seed),
             WeightsSpec::File { path } => {
-                let wanted = WeightsRef::parse(path).map_err(|e| EngineError::Weights(e.to_string()))?;
+                let wanted =
+                    WeightsRef::parse(path).map_err(|e| EngineError::Weights(e.to_string()))?;
                 let dir = weights_dir.ok_or_else(|| {
                     EngineError::Weights(
                         "this agent serves no file weights: its operator did not start it with \
@@ -263,7 +264,9 @@ impl ModelWeights {
 fn read_from_dir(dir: &Path, wanted: &WeightsRef) -> Result<(String, Vec<u8>), EngineError> {
     let refused = || {
         EngineError::Weights(match wanted {
-            WeightsRef::Name(n) => format!("no weights file '{n}' in this agent's weights directory"),
+            WeightsRef::Name(n) => {
+                format!("no weights file '{n}' in this agent's weights directory")
+            }
             WeightsRef::Sha256(h) => {
                 format!("no weights file with sha256 {h} in this agent's weights directory")
             }
@@ -387,11 +390,19 @@ mod tests {
         assert_eq!(by_hash.info.sha256, by_name.info.sha256);
         let e = load("w.safetensors", None).unwrap_err().to_string();
         assert!(e.contains("--weights-dir"), "{e}");
-        let e_missing = load("nothing.safetensors", Some(dir.path())).unwrap_err().to_string();
+        let e_missing = load("nothing.safetensors", Some(dir.path()))
+            .unwrap_err()
+            .to_string();
         std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link")).unwrap();
         let e_link = load("link", Some(dir.path())).unwrap_err().to_string();
-        assert!(e_link.starts_with("weights: no weights file 'link'"), "{e_link}");
-        assert!(!e_missing.contains(&dir.path().display().to_string()), "{e_missing}");
+        assert!(
+            e_link.starts_with("weights: no weights file 'link'"),
+            "{e_link}"
+        );
+        assert!(
+            !e_missing.contains(&dir.path().display().to_string()),
+            "{e_missing}"
+        );
         for p in ["/etc/shadow", "../w.safetensors", "/dev/zero"] {
             let e = load(p, Some(dir.path())).unwrap_err().to_string();
             assert!(e.contains("not a file name") || e.contains("a path"), "{e}");

@@ -4,8 +4,8 @@
 
 use fleetmark_core::limits::{MAX_LATENCY_SAMPLES, MAX_REQUEST_BYTES, MAX_TEXT_CHARS};
 use fleetmark_proto::{convert::result_without_latencies, v1 as pb};
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
@@ -152,5 +152,8 @@ fn largest_real_result_fits_the_request_limit() {
     .encoded_len();
     eprintln!("largest real SubmitResult: {len} bytes; limit {MAX_REQUEST_BYTES}");
     assert!(len < MAX_REQUEST_BYTES * 3 / 4, "{len} bytes");
-    assert!(len > MAX_REQUEST_BYTES / 4, "the limit is not far above real use: {len}");
+    assert!(
+        len > MAX_REQUEST_BYTES / 4,
+        "the limit is not far above real use: {len}"
+    );
 }

@@ -180,8 +180,12 @@ async fn impossible_results_are_refused_and_the_job_keeps_running() {
         ("images/s 1e12", |r| r.images_per_sec = 1e12),
         ("images/s 1e308", |r| r.images_per_sec = 1e308),
         ("mean -7", |r| r.latency.mean_ms = -7.0),
-        ("p99 below p50", |r| r.latency.p99_ms = r.latency.p50_ms / 2.0),
-        ("min above max", |r| r.latency.min_ms = r.latency.max_ms + 1.0),
+        ("p99 below p50", |r| {
+            r.latency.p99_ms = r.latency.p50_ms / 2.0
+        }),
+        ("min above max", |r| {
+            r.latency.min_ms = r.latency.max_ms + 1.0
+        }),
         ("NaN max_rel_error", |r| {
             r.correctness = Some(fleetmark_core::Correctness {
                 max_rel_error: f64::NAN,
@@ -198,7 +202,9 @@ async fn impossible_results_are_refused_and_the_job_keeps_running() {
                 ..Default::default()
             })
         }),
-        ("count above the raw latencies", |r| r.latency.count = 2_000_000),
+        ("count above the raw latencies", |r| {
+            r.latency.count = 2_000_000
+        }),
         ("a hardware name the agent did not register", |r| {
             r.hardware_name = "NVIDIA H100 80GB HBM3".into()
         }),
@@ -359,7 +365,9 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
         started.elapsed()
     );
     // 100 MB of garbage: the same.
-    let garbage: String = (0..100 << 20).map(|i| (b'!' + (i % 90) as u8) as char).collect();
+    let garbage: String = (0..100 << 20)
+        .map(|i| (b'!' + (i % 90) as u8) as char)
+        .collect();
     let e = p
         .sweeps
         .submit_sweep(pb::SubmitSweepRequest {
@@ -493,9 +501,21 @@ async fn undecodable_protobuf_is_invalid_argument() {
     .encode_to_vec();
     let truncated = valid[..valid.len() / 2].to_vec();
     let cases = [
-        ("truncated", "/fleetmark.v1.SweepService/SubmitSweep", truncated.clone()),
-        ("garbage", "/fleetmark.v1.SweepService/SubmitSweep", vec![0xff; 16]),
-        ("truncated", "/fleetmark.v1.AgentService/SubmitResult", truncated),
+        (
+            "truncated",
+            "/fleetmark.v1.SweepService/SubmitSweep",
+            truncated.clone(),
+        ),
+        (
+            "garbage",
+            "/fleetmark.v1.SweepService/SubmitSweep",
+            vec![0xff; 16],
+        ),
+        (
+            "truncated",
+            "/fleetmark.v1.AgentService/SubmitResult",
+            truncated,
+        ),
     ];
     for (what, path, bytes) in cases {
         grpc.ready().await.expect("ready");
@@ -541,13 +561,15 @@ async fn imports_never_borrow_agents_repeat_results_or_revive_stale_attempts() {
             .await
             .expect("the registered agent");
     assert_eq!(origin, "registered");
-    assert_eq!(devices[0]["name"], CPU_NAME, "its registration is untouched");
-    let stored_under: String = sqlx::query_scalar(
-        "SELECT a.name FROM results r JOIN agents a ON a.id = r.agent_id",
-    )
-    .fetch_one(&p.pool)
-    .await
-    .expect("the imported result's agent");
+    assert_eq!(
+        devices[0]["name"], CPU_NAME,
+        "its registration is untouched"
+    );
+    let stored_under: String =
+        sqlx::query_scalar("SELECT a.name FROM results r JOIN agents a ON a.id = r.agent_id")
+            .fetch_one(&p.pool)
+            .await
+            .expect("the imported result's agent");
     assert_eq!(stored_under, format!("imported/{AGENT}"));
     let listed = p
         .sweeps
@@ -605,7 +627,10 @@ async fn imports_never_borrow_agents_repeat_results_or_revive_stale_attempts() {
     let sweep: Uuid = job.sweep_id.parse().expect("uuid");
     let js = jobs(&p.pool, sweep).await.expect("jobs");
     assert_eq!(js[0].state, "succeeded");
-    assert_eq!(sweep_state(&p.pool, sweep).await.expect("state"), "completed");
+    assert_eq!(
+        sweep_state(&p.pool, sweep).await.expect("state"),
+        "completed"
+    );
     assert_eq!(p.count("results").await, 3);
     assert_eq!(
         p.count("sweeps").await,
@@ -654,8 +679,7 @@ async fn weights_paths_are_refused_without_an_oracle() {
     // A plain name reaches the agent, which looks only in its --weights-dir. A link in there
     // to a file outside it is refused exactly like a file that does not exist.
     let weights = scratch();
-    std::os::unix::fs::symlink("/etc/hostname", weights.path().join("outside"))
-        .expect("symlink");
+    std::os::unix::fs::symlink("/etc/hostname", weights.path().join("outside")).expect("symlink");
     let dir = scratch();
     let wd = weights.path().to_str().expect("utf-8").to_string();
     let _agent = start_agent(
@@ -688,15 +712,24 @@ async fn weights_paths_are_refused_without_an_oracle() {
         errors.push(error.unwrap_or_default().replace(name, "<name>"));
     }
     assert_eq!(errors[0], errors[1], "no existence oracle: {errors:?}");
-    assert!(!errors[0].contains(&wd), "no path in the error: {}", errors[0]);
+    assert!(
+        !errors[0].contains(&wd),
+        "no path in the error: {}",
+        errors[0]
+    );
     assert!(!errors[0].contains("/etc"), "{}", errors[0]);
 }
 
 #[tokio::test]
 async fn half_open_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let p = Probe::start(vec!["--keepalive-interval", "300ms", "--keepalive-timeout", "300ms"])
-        .await;
+    let p = Probe::start(vec![
+        "--keepalive-interval",
+        "300ms",
+        "--keepalive-timeout",
+        "300ms",
+    ])
+    .await;
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.coord.port))
         .await
         .expect("connect");
@@ -714,5 +747,8 @@ async fn half_open_connections_are_closed() {
         }
     })
     .await;
-    assert!(closed.is_ok(), "the server closed a connection that stopped answering pings");
+    assert!(
+        closed.is_ok(),
+        "the server closed a connection that stopped answering pings"
+    );
 }

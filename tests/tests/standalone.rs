@@ -148,7 +148,11 @@ async fn standalone_results_import_and_compare() {
     // Importing the same file again adds nothing: each record is reported as a duplicate.
     let out = cli(url, None, &["import", path]).await;
     assert_success(&out, "second fleetmark import");
-    assert!(stdout(&out).trim().is_empty(), "no new sweep: {}", stdout(&out));
+    assert!(
+        stdout(&out).trim().is_empty(),
+        "no new sweep: {}",
+        stdout(&out)
+    );
     assert_eq!(
         stderr(&out).matches("duplicate").count(),
         2,
