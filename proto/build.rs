@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
+        // Undecodable bytes are the caller's fault: INVALID_ARGUMENT, not prost's INTERNAL.
+        .codec_path("crate::codec::FleetmarkCodec")
         .compile_protos(&["proto/fleetmark/v1/fleetmark.proto"], &["proto"])?;
     Ok(())
 }

@@ -41,6 +41,10 @@ struct DeviceArgs {
     /// Labels, as k=v,k2=v2.
     #[arg(long, env = "FLEETMARK_LABELS", default_value = "")]
     labels: String,
+    /// The only directory weights files may come from. A sweep names a file in it (or its
+    /// sha256:<hex>); without this flag, jobs with file weights are refused.
+    #[arg(long, env = "FLEETMARK_WEIGHTS_DIR")]
+    weights_dir: Option<PathBuf>,
     /// For coordinator testing only: iteration time of the simulated device.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration, hide = true)]
     simulated_latency: Duration,
@@ -134,6 +138,12 @@ fn config_from(
     c.price_per_hour = d.price_per_hour;
     c.labels = parse_labels(&d.labels)?;
     c.backend.simulated_latency = d.simulated_latency;
+    if let Some(dir) = d.weights_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("--weights-dir {} is not a directory", dir.display());
+        }
+        c.backend.weights_dir = Some(dir);
+    }
     Ok(c)
 }
 

@@ -93,7 +93,10 @@ pub fn run(
                     target: fleetmark_core::HardwareTarget::Any,
                     engine,
                     weights: WeightsSpec::File {
-                        path: weights_path.display().to_string(),
+                        path: weights_path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
                     },
                     measurement: MeasurementSpec::default(),
                     repetition: 0,

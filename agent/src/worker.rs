@@ -60,7 +60,10 @@ impl DeviceWorker {
                         let w = match &weights {
                             Some((s, w)) if *s == item.job.weights => w,
                             _ => {
-                                let w = ModelWeights::load(&item.job.weights)?;
+                                let w = ModelWeights::load(
+                                    &item.job.weights,
+                                    opts.weights_dir.as_deref(),
+                                )?;
                                 &weights.insert((item.job.weights.clone(), w)).1
                             }
                         };

@@ -410,23 +410,71 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                         .unwrap_or_default()
                 )
             });
-            let resp = remote
-                .client
-                .import_results(pb::ImportResultsRequest {
-                    name,
-                    results: records.iter().map(Into::into).collect(),
-                })
-                .await
-                .map_err(|s| remote.err(s))?
-                .into_inner();
-            eprintln!(
-                "imported {} results as sweep {}",
-                resp.imported, resp.sweep_id
-            );
-            println!("{}", resp.sweep_id);
+            let mut sweeps = Vec::new();
+            let mut offset = 0;
+            for chunk in import_chunks(&records) {
+                let resp = remote
+                    .client
+                    .import_results(pb::ImportResultsRequest {
+                        name: name.clone(),
+                        results: chunk.to_vec(),
+                    })
+                    .await
+                    .map_err(|s| remote.err(s))?
+                    .into_inner();
+                for o in &resp.outcomes {
+                    eprintln!(
+                        "record {}: {}",
+                        offset + o.index as usize + 1,
+                        describe_outcome(o)
+                    );
+                }
+                offset += chunk.len();
+                if !resp.sweep_id.is_empty() {
+                    eprintln!(
+                        "imported {} results as sweep {}",
+                        resp.imported, resp.sweep_id
+                    );
+                    sweeps.push(resp.sweep_id);
+                }
+            }
+            for s in sweeps {
+                println!("{s}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// One line per import outcome, for stderr.
+fn describe_outcome(o: &pb::ImportOutcome) -> String {
+    use pb::import_outcome::Kind;
+    match o.kind() {
+        Kind::Imported => format!("imported (result {})", o.result_id),
+        Kind::Attached => format!("attached to its job {} (result {})", o.job_id, o.result_id),
+        Kind::Duplicate => "duplicate, already stored: nothing added".into(),
+        Kind::Stale => format!("stale, not stored: {}", o.reason),
+        Kind::Unspecified => "unknown outcome".into(),
+    }
+}
+
+/// Splits records into requests that each stay well under the coordinator's message limit.
+fn import_chunks(records: &[BenchResult]) -> Vec<Vec<pb::BenchResult>> {
+    use prost::Message;
+    const BUDGET: usize = fleetmark_core::limits::MAX_REQUEST_BYTES / 2;
+    let mut chunks: Vec<Vec<pb::BenchResult>> = Vec::new();
+    let mut size = 0;
+    for r in records {
+        let wire = pb::BenchResult::from(r);
+        let len = wire.encoded_len() + 16;
+        if chunks.is_empty() || size + len > BUDGET {
+            chunks.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        chunks.last_mut().expect("a chunk").push(wire);
+    }
+    chunks
 }
 
 /// Reads JSON-lines result records, naming the line of the first bad one. Nothing is sent
@@ -434,6 +482,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 pub fn read_records(path: &std::path::Path) -> Result<Vec<BenchResult>, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?;
+    parse_records(&text, &path.display().to_string())
+}
+
+/// Parses JSON-lines result records from `text`; `source` names it in errors, which quote at
+/// most a short excerpt of the bad line.
+pub fn parse_records(text: &str, source: &str) -> Result<Vec<BenchResult>, CliError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -441,20 +495,20 @@ pub fn read_records(path: &std::path::Path) -> Result<Vec<BenchResult>, CliError
         }
         let r: BenchResult = serde_json::from_str(line).map_err(|e| {
             CliError::Input(format!(
-                "{} line {}: not a result record: {e}",
-                path.display(),
-                i + 1
+                "{source} line {}: not a result record: {}",
+                i + 1,
+                fleetmark_core::limits::Excerpt::at_most(
+                    &e.to_string(),
+                    fleetmark_core::limits::MAX_ERROR_CHARS
+                )
             ))
         })?;
         r.validate()
-            .map_err(|e| CliError::Input(format!("{} line {}: {e}", path.display(), i + 1)))?;
+            .map_err(|e| CliError::Input(format!("{source} line {}: {e}", i + 1)))?;
         out.push(r);
     }
     if out.is_empty() {
-        return Err(CliError::Input(format!(
-            "{} holds no result records",
-            path.display()
-        )));
+        return Err(CliError::Input(format!("{source} holds no result records")));
     }
     Ok(out)
 }

@@ -77,9 +77,12 @@ impl From<CoordinatorError> for Status {
                         Status::unavailable(format!("database unavailable: {e}"))
                     }
                     sqlx::Error::Database(ref db)
-                        if db.code().is_some_and(|c| c == "40001" || c == "40P01") =>
+                        if db
+                            .code()
+                            .is_some_and(|c| c == "40001" || c == "40P01" || c == "23505") =>
                     {
-                        // Serialization failure or deadlock: the whole call can simply be retried.
+                        // Serialization failure, deadlock, or a unique key taken by a concurrent call (two
+                        // imports of one record): the whole call can simply be retried.
                         Status::aborted(format!("database conflict, retry: {e}"))
                     }
                     sqlx::Error::Database(ref db)

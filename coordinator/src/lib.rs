@@ -25,9 +25,11 @@ use tracing::{info, warn};
 pub use error::CoordinatorError;
 pub use store::Store;
 
-/// Largest message either side may send: a result with a long run of raw latencies, or an
-/// import of many results, is several megabytes.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest request the coordinator reads (see `fleetmark_core::limits`): a bigger one is
+/// refused by tonic from its length prefix, before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = fleetmark_core::limits::MAX_REQUEST_BYTES;
+/// Largest response the coordinator sends.
+pub const MAX_RESPONSE_BYTES: usize = fleetmark_core::limits::MAX_RESPONSE_BYTES;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -55,6 +57,12 @@ impl Config {
     pub fn renew_heard_within(&self) -> Duration {
         (self.heartbeat_interval * 3).min(self.lease)
     }
+    /// How often the server pings each connection over HTTP/2; a peer that does not answer
+    /// within `keepalive_timeout` is disconnected (a half-open or stuck connection).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive probes on every accepted socket, for peers that vanished without a FIN.
+    pub tcp_keepalive: Duration,
 }
 
 impl Config {
@@ -68,6 +76,9 @@ impl Config {
             max_db_connections: 16,
             startup_timeout: Duration::from_secs(30),
             claim_grace: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -110,19 +121,17 @@ pub async fn run(
 
     let auth = auth::Auth::new(config.token.clone());
     let agents = AgentServiceServer::new(service::AgentApi(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let sweeps = SweepServiceServer::new(service::SweepApi(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let stop = token.clone();
-    // Keepalives from the same place as the clients': a peer that stops answering pings (a
-    // hung or vanished agent) has its connection and long polls dropped.
-    let keep = fleetmark_proto::client::Deadlines::default();
+    // A peer that stops answering pings (a hung or vanished agent) has its connection and long
+    // polls dropped.
     let served = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(keep.keepalive_interval))
-        .http2_keepalive_timeout(Some(keep.keepalive_timeout))
-        .tcp_keepalive(Some(keep.keepalive_interval))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             agents,
             auth.clone(),
@@ -131,7 +140,9 @@ pub async fn run(
             sweeps, auth,
         ))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(config.tcp_keepalive)),
             async move {
                 shutdown.await;
                 // Long polls and watch streams end when this fires, so the server can drain.

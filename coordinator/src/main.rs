@@ -38,6 +38,12 @@ struct Args {
     /// Database connections in the pool.
     #[arg(long, default_value_t = 16)]
     db_connections: u32,
+    /// How often to ping each client connection; one that does not answer within
+    /// --keepalive-timeout is closed.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    keepalive_interval: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    keepalive_timeout: Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +78,8 @@ async fn real_main() -> anyhow::Result<()> {
         ("--heartbeat", args.heartbeat),
         ("--reap-interval", args.reap_interval),
         ("--claim-grace", args.claim_grace),
+        ("--keepalive-interval", args.keepalive_interval),
+        ("--keepalive-timeout", args.keepalive_timeout),
     ] {
         if d.is_zero() {
             anyhow::bail!("{flag} must be longer than zero");
@@ -97,6 +105,8 @@ async fn real_main() -> anyhow::Result<()> {
     config.reap_interval = args.reap_interval;
     config.max_db_connections = args.db_connections;
     config.claim_grace = args.claim_grace;
+    config.keepalive_interval = args.keepalive_interval;
+    config.keepalive_timeout = args.keepalive_timeout;
     run(config, listener, shutdown_signal())
         .await
         .context("coordinator failed")

@@ -16,7 +16,8 @@ use uuid::Uuid;
 use crate::{
     error::CoordinatorError,
     store::{
-        AgentDevice, AgentRegistration, CompareFilter, FailOutcome, JobRow, ResultFilter, SweepRow,
+        AgentDevice, AgentRegistration, CompareFilter, FailOutcome, ImportOutcome, JobRow,
+        ResultFilter, SweepRow,
     },
     State,
 };
@@ -35,6 +36,36 @@ pub(crate) struct SweepApi(pub Arc<State>);
 
 fn agent_id(s: &str) -> Result<Uuid, Status> {
     parse_uuid("agent id", s).map_err(Into::into)
+}
+
+/// Maps a broken limit to INVALID_ARGUMENT.
+fn limit(e: fleetmark_core::LimitError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// Bounds every field of a registration: the name (in characters, '/' reserved for imported
+/// agents), labels, devices, and every inventory string; no NUL anywhere.
+fn validate_registration(r: &pb::RegisterRequest) -> Result<(), Status> {
+    use fleetmark_core::limits::{self, MAX_DEVICES, MAX_TEXT_CHARS};
+    limits::check_agent_name(r.name.trim()).map_err(limit)?;
+    limits::check_labels(r.labels.iter()).map_err(limit)?;
+    limits::check_count("devices", r.devices.len(), MAX_DEVICES).map_err(limit)?;
+    for d in &r.devices {
+        limits::check_name("a device", &d.device).map_err(limit)?;
+        limits::check_name("a device kind", &d.kind).map_err(limit)?;
+        limits::check_text("a device name", &d.name, MAX_TEXT_CHARS).map_err(limit)?;
+    }
+    if let Some(inv) = &r.inventory {
+        limits::check_inventory(&inv.clone().into()).map_err(limit)?;
+    }
+    Ok(())
+}
+
+/// The identity of the credential that made this call, recorded on imported results.
+// TODO(lead): wire to the caller identity helper "auth" exposes (its `caller identity` fn in
+// coordinator/src/auth.rs) once both branches are merged; until then imports say "unknown".
+fn caller_identity<T>(_req: &Request<T>) -> String {
+    "unknown".to_string()
 }
 
 fn job_to_wire(j: &JobRow) -> pb::JobStatus {
@@ -60,8 +91,9 @@ impl AgentService for AgentApi {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
+        validate_registration(&r)?;
         let name = r.name.trim().to_string();
-        if name.is_empty() || name.len() > 200 {
+        if name.is_empty() || name.chars().count() > fleetmark_core::limits::MAX_NAME_CHARS {
             return Err(Status::invalid_argument(
                 "agent name must be 1 to 200 characters",
             ));
@@ -216,6 +248,7 @@ impl AgentService for AgentApi {
         let agent = agent_id(&r.agent_id)?;
         let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
         let phase: String = r.phase.chars().take(32).collect();
+        fleetmark_core::limits::check_text("phase", &phase, 32).map_err(limit)?;
         match self
             .0
             .store
@@ -287,6 +320,7 @@ impl AgentService for AgentApi {
         let agent = agent_id(&r.agent_id)?;
         let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
         let reason: String = r.reason.chars().take(4000).collect();
+        fleetmark_core::limits::check_text("reason", &reason, 4000).map_err(limit)?;
         let store = &self.0.store;
         let released = if r.handback && !r.permanent {
             store.hand_back(agent, job, r.attempt as i32, &reason).await
@@ -494,6 +528,12 @@ impl SweepService for SweepApi {
         req: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
         let r = req.into_inner();
+        fleetmark_core::limits::check_text(
+            "model",
+            &r.model,
+            fleetmark_core::limits::MAX_NAME_CHARS,
+        )
+        .map_err(limit)?;
         let sweep_id = if r.sweep_id.is_empty() {
             None
         } else {
@@ -522,28 +562,44 @@ impl SweepService for SweepApi {
             after: page_after(&r.page_token)?,
             limit: Some(page_size(r.page_size) as i64 + 1),
         };
-        let mut results = self
+        let mut listing = self
             .0
             .store
             .list_results(&filter)
             .await
             .map_err(Status::from)?;
-        let next_page_token = if results.len() > page_size(r.page_size) {
-            results.truncate(page_size(r.page_size));
-            results.last().map(|s| s.id.to_string()).unwrap_or_default()
+        if listing.skipped > 0 {
+            warn!(
+                skipped = listing.skipped,
+                "results left out of a listing: stored rows that are not valid results"
+            );
+        }
+        // A page fetches one row more than it returns, to know whether another page follows; rows
+        // skipped as unreadable still count as rows read.
+        let page = page_size(r.page_size);
+        let next_page_token = if listing.results.len() + listing.skipped as usize > page {
+            listing.results.truncate(page);
+            listing
+                .results
+                .last()
+                .map(|s| s.id.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
         Ok(Response::new(pb::ListResultsResponse {
-            results: results
+            results: listing
+                .results
                 .iter()
                 .map(|s| pb::StoredResult {
                     result_id: s.id.to_string(),
                     sweep_id: s.sweep_id.to_string(),
                     result: Some((&s.result).into()),
+                    imported_by: s.imported_by.clone().unwrap_or_default(),
                 })
                 .collect(),
             next_page_token,
+            skipped: listing.skipped as u32,
         }))
     }
 
@@ -640,6 +696,7 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::ImportResultsRequest>,
     ) -> Result<Response<pb::ImportResultsResponse>, Status> {
+        let importer = caller_identity(&req);
         let r = req.into_inner();
         let mut results = Vec::with_capacity(r.results.len());
         for (i, wire) in r.results.into_iter().enumerate() {
@@ -652,16 +709,58 @@ impl SweepService for SweepApi {
         } else {
             r.name
         };
-        let (id, n) = self
+        fleetmark_core::limits::check_name("the import name", &name).map_err(limit)?;
+        let report = self
             .0
             .store
-            .import(&name, &results)
+            .import(&name, &importer, &results)
             .await
             .map_err(Status::from)?;
-        info!(sweep_id = %id, results = n, "results imported");
+        let imported = report
+            .outcomes
+            .iter()
+            .filter(|o| matches!(o, ImportOutcome::Imported { .. }))
+            .count();
+        info!(sweep_id = ?report.sweep, records = results.len(), imported, importer = %importer,
+              "results imported");
         Ok(Response::new(pb::ImportResultsResponse {
-            sweep_id: id.to_string(),
-            imported: n as u32,
+            sweep_id: report.sweep.map(|s| s.to_string()).unwrap_or_default(),
+            imported: imported as u32,
+            outcomes: report
+                .outcomes
+                .iter()
+                .enumerate()
+                .map(|(i, o)| import_outcome_to_wire(i, o))
+                .collect(),
         }))
     }
+}
+
+fn import_outcome_to_wire(index: usize, o: &ImportOutcome) -> pb::ImportOutcome {
+    use pb::import_outcome::Kind;
+    let mut w = pb::ImportOutcome {
+        index: index as u32,
+        ..Default::default()
+    };
+    match o {
+        ImportOutcome::Imported { result } => {
+            w.set_kind(Kind::Imported);
+            w.result_id = result.to_string();
+        }
+        ImportOutcome::Attached { job, result } => {
+            w.set_kind(Kind::Attached);
+            w.job_id = job.to_string();
+            w.result_id = result.to_string();
+        }
+        ImportOutcome::Duplicate { result } => {
+            w.set_kind(Kind::Duplicate);
+            w.result_id = result.map(|r| r.to_string()).unwrap_or_default();
+        }
+        ImportOutcome::Stale { job, reason } => {
+            w.set_kind(Kind::Stale);
+            w.job_id = job.to_string();
+            w.reason = reason.clone();
+        }
+    }
+    w
 }

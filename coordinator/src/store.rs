@@ -13,6 +13,7 @@ use sqlx::{
     postgres::{PgPoolOptions, PgRow},
     FromRow, PgPool, Row,
 };
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::error::{CoordinatorError, Result};
@@ -127,6 +128,89 @@ pub struct StoredResult {
     pub id: Uuid,
     pub sweep_id: Uuid,
     pub result: BenchResult,
+    /// Who imported it; `None` for results an agent delivered itself.
+    pub imported_by: Option<String>,
+}
+
+/// A listing of results, with how many stored rows were left out because they could not be
+/// read back as valid results.
+#[derive(Debug, Clone, Default)]
+pub struct ResultListing {
+    pub results: Vec<StoredResult>,
+    pub skipped: usize,
+}
+
+/// What an import did with one record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImportOutcome {
+    /// Filed under the import's own sweep.
+    Imported { result: Uuid },
+    /// Completed its own running job, as `submit_result` would have.
+    Attached { job: Uuid, result: Uuid },
+    /// The same record is already stored.
+    Duplicate { result: Option<Uuid> },
+    /// Its job has moved on; nothing stored.
+    Stale { job: Uuid, reason: String },
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default)]
+pub struct ImportReport {
+    /// The imported sweep, when at least one record was filed under it.
+    pub sweep: Option<Uuid>,
+    pub outcomes: Vec<ImportOutcome>,
+}
+
+/// Imported agents are named `imported/<name>`: registered names cannot contain '/', so an
+/// import never borrows a registered agent's name or row.
+pub const IMPORTED_AGENT_PREFIX: &str = "imported/";
+
+/// Checks that a result's hardware is what its agent registered for that device: kind and
+/// name, and the GPU's UUID where the registration knows it.
+pub fn check_hardware(
+    result: &BenchResult,
+    devices: &[AgentDevice],
+    inventory: &HostInventory,
+) -> std::result::Result<(), String> {
+    let device = devices
+        .iter()
+        .find(|d| d.device == result.device)
+        .ok_or_else(|| {
+            format!(
+                "the agent did not register device '{}'",
+                fleetmark_core::limits::Excerpt::of(&result.device)
+            )
+        })?;
+    if device.kind != result.hardware_kind || device.name != result.hardware_name {
+        return Err(format!(
+            "the result claims {} '{}' on {}, but the agent registered {} '{}' there",
+            fleetmark_core::limits::Excerpt::of(&result.hardware_kind),
+            fleetmark_core::limits::Excerpt::of(&result.hardware_name),
+            device.device,
+            device.kind,
+            device.name
+        ));
+    }
+    let index = result
+        .device
+        .strip_prefix("cuda:")
+        .and_then(|i| i.parse::<u32>().ok());
+    if let Some(index) = index {
+        let registered = inventory
+            .gpus
+            .iter()
+            .find(|g| g.index == index && !g.uuid.is_empty());
+        if let Some(registered) = registered {
+            let claimed = result.host.gpus.iter().find(|g| g.index == index);
+            if claimed.map(|g| g.uuid.as_str()) != Some(registered.uuid.as_str()) {
+                return Err(format!(
+                    "the result's GPU on {} is not the one the agent registered ({})",
+                    result.device, registered.uuid
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default)]
@@ -573,10 +657,12 @@ impl Store {
         if !spec.target.matches_name(&result.hardware_kind) {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "job {job} targets {} but the result comes from {}",
-                spec.target, result.hardware_kind
+                spec.target,
+                fleetmark_core::limits::Excerpt::of(&result.hardware_kind)
             )));
         }
-        let id = insert_result(&mut tx, sweep, job, agent, result).await?;
+        check_registered_hardware(&mut tx, agent, result).await?;
+        let id = insert_result(&mut tx, sweep, job, agent, result, None).await?;
         let done = sqlx::query(
             "UPDATE jobs SET state = 'succeeded', lease_agent_id = NULL, lease_device = NULL, \
                  lease_expires_at = NULL, finished_at = now(), fraction = 1, phase = 'done', \
@@ -770,9 +856,12 @@ impl Store {
 
     // ---- results ----
 
-    pub async fn list_results(&self, f: &ResultFilter) -> Result<Vec<StoredResult>> {
+    /// Results matching `f`. Rows are decoded one by one: a row that cannot be read back as a
+    /// valid result (stored before validation existed, or damaged) is logged and skipped, and
+    /// counted in `skipped`; it never fails the listing.
+    pub async fn list_results(&self, f: &ResultFilter) -> Result<ResultListing> {
         let rows = sqlx::query(
-            "SELECT id, sweep_id, record, \
+            "SELECT id, sweep_id, record, imported_by, \
                     CASE WHEN $6 THEN '{}'::double precision[] ELSE latencies_ms END AS latencies_ms \
              FROM results \
              WHERE ($1::uuid IS NULL OR sweep_id = $1) \
@@ -796,20 +885,18 @@ impl Store {
         .bind(f.limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                let record: serde_json::Value = r.try_get("record")?;
-                let mut result: BenchResult =
-                    serde_json::from_value(record).map_err(|e| sqlx::Error::Decode(e.into()))?;
-                result.latencies_ms = r.try_get("latencies_ms")?;
-                Ok(StoredResult {
-                    id: r.try_get("id")?,
-                    sweep_id: r.try_get("sweep_id")?,
-                    result,
-                })
-            })
-            .collect::<sqlx::Result<_>>()
-            .map_err(Into::into)
+        let mut listing = ResultListing::default();
+        for row in rows {
+            match decode_result(&row) {
+                Ok(r) => listing.results.push(r),
+                Err(e) => {
+                    let id: Option<Uuid> = row.try_get("id").ok();
+                    warn!(result_id = ?id, error = %e, "stored result skipped: it does not read back as a valid result");
+                    listing.skipped += 1;
+                }
+            }
+        }
+        Ok(listing)
     }
 
     /// Non-simulated results grouped by (model, precision, batch size, image size, hardware
@@ -840,9 +927,18 @@ impl Store {
         .await?)
     }
 
-    /// Loads results produced elsewhere (standalone agents) as a new, already finished sweep.
-    /// Their agents are recorded as imported, keyed by name. All or nothing.
-    pub async fn import(&self, name: &str, results: &[BenchResult]) -> Result<(Uuid, usize)> {
+    /// Loads result records produced elsewhere, each with its own outcome (see
+    /// [`ImportOutcome`]): a record for a job still running on that attempt completes it as
+    /// `submit_result` would; one for a job that moved on is stale; one already stored is a
+    /// duplicate; the rest are filed under a new imported sweep named `name`, under agents
+    /// named `imported/<name>`. Every record must be valid, or nothing is stored; all records
+    /// are stored in one transaction. `imported_by` is the importing credential's identity.
+    pub async fn import(
+        &self,
+        name: &str,
+        imported_by: &str,
+        results: &[BenchResult],
+    ) -> Result<ImportReport> {
         if results.is_empty() {
             return Err(CoordinatorError::InvalidArgument(
                 "nothing to import: no result records".into(),
@@ -852,63 +948,54 @@ impl Store {
             r.validate()
                 .map_err(|e| CoordinatorError::InvalidArgument(format!("record {}: {e}", i + 1)))?;
         }
-        let sweep = Uuid::new_v4();
         let mut tx = self.pool.begin().await?;
-        let spec = serde_json::json!({ "imported": results.len() });
-        sqlx::query(
-            "INSERT INTO sweeps (id, name, spec, spec_toml, state, finished_at) \
-             VALUES ($1, $2, $3, '', 'imported', now())",
-        )
-        .bind(sweep)
-        .bind(name)
-        .bind(spec)
-        .execute(&mut *tx)
-        .await?;
-        for (seq, r) in results.iter().enumerate() {
-            let devices = vec![AgentDevice {
-                device: r.device.clone(),
-                kind: r.hardware_kind.clone(),
-                name: r.hardware_name.clone(),
-            }];
-            let agent: Uuid = sqlx::query_scalar(
-                "INSERT INTO agents (id, name, labels, price_per_hour, inventory, devices, origin, last_seen_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'imported', $7) \
-                 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name \
-                 RETURNING id",
-            )
-            .bind(Uuid::new_v4())
-            .bind(&r.agent_name)
-            .bind(json(&r.agent_labels))
-            .bind(r.price_per_hour)
-            .bind(json(&r.host))
-            .bind(json(&devices))
-            .bind(r.finished_at)
-            .fetch_one(&mut *tx)
-            .await?;
-            let job = Uuid::new_v4();
-            sqlx::query(
-                "INSERT INTO jobs (id, sweep_id, seq, spec, target, state, attempt, last_agent_id, \
-                                   last_device, phase, fraction, started_at, finished_at) \
-                 VALUES ($1, $2, $3, $4, $5, 'succeeded', 1, $6, $7, 'done', 1, $8, $9)",
-            )
-            .bind(job)
-            .bind(sweep)
-            .bind(seq as i32)
-            .bind(json(&r.spec))
-            .bind(r.spec.target.to_string())
-            .bind(agent)
-            .bind(&r.device)
-            .bind(r.started_at)
-            .bind(r.finished_at)
-            .execute(&mut *tx)
-            .await?;
-            let mut r = r.clone();
-            r.job_id = Some(job);
-            r.attempt = 1;
-            insert_result(&mut tx, sweep, job, agent, &r).await?;
+        let mut report = ImportReport::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut attached_sweeps = Vec::new();
+        let mut filed = 0usize;
+        for r in results {
+            let hash = r.content_hash();
+            let existing: Option<Uuid> =
+                sqlx::query_scalar("SELECT id FROM results WHERE content_sha256 = $1")
+                    .bind(&hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if existing.is_some() || !seen.insert(hash) {
+                report
+                    .outcomes
+                    .push(ImportOutcome::Duplicate { result: existing });
+                continue;
+            }
+            if let Some(job) = r.job_id {
+                if let Some(outcome) = attach_spooled(&mut tx, job, r, imported_by).await? {
+                    if let ImportOutcome::Attached { .. } = outcome {
+                        attached_sweeps.push(job);
+                    }
+                    report.outcomes.push(outcome);
+                    continue;
+                }
+            }
+            let sweep = match report.sweep {
+                Some(s) => s,
+                None => {
+                    let s = create_imported_sweep(&mut tx, name).await?;
+                    report.sweep = Some(s);
+                    s
+                }
+            };
+            let result = file_imported(&mut tx, sweep, filed as i32, r, imported_by).await?;
+            filed += 1;
+            report.outcomes.push(ImportOutcome::Imported { result });
         }
         tx.commit().await?;
-        Ok((sweep, results.len()))
+        for job in attached_sweeps {
+            let sweep: Uuid = sqlx::query_scalar("SELECT sweep_id FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(&self.pool)
+                .await?;
+            self.complete_sweep_if_done(sweep).await?;
+        }
+        Ok(report)
     }
 }
 
@@ -1012,6 +1099,202 @@ impl Store {
             .await?;
         Ok(())
     }
+/// Reads one stored result row back, validating what a listing can see.
+fn decode_result(row: &PgRow) -> std::result::Result<StoredResult, String> {
+    let record: serde_json::Value = row.try_get("record").map_err(|e| e.to_string())?;
+    let mut result: BenchResult =
+        serde_json::from_value(record).map_err(|e| format!("undecodable record: {e}"))?;
+    result.latencies_ms = row.try_get("latencies_ms").map_err(|e| e.to_string())?;
+    result.validate_summary().map_err(|e| e.to_string())?;
+    Ok(StoredResult {
+        id: row.try_get("id").map_err(|e| e.to_string())?,
+        sweep_id: row.try_get("sweep_id").map_err(|e| e.to_string())?,
+        imported_by: row.try_get("imported_by").map_err(|e| e.to_string())?,
+        result,
+    })
+}
+
+/// The hardware check of [`check_hardware`] against the agent's registration in the database.
+async fn check_registered_hardware(
+    tx: &mut sqlx::PgConnection,
+    agent: Uuid,
+    result: &BenchResult,
+) -> Result<()> {
+    let row: Option<(serde_json::Value, serde_json::Value)> =
+        sqlx::query_as("SELECT devices, inventory FROM agents WHERE id = $1")
+            .bind(agent)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (devices, inventory) =
+        row.ok_or_else(|| CoordinatorError::NotFound(format!("unknown agent {agent}")))?;
+    let devices: Vec<AgentDevice> = from_json(devices);
+    let inventory: HostInventory = from_json(inventory);
+    check_hardware(result, &devices, &inventory).map_err(CoordinatorError::InvalidArgument)
+}
+
+/// A spooled record (an agent's undelivered result) for `job`: attached to the job if that job
+/// is still running on the record's attempt, under the record's agent, else stale. `None` when
+/// no such job exists here (the record is then imported like a standalone one).
+async fn attach_spooled(
+    tx: &mut sqlx::PgConnection,
+    job: Uuid,
+    r: &BenchResult,
+    imported_by: &str,
+) -> Result<Option<ImportOutcome>> {
+    let row: Option<(
+        Uuid,
+        String,
+        i32,
+        Option<Uuid>,
+        Option<String>,
+        serde_json::Value,
+        String,
+    )> = sqlx::query_as(
+        "SELECT j.sweep_id, j.state::text, j.attempt, j.lease_agent_id, a.name, j.spec, s.state \
+             FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
+             LEFT JOIN agents a ON a.id = j.lease_agent_id \
+             WHERE j.id = $1 FOR UPDATE OF j",
+    )
+    .bind(job)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((sweep, state, attempt, lease_agent, lease_name, spec, sweep_state)) = row else {
+        return Ok(None);
+    };
+    let stale = |reason: String| Ok(Some(ImportOutcome::Stale { job, reason }));
+    if sweep_state == "imported" {
+        return stale(format!("job {job} belongs to an imported sweep"));
+    }
+    if state != "running" || attempt != r.attempt as i32 {
+        return stale(format!(
+            "job {job} is {state} on attempt {attempt}; the record is from attempt {}",
+            r.attempt
+        ));
+    }
+    let (Some(agent), Some(agent_name)) = (lease_agent, lease_name) else {
+        return stale(format!("job {job} has no lease"));
+    };
+    if agent_name != r.agent_name {
+        return stale(format!(
+            "job {job} attempt {attempt} runs on another agent than the record's"
+        ));
+    }
+    let spec: JobSpec = serde_json::from_value(spec)
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("stored job spec: {e}")))?;
+    if r.spec != spec {
+        return stale(format!("the record's spec is not job {job}'s"));
+    }
+    check_registered_hardware(&mut *tx, agent, r).await?;
+    let result = insert_result(&mut *tx, sweep, job, agent, r, Some(imported_by)).await?;
+    finish_job(&mut *tx, job, r).await?;
+    Ok(Some(ImportOutcome::Attached { job, result }))
+}
+
+/// Marks a running job succeeded by the result of its current attempt.
+async fn finish_job(tx: &mut sqlx::PgConnection, job: Uuid, r: &BenchResult) -> Result<()> {
+    let done = sqlx::query(
+        "UPDATE jobs SET state = 'succeeded', lease_agent_id = NULL, lease_device = NULL, \
+             lease_expires_at = NULL, finished_at = now(), fraction = 1, phase = 'done', \
+             iterations = $3, error = NULL \
+         WHERE id = $1 AND attempt = $2 AND state = 'running'",
+    )
+    .bind(job)
+    .bind(r.attempt as i32)
+    .bind(r.latencies_ms.len() as i32)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if done != 1 {
+        return Err(CoordinatorError::StaleLease(format!(
+            "job {job} attempt {} is no longer running",
+            r.attempt
+        )));
+    }
+    Ok(())
+}
+
+async fn create_imported_sweep(tx: &mut sqlx::PgConnection, name: &str) -> Result<Uuid> {
+    let sweep = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO sweeps (id, name, spec, spec_toml, state, finished_at) \
+         VALUES ($1, $2, '{\"imported\": true}', '', 'imported', now())",
+    )
+    .bind(sweep)
+    .bind(name)
+    .execute(&mut *tx)
+    .await?;
+    Ok(sweep)
+}
+
+/// Files a standalone record under the imported sweep, as a finished job of an imported agent.
+async fn file_imported(
+    tx: &mut sqlx::PgConnection,
+    sweep: Uuid,
+    seq: i32,
+    r: &BenchResult,
+    imported_by: &str,
+) -> Result<Uuid> {
+    let agent_name = format!("{IMPORTED_AGENT_PREFIX}{}", r.agent_name);
+    let devices = vec![AgentDevice {
+        device: r.device.clone(),
+        kind: r.hardware_kind.clone(),
+        name: r.hardware_name.clone(),
+    }];
+    // Only ever an imported agent's row: a registered agent's is never borrowed.
+    let agent: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO agents (id, name, labels, price_per_hour, inventory, devices, origin, last_seen_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'imported', $7) \
+         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name WHERE agents.origin = 'imported' \
+         RETURNING id",
+    )
+    .bind(Uuid::new_v4())
+    .bind(&agent_name)
+    .bind(json(&r.agent_labels))
+    .bind(r.price_per_hour)
+    .bind(json(&r.host))
+    .bind(json(&devices))
+    .bind(r.finished_at)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let agent = agent.ok_or_else(|| {
+        CoordinatorError::InvalidArgument(format!(
+            "agent name '{}' belongs to a registered agent",
+            fleetmark_core::limits::Excerpt::of(&agent_name)
+        ))
+    })?;
+    let job = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO jobs (id, sweep_id, seq, spec, target, state, attempt, last_agent_id, \
+                           last_device, phase, fraction, started_at, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, 'succeeded', 1, $6, $7, 'done', 1, $8, $9)",
+    )
+    .bind(job)
+    .bind(sweep)
+    .bind(seq)
+    .bind(json(&r.spec))
+    .bind(r.spec.target.to_string())
+    .bind(agent)
+    .bind(&r.device)
+    .bind(r.started_at)
+    .bind(r.finished_at)
+    .execute(&mut *tx)
+    .await?;
+    // The content hash is of the record as sent; the stored copy answers its new job, under
+    // the imported agent's name.
+    let mut stored = r.clone();
+    stored.job_id = Some(job);
+    stored.attempt = 1;
+    stored.agent_name = agent_name;
+    insert_result_hashed(
+        &mut *tx,
+        sweep,
+        job,
+        agent,
+        &stored,
+        &r.content_hash(),
+        Some(imported_by),
+    )
+    .await
 }
 
 async fn notify(tx: &mut sqlx::PgConnection) -> Result<()> {
@@ -1028,6 +1311,20 @@ async fn insert_result(
     job: Uuid,
     agent: Uuid,
     r: &BenchResult,
+    imported_by: Option<&str>,
+) -> Result<Uuid> {
+    insert_result_hashed(tx, sweep, job, agent, r, &r.content_hash(), imported_by).await
+}
+
+/// Inserts a result row; `hash` is the content hash of the record as it was sent.
+async fn insert_result_hashed(
+    tx: &mut sqlx::PgConnection,
+    sweep: Uuid,
+    job: Uuid,
+    agent: Uuid,
+    r: &BenchResult,
+    hash: &str,
+    imported_by: Option<&str>,
 ) -> Result<Uuid> {
     let id = Uuid::new_v4();
     // The raw latencies have their own column; keep them out of the JSON copy.
@@ -1038,9 +1335,10 @@ async fn insert_result(
         "INSERT INTO results (id, job_id, sweep_id, agent_id, attempt, model, batch_size, precision, \
              image_size, hardware_kind, hardware_name, device, backend, path, math, simulated, \
              throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, ci95_high_ms, \
-             images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, record, finished_at) \
+             images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, record, finished_at, \
+             content_sha256, imported_by) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)",
+                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)",
     )
     .bind(id)
     .bind(job)
@@ -1072,6 +1370,8 @@ async fn insert_result(
     .bind(&r.latencies_ms)
     .bind(json(&record))
     .bind(r.finished_at)
+    .bind(hash)
+    .bind(imported_by)
     .execute(&mut *tx)
     .await?;
     Ok(id)

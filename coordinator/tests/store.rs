@@ -4,7 +4,7 @@ use std::{collections::HashSet, time::Duration};
 
 use chrono::Utc;
 use fleetmark_coordinator::{
-    store::{AgentDevice, AgentRegistration, FailOutcome, ResultFilter},
+    store::{AgentDevice, AgentRegistration, FailOutcome, ImportOutcome, ResultFilter},
     CoordinatorError, Store,
 };
 use fleetmark_core::{BenchResult, HostInventory, JobState, LatencyStats, SweepSpec};
@@ -56,13 +56,13 @@ fn result_for(
         agent_labels: Default::default(),
         price_per_hour: None,
         hardware_kind: "cpu".into(),
-        hardware_name: "test cpu".into(),
+        hardware_name: "cpu device".into(),
         device: "cpu".into(),
         spec: job.spec.clone(),
         backend: Default::default(),
         weights: Default::default(),
         latency: LatencyStats::from_samples(&latencies).unwrap(),
-        images_per_sec: 400.0,
+        images_per_sec: job.spec.batch_size as f64 * 400.0,
         input_copy: None,
         peak_memory_bytes: 1,
         memory_scope: "process-rss".into(),
@@ -117,7 +117,8 @@ async fn a_sweep_runs_to_completion() {
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .results;
     assert_eq!(results.len(), 2);
     assert_eq!(results[0].result.latencies_ms, vec![2.0, 2.5, 3.0]);
 }
@@ -404,8 +405,21 @@ async fn imports_land_as_a_finished_sweep_with_their_agents() {
     let mut r = result_for(&job, 1, "h100-node");
     r.job_id = None;
     r.hardware_kind = "h100".into();
-    let (sweep_id, n) = store.import("h100 run", &[r.clone(), r]).await.unwrap();
-    assert_eq!(n, 2);
+    let mut again = r.clone();
+    again.finished_at += chrono::Duration::milliseconds(1);
+    let report = store
+        .import("h100 run", "tester", &[r.clone(), again, r])
+        .await
+        .unwrap();
+    let sweep_id = report.sweep.unwrap();
+    assert!(matches!(
+        report.outcomes.as_slice(),
+        [
+            ImportOutcome::Imported { .. },
+            ImportOutcome::Imported { .. },
+            ImportOutcome::Duplicate { result: None }
+        ]
+    ));
     let s = store.get_sweep(sweep_id).await.unwrap();
     assert_eq!((s.state.as_str(), s.finished), ("imported", 2));
     let listed = store
@@ -414,17 +428,24 @@ async fn imports_land_as_a_finished_sweep_with_their_agents() {
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .results;
     assert_eq!(listed.len(), 2);
     assert!(listed.iter().all(|s| s.result.hardware_kind == "h100"));
+    assert!(listed
+        .iter()
+        .all(|s| s.imported_by.as_deref() == Some("tester")));
     let agents = store.list_agents(Duration::from_secs(10)).await.unwrap();
-    let imported = agents.iter().find(|x| x.name == "h100-node").unwrap();
+    let imported = agents
+        .iter()
+        .find(|x| x.name == "imported/h100-node")
+        .unwrap();
     assert_eq!(imported.origin, "imported");
     assert!(!imported.online);
     // A broken record is refused, and nothing of the batch is stored.
     let mut bad = result_for(&job, 1, "x");
     bad.latencies_ms.clear();
-    assert!(store.import("bad", &[bad]).await.is_err());
+    assert!(store.import("bad", "tester", &[bad]).await.is_err());
     assert_eq!(store.list_sweeps(100).await.unwrap().len(), 2);
 }
 
@@ -746,8 +767,22 @@ async fn a_result_must_answer_its_job() {
         .to_string();
     assert!(err.contains("is not job"), "{err}");
     // Nothing was stored, and the right result is still accepted.
+    // Hardware the agent did not register for that device is refused.
+    let mut unregistered = result_for(&job, 1, "a");
+    unregistered.hardware_kind = "h100".into();
+    unregistered.hardware_name = "NVIDIA H100 80GB HBM3".into();
+    let err = store
+        .submit_result(a, &unregistered)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the agent registered h100 'h100 device'"),
+        "{err}"
+    );
     let mut right = result_for(&job, 1, "a");
     right.hardware_kind = "h100".into();
+    right.hardware_name = "h100 device".into();
     store.submit_result(a, &right).await.unwrap();
 }
 
@@ -776,4 +811,65 @@ async fn the_reaper_completes_a_sweep_whose_check_was_missed() {
     assert_eq!(store.complete_finished_sweeps().await.unwrap(), 1);
     assert_eq!(store.get_sweep(sweep_id).await.unwrap().state, "completed");
     assert_eq!(store.complete_finished_sweeps().await.unwrap(), 0);
+}
+
+#[test]
+fn hardware_must_match_the_registration_down_to_the_gpu() {
+    use fleetmark_coordinator::store::check_hardware;
+    use fleetmark_core::GpuInfo;
+    let gpu = |uuid: &str| GpuInfo {
+        index: 0,
+        name: "NVIDIA H100 80GB HBM3".into(),
+        uuid: uuid.into(),
+        ..Default::default()
+    };
+    let devices = vec![AgentDevice {
+        device: "cuda:0".into(),
+        kind: "h100".into(),
+        name: "NVIDIA H100 80GB HBM3".into(),
+    }];
+    let registered = HostInventory {
+        gpus: vec![gpu("GPU-aaaa")],
+        ..Default::default()
+    };
+    let job = fleetmark_coordinator::store::JobRow {
+        id: Uuid::new_v4(),
+        sweep_id: Uuid::new_v4(),
+        seq: 0,
+        spec: sweep("batch_sizes=[1]\nprecisions=[\"f32\"]")
+            .expand()
+            .unwrap()
+            .remove(0),
+        state: JobState::Running,
+        attempt: 1,
+        lease_expires_at: None,
+        agent_name: None,
+        device: None,
+        phase: None,
+        iterations: 0,
+        fraction: 0.0,
+        error: None,
+        images_per_sec: None,
+    };
+    let mut r = result_for(&job, 1, "a");
+    r.device = "cuda:0".into();
+    r.hardware_kind = "h100".into();
+    r.hardware_name = "NVIDIA H100 80GB HBM3".into();
+    r.host.gpus = vec![gpu("GPU-aaaa")];
+    assert_eq!(check_hardware(&r, &devices, &registered), Ok(()));
+    r.host.gpus = vec![gpu("GPU-bbbb")];
+    assert!(check_hardware(&r, &devices, &registered)
+        .unwrap_err()
+        .contains("not the one the agent registered"));
+    r.host.gpus.clear();
+    assert!(check_hardware(&r, &devices, &registered).is_err());
+    // Where the registration knows no UUID, kind and name decide.
+    assert_eq!(
+        check_hardware(&r, &devices, &HostInventory::default()),
+        Ok(())
+    );
+    r.device = "cuda:1".into();
+    assert!(check_hardware(&r, &devices, &registered)
+        .unwrap_err()
+        .contains("did not register device 'cuda:1'"));
 }

@@ -4,16 +4,16 @@ use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum CoreError {
-    #[error("unknown precision '{given}': expected one of f32, f16, bf16")]
+    #[error("unknown precision '{}': expected one of f32, f16, bf16", crate::limits::Excerpt::of(.given))]
     UnknownPrecision { given: String },
 
-    #[error("unknown GPU kind '{given}': expected 'any', 'gpu', 'cpu' or one of {known}")]
+    #[error("unknown GPU kind '{}': expected 'any', 'gpu', 'cpu' or one of {known}", crate::limits::Excerpt::of(.given))]
     UnknownHardware { given: String, known: String },
 
-    #[error("unknown model '{given}': this Fleetmark knows {known}")]
+    #[error("unknown model '{}': this Fleetmark knows {known}", crate::limits::Excerpt::of(.given))]
     UnknownModel { given: String, known: String },
 
-    #[error("unknown engine path '{given}': expected auto, stock or fused")]
+    #[error("unknown engine path '{}': expected auto, stock or fused", crate::limits::Excerpt::of(.given))]
     UnknownEnginePath { given: String },
 
     #[error("batch size {given} is out of range: it must be between 1 and {max}")]
@@ -28,9 +28,15 @@ pub enum CoreError {
     #[error("malformed sweep file: {0}")]
     MalformedSweep(String),
 
-    #[error("invalid duration '{given}': {reason}")]
+    #[error("invalid duration '{}': {reason}", crate::limits::Excerpt::of(.given))]
     InvalidDuration { given: String, reason: String },
 
     #[error("invalid result record: {0}")]
-    InvalidResult(String),
+    InvalidResult(#[from] crate::result::ResultError),
+
+    #[error("{0}")]
+    Limit(#[from] crate::limits::LimitError),
+
+    #[error("invalid weights: {0}")]
+    InvalidWeights(String),
 }

@@ -79,8 +79,58 @@ impl From<EnginePath> for String {
 pub enum WeightsSpec {
     /// Deterministic random initialisation from a seed: the same on every agent.
     Seeded { seed: u64 },
-    /// A safetensors file on the agent's disk, with torchvision's `state_dict` names.
+    /// A safetensors file with torchvision's `state_dict` names, in the directory the agent's
+    /// operator allows (`--weights-dir`): a plain file name there, or `sha256:<hex>` for the
+    /// file in it with that content hash. Never a path: see [`WeightsRef`].
     File { path: String },
+}
+
+/// What a file-weights spec may name: a plain file name inside the agent's weights directory,
+/// or the content hash of a file in it. Anything else (a path, `..`, a separator) is refused
+/// when the sweep is validated, so no sweep can point an agent outside that directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsRef {
+    Name(String),
+    Sha256(String),
+}
+
+/// Longest weights file name, in characters.
+pub const MAX_WEIGHTS_NAME_CHARS: usize = 255;
+
+impl WeightsRef {
+    pub fn parse(s: &str) -> Result<Self, CoreError> {
+        let bad = |why: &str| {
+            Err(CoreError::InvalidWeights(format!(
+                "'{}' {why}: name a file in the agent's --weights-dir, or sha256:<64 hex digits>",
+                crate::limits::Excerpt::of(s)
+            )))
+        };
+        if let Some(hex) = s.strip_prefix("sha256:") {
+            if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(WeightsRef::Sha256(hex.to_ascii_lowercase()));
+            }
+            return bad("is not a SHA-256 hash");
+        }
+        if s.is_empty() || s.chars().count() > MAX_WEIGHTS_NAME_CHARS {
+            return bad("is not a file name");
+        }
+        if s == "." || s == ".." || s.contains(['/', '\\', '\0']) {
+            return bad("is a path, not a file name");
+        }
+        if s.starts_with('.') {
+            return bad("is a hidden file");
+        }
+        Ok(WeightsRef::Name(s.to_string()))
+    }
+}
+
+impl WeightsSpec {
+    pub fn validate(&self) -> Result<(), CoreError> {
+        match self {
+            WeightsSpec::Seeded { .. } => Ok(()),
+            WeightsSpec::File { path } => WeightsRef::parse(path).map(|_| ()),
+        }
+    }
 }
 
 impl Default for WeightsSpec {
@@ -191,6 +241,7 @@ impl JobSpec {
             });
         }
         validate_batch_area(self.batch_size as u64, self.image_size)?;
+        self.weights.validate()?;
         self.measurement.validate()
     }
 

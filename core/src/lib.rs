@@ -8,6 +8,7 @@ pub mod error;
 pub mod hardware;
 pub mod inventory;
 pub mod job;
+pub mod limits;
 pub mod localpg;
 pub mod precision;
 pub mod result;
@@ -17,10 +18,12 @@ pub mod sweep;
 pub use error::CoreError;
 pub use hardware::{HardwareKind, HardwareTarget};
 pub use inventory::{GpuInfo, HostInventory};
-pub use job::{EnginePath, JobSpec, JobState, MeasurementSpec, WeightsSpec};
+pub use job::{EnginePath, JobSpec, JobState, MeasurementSpec, WeightsRef, WeightsSpec};
+pub use limits::LimitError;
 pub use precision::Precision;
 pub use result::{
-    BackendInfo, BenchResult, Correctness, Fingerprint, MetricSummary, Telemetry, WeightsInfo,
+    BackendInfo, BenchResult, Correctness, Fingerprint, MetricSummary, ResultError, Telemetry,
+    WeightsInfo,
 };
 pub use stats::LatencyStats;
 pub use sweep::SweepSpec;

@@ -10,7 +10,16 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{CoreError, HostInventory, JobSpec, LatencyStats};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::{
+    limits::{
+        check_count, check_inventory, check_labels, check_name, check_text, LimitError,
+        MAX_DETAILS, MAX_LATENCY_SAMPLES, MAX_TEXT_CHARS, MAX_THROTTLE_REASONS,
+    },
+    CoreError, HostInventory, JobSpec, LatencyStats,
+};
 
 /// Which implementation produced a number.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -133,65 +142,278 @@ pub struct BenchResult {
     pub latencies_ms: Vec<f64>,
 }
 
+/// Why a result record cannot be stored. Every check says which field broke which rule, and
+/// never quotes more than a short excerpt of the record.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ResultError {
+    #[error("schema version {got} is not the supported {want}")]
+    Schema { got: u32, want: u32 },
+    #[error("spec: {0}")]
+    Spec(Box<CoreError>),
+    #[error("no latencies")]
+    NoLatencies,
+    #[error("{got} latencies; at most {max} are allowed")]
+    TooManyLatencies { got: u64, max: usize },
+    #[error("latency count {count} does not match {raw} raw samples")]
+    CountMismatch { count: u64, raw: usize },
+    #[error("{field} is not a finite number")]
+    NotFinite { field: &'static str },
+    #[error("{field} is negative")]
+    Negative { field: &'static str },
+    #[error("{field} must be between 0 and 1")]
+    NotAFraction { field: &'static str },
+    #[error("the latency statistics are out of order: {rule} does not hold")]
+    Order { rule: &'static str },
+    #[error(
+        "images/s {reported:.4e} does not match batch x 1000 / mean = {expected:.4e} (within 1%)"
+    )]
+    Throughput { reported: f64, expected: f64 },
+    #[error("a raw latency is negative or not finite")]
+    BadSample,
+    #[error("raw latencies do not agree with the reported {field}")]
+    RawMismatch { field: &'static str },
+    #[error("finished before it started")]
+    FinishedBeforeStart,
+    #[error("{0}")]
+    Limit(#[from] LimitError),
+}
+
+/// Relative tolerance for numbers reported alongside the samples they summarise.
+const THROUGHPUT_TOLERANCE: f64 = 0.01;
+/// Relative slack for orderings: the mean of identical samples can exceed them by an ulp.
+const ORDER_SLACK: f64 = 1e-9;
+
+/// `a <= b`, up to floating-point rounding.
+fn le(a: f64, b: f64) -> bool {
+    a <= b + ORDER_SLACK * a.abs().max(b.abs())
+}
+
+fn finite(field: &'static str, x: f64) -> Result<(), ResultError> {
+    if !x.is_finite() {
+        return Err(ResultError::NotFinite { field });
+    }
+    Ok(())
+}
+
+fn non_negative(field: &'static str, x: f64) -> Result<(), ResultError> {
+    finite(field, x)?;
+    if x < 0.0 {
+        return Err(ResultError::Negative { field });
+    }
+    Ok(())
+}
+
+fn fraction(field: &'static str, x: f64) -> Result<(), ResultError> {
+    non_negative(field, x)?;
+    if x > 1.0 {
+        return Err(ResultError::NotAFraction { field });
+    }
+    Ok(())
+}
+
+/// Checks one set of latency statistics: finite, non-negative, ordered, bounded count.
+pub fn validate_stats(l: &LatencyStats) -> Result<(), ResultError> {
+    for (field, x) in [
+        ("mean", l.mean_ms),
+        ("std", l.std_ms),
+        ("min", l.min_ms),
+        ("max", l.max_ms),
+        ("p50", l.p50_ms),
+        ("p90", l.p90_ms),
+        ("p99", l.p99_ms),
+        ("ci95 high", l.ci95_high_ms),
+    ] {
+        non_negative(field, x)?;
+    }
+    // Student's t gives a negative lower bound for short, noisy runs: finite is all it can be.
+    finite("ci95 low", l.ci95_low_ms)?;
+    if l.count == 0 {
+        return Err(ResultError::NoLatencies);
+    }
+    if l.count > MAX_LATENCY_SAMPLES as u64 {
+        return Err(ResultError::TooManyLatencies {
+            got: l.count,
+            max: MAX_LATENCY_SAMPLES,
+        });
+    }
+    let ordered = [l.min_ms, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms];
+    if ordered.windows(2).any(|w| !le(w[0], w[1])) {
+        return Err(ResultError::Order {
+            rule: "min <= p50 <= p90 <= p99 <= max",
+        });
+    }
+    if !(le(l.min_ms, l.mean_ms) && le(l.mean_ms, l.max_ms)) {
+        return Err(ResultError::Order {
+            rule: "min <= mean <= max",
+        });
+    }
+    if !(le(l.ci95_low_ms, l.mean_ms) && le(l.mean_ms, l.ci95_high_ms)) {
+        return Err(ResultError::Order {
+            rule: "ci95 low <= mean <= ci95 high",
+        });
+    }
+    Ok(())
+}
+
+fn validate_metric(field: &'static str, m: &Option<MetricSummary>) -> Result<(), ResultError> {
+    if let Some(m) = m {
+        for x in [m.min, m.mean, m.max] {
+            non_negative(field, x)?;
+        }
+        if !(le(m.min, m.mean) && le(m.mean, m.max)) {
+            return Err(ResultError::Order {
+                rule: "telemetry min <= mean <= max",
+            });
+        }
+    }
+    Ok(())
+}
+
 impl BenchResult {
-    /// Checks that a record (from the wire or from a file) is internally consistent before it
-    /// is stored.
+    /// Checks that a record (from the wire or from a file) is internally consistent and within
+    /// every limit before it is stored. The raw latencies must be present.
     pub fn validate(&self) -> Result<(), CoreError> {
-        let bad = |m: String| Err(CoreError::InvalidResult(m));
-        if self.schema != crate::RESULT_SCHEMA_VERSION {
-            return bad(format!(
-                "schema version {} is not the supported {}",
-                self.schema,
-                crate::RESULT_SCHEMA_VERSION
-            ));
+        self.validate_summary()?;
+        let raw = self.latencies_ms.len();
+        if raw == 0 {
+            return Err(ResultError::NoLatencies.into());
         }
-        self.spec.validate()?;
-        if self.latencies_ms.is_empty() {
-            return bad("no latencies".into());
+        if raw > MAX_LATENCY_SAMPLES {
+            return Err(ResultError::TooManyLatencies {
+                got: raw as u64,
+                max: MAX_LATENCY_SAMPLES,
+            }
+            .into());
         }
-        if self.latency.count != self.latencies_ms.len() as u64 {
-            return bad(format!(
-                "latency count {} does not match {} raw samples",
-                self.latency.count,
-                self.latencies_ms.len()
-            ));
+        if self.latency.count != raw as u64 {
+            return Err(ResultError::CountMismatch {
+                count: self.latency.count,
+                raw,
+            }
+            .into());
         }
         if self.latencies_ms.iter().any(|x| !x.is_finite() || *x < 0.0) {
-            return bad("a latency is negative or not finite".into());
+            return Err(ResultError::BadSample.into());
         }
-        let l = &self.latency;
-        let summary = [
-            l.mean_ms,
-            l.std_ms,
-            l.min_ms,
-            l.max_ms,
-            l.p50_ms,
-            l.p90_ms,
-            l.p99_ms,
-            l.ci95_low_ms,
-            l.ci95_high_ms,
-            self.images_per_sec,
-            self.timed_seconds,
-        ];
-        if summary.iter().any(|x| !x.is_finite()) {
-            return bad("a summary statistic is not finite".into());
+        let (lo, hi) = self
+            .latencies_ms
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            });
+        if lo != self.latency.min_ms {
+            return Err(ResultError::RawMismatch { field: "min" }.into());
         }
-        if self
-            .price_per_hour
-            .is_some_and(|p| !(p.is_finite() && p >= 0.0))
-        {
-            return bad("the price per hour must be a number >= 0".into());
-        }
-        if self.agent_name.len() > 200 {
-            return bad("the agent name is over 200 characters".into());
-        }
-        if self.hardware_kind.is_empty() || self.agent_name.is_empty() {
-            return bad("hardware kind and agent name are required".into());
-        }
-        if self.finished_at < self.started_at {
-            return bad("finished before it started".into());
+        if hi != self.latency.max_ms {
+            return Err(ResultError::RawMismatch { field: "max" }.into());
         }
         Ok(())
+    }
+
+    /// Every check that does not need the raw latencies: what a listing that omits them can
+    /// still verify of a stored row.
+    pub fn validate_summary(&self) -> Result<(), CoreError> {
+        if self.schema != crate::RESULT_SCHEMA_VERSION {
+            return Err(ResultError::Schema {
+                got: self.schema,
+                want: crate::RESULT_SCHEMA_VERSION,
+            }
+            .into());
+        }
+        self.spec
+            .validate()
+            .map_err(|e| ResultError::Spec(Box::new(e)))?;
+        self.validate_numbers().map_err(CoreError::from)?;
+        self.validate_text().map_err(ResultError::from)?;
+        if self.finished_at < self.started_at {
+            return Err(ResultError::FinishedBeforeStart.into());
+        }
+        Ok(())
+    }
+
+    fn validate_numbers(&self) -> Result<(), ResultError> {
+        validate_stats(&self.latency)?;
+        if let Some(c) = &self.input_copy {
+            validate_stats(c)?;
+        }
+        non_negative("images/s", self.images_per_sec)?;
+        non_negative("timed seconds", self.timed_seconds)?;
+        if let Some(p) = self.price_per_hour {
+            non_negative("price per hour", p)?;
+        }
+        let expected = self.latency.images_per_sec(self.spec.batch_size);
+        if self.latency.mean_ms <= 0.0
+            || (self.images_per_sec - expected).abs() > THROUGHPUT_TOLERANCE * expected
+        {
+            return Err(ResultError::Throughput {
+                reported: self.images_per_sec,
+                expected,
+            });
+        }
+        if let Some(c) = &self.correctness {
+            non_negative("correctness max_rel_error", c.max_rel_error)?;
+            non_negative("correctness max_abs_error", c.max_abs_error)?;
+            non_negative("correctness bound", c.bound)?;
+            fraction("correctness top1_agreement", c.top1_agreement)?;
+        }
+        if let Some(t) = &self.telemetry {
+            validate_metric("telemetry sm clock", &t.sm_clock_mhz)?;
+            validate_metric("telemetry memory clock", &t.memory_clock_mhz)?;
+            validate_metric("telemetry power", &t.power_watts)?;
+            validate_metric("telemetry temperature", &t.temperature_c)?;
+            validate_metric("telemetry utilisation", &t.gpu_utilization_pct)?;
+        }
+        Ok(())
+    }
+
+    fn validate_text(&self) -> Result<(), LimitError> {
+        check_name("agent name", &self.agent_name)?;
+        check_labels(self.agent_labels.iter())?;
+        check_name("hardware kind", &self.hardware_kind)?;
+        for (field, s) in [
+            ("hardware name", &self.hardware_name),
+            ("device", &self.device),
+            ("backend", &self.backend.backend),
+            ("backend path", &self.backend.path),
+            ("backend math", &self.backend.math),
+            ("weights source", &self.weights.source),
+            ("weights sha256", &self.weights.sha256),
+            ("memory scope", &self.memory_scope),
+            ("fleetmark version", &self.environment.fleetmark_version),
+            ("git commit", &self.environment.git_commit),
+            ("candle version", &self.environment.candle_version),
+            ("rustc version", &self.environment.rustc_version),
+            ("cuda driver version", &self.environment.cuda_driver_version),
+            ("cudnn version", &self.environment.cudnn_version),
+        ] {
+            check_text(field, s, MAX_TEXT_CHARS)?;
+        }
+        check_count("backend details", self.backend.details.len(), MAX_DETAILS)?;
+        for (k, v) in &self.backend.details {
+            check_text("a backend detail", k, MAX_TEXT_CHARS)?;
+            check_text("a backend detail", v, MAX_TEXT_CHARS)?;
+        }
+        if let Some(c) = &self.correctness {
+            check_text("correctness reference", &c.reference, MAX_TEXT_CHARS)?;
+        }
+        if let Some(t) = &self.telemetry {
+            check_count(
+                "throttle reasons",
+                t.throttle_reasons.len(),
+                MAX_THROTTLE_REASONS,
+            )?;
+            for r in &t.throttle_reasons {
+                check_text("a throttle reason", r, MAX_TEXT_CHARS)?;
+            }
+        }
+        check_inventory(&self.host)
+    }
+
+    /// SHA-256 of the record as sent (every field, raw latencies included), hex. Two imports of
+    /// the same record have the same hash, so the database can refuse the second.
+    pub fn content_hash(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("a result record always serialises");
+        hex::encode(Sha256::digest(&bytes))
     }
 
     /// Throughput with its 95% interval, from the latency interval.
@@ -213,5 +435,17 @@ impl BenchResult {
         } else {
             format!("{p} ({} math)", self.backend.math)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mean_of_identical_samples_is_within_them() {
+        let l = LatencyStats::from_samples(&[0.1, 0.1, 0.1]).unwrap();
+        assert!(l.mean_ms > l.max_ms, "rounding puts the mean an ulp above");
+        validate_stats(&l).unwrap();
     }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     job::{validate_batch, validate_batch_area, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE},
+    limits::{check_name, Excerpt, MAX_ERROR_CHARS, MAX_SWEEP_TOML_BYTES},
     CoreError, EnginePath, HardwareTarget, JobSpec, MeasurementSpec, Precision, WeightsSpec,
 };
 
@@ -65,9 +66,28 @@ pub struct SweepSpec {
 
 impl SweepSpec {
     /// Parses and validates a TOML sweep file's contents.
+    /// Text over [`MAX_SWEEP_TOML_BYTES`] is refused before it is parsed, and a parse error
+    /// quotes at most a short excerpt of the input.
     pub fn from_toml(text: &str) -> Result<Self, CoreError> {
-        let spec: SweepSpec =
-            toml::from_str(text).map_err(|e| CoreError::MalformedSweep(e.to_string()))?;
+        if text.len() > MAX_SWEEP_TOML_BYTES {
+            return Err(CoreError::MalformedSweep(format!(
+                "the sweep is {} bytes; at most {MAX_SWEEP_TOML_BYTES} are allowed",
+                text.len()
+            )));
+        }
+        if text.contains('\0') {
+            return Err(CoreError::MalformedSweep(
+                "the sweep contains a NUL byte".into(),
+            ));
+        }
+        let spec: SweepSpec = toml::from_str(text).map_err(|e| {
+            let mut msg = e.message().to_string();
+            if let Some(span) = e.span() {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                msg = format!("line {line}: {msg}");
+            }
+            CoreError::MalformedSweep(Excerpt::at_most(&msg, MAX_ERROR_CHARS).to_string())
+        })?;
         spec.validate()?;
         Ok(spec)
     }
@@ -110,12 +130,9 @@ impl SweepSpec {
             )));
         }
         if let Some(name) = &self.name {
-            if name.len() > 200 {
-                return Err(CoreError::InvalidSweep(
-                    "name is over 200 characters".into(),
-                ));
-            }
+            check_name("the sweep name", name)?;
         }
+        self.weights.validate()?;
         self.measurement.validate()?;
         let jobs = self.job_count();
         if jobs > MAX_JOBS_PER_SWEEP {

@@ -83,12 +83,15 @@ fn not_built_with_cuda() -> EngineError {
 pub struct BackendOptions {
     /// Iteration time of the simulated backend at batch 1.
     pub simulated_latency: Duration,
+    /// The only directory file weights may come from (`--weights-dir`); none: seeded only.
+    pub weights_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for BackendOptions {
     fn default() -> Self {
         BackendOptions {
             simulated_latency: Duration::from_millis(2),
+            weights_dir: None,
         }
     }
 }

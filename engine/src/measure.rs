@@ -175,7 +175,10 @@ pub fn run_job(
         if n >= m.min_iterations && elapsed >= m.min_duration {
             return Ok(());
         }
-        if elapsed >= m.max_duration {
+        // A result carries every sample; past this bound the coordinator would refuse it.
+        if elapsed >= m.max_duration
+            || latencies.len() >= fleetmark_core::limits::MAX_LATENCY_SAMPLES
+        {
             return Ok(());
         }
         check_cancel(cancel)?;

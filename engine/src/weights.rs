@@ -9,7 +9,7 @@
 use std::{collections::HashMap, path::Path};
 
 use candle_core::{DType, Device, Tensor};
-use fleetmark_core::{WeightsInfo, WeightsSpec};
+use fleetmark_core::{WeightsInfo, WeightsRef, WeightsSpec};
 use sha2::{Digest, Sha256};
 
 use crate::EngineError;
@@ -130,11 +130,30 @@ pub struct ModelWeights {
     pub info: WeightsInfo,
 }
 
+/// Largest weights file an agent reads: ResNet18 in f32 is about 45 MB.
+pub const MAX_WEIGHTS_FILE_BYTES: u64 = 1 << 30;
+
 impl ModelWeights {
-    pub fn load(spec: &WeightsSpec) -> Result<Self, EngineError> {
+    /// Loads the weights a job names. File weights come only from `weights_dir`, the directory
+    /// the agent's operator allows (`--weights-dir`): the spec names a plain file in it or the
+    /// SHA-256 of one. Errors name only what the spec said, never a path, so they reveal
+    /// nothing about files outside the directory.
+    pub fn load(spec: &WeightsSpec, weights_dir: Option<&Path>) -> Result<Self, EngineError> {
         match spec {
             WeightsSpec::Seeded { seed } => Self::seeded(*seed),
-            WeightsSpec::File { path } => Self::from_file(Path::new(path)),
+            WeightsSpec::File { path } => {
+                let wanted =
+                    WeightsRef::parse(path).map_err(|e| EngineError::Weights(e.to_string()))?;
+                let dir = weights_dir.ok_or_else(|| {
+                    EngineError::Weights(
+                        "this agent serves no file weights: its operator did not start it with \
+                         --weights-dir"
+                            .into(),
+                    )
+                })?;
+                let (name, bytes) = read_from_dir(dir, &wanted)?;
+                Self::from_bytes(&bytes, &name)
+            }
         }
     }
 
@@ -179,43 +198,50 @@ impl ModelWeights {
     pub fn from_file(path: &Path) -> Result<Self, EngineError> {
         let bytes = std::fs::read(path)
             .map_err(|e| EngineError::Weights(format!("cannot read {}: {e}", path.display())))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-            EngineError::Weights(format!("{} is not a safetensors file: {e}", path.display()))
-        })?;
-        let mut tensors = HashMap::new();
-        let expected = resnet18_parameters();
-        for (name, shape, _) in &expected {
-            let t = loaded.get(name).ok_or_else(|| {
-                EngineError::Weights(format!(
-                    "{} has no tensor '{name}': expected torchvision resnet18 state_dict names",
-                    path.display()
-                ))
-            })?;
-            if t.dims() != shape.as_slice() {
-                return Err(EngineError::Weights(format!(
-                    "tensor '{name}' in {} has shape {:?}, expected {shape:?}",
-                    path.display(),
-                    t.dims()
-                )));
-            }
-            let t = if name.ends_with("num_batches_tracked") {
-                t.to_dtype(DType::I64)?
-            } else {
-                t.to_dtype(DType::F32)?
-            };
-            tensors.insert(name.clone(), t);
-        }
-        if let Some(extra) = loaded.keys().find(|k| !tensors.contains_key(*k)) {
-            return Err(EngineError::Weights(format!(
-                "{} has an unexpected tensor '{extra}': not a torchvision resnet18",
-                path.display()
-            )));
-        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        Self::from_bytes(&bytes, &name).map_err(|e| match e {
+            EngineError::Weights(m) => EngineError::Weights(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses safetensors bytes; `name` (a file name, never a path) labels errors and the
+    /// result's weights source.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Self, EngineError> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let loaded = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+            EngineError::Weights(format!("'{name}' is not a safetensors file: {e}"))
+        })?;
+        let mut tensors = HashMap::new();
+        let expected = resnet18_parameters();
+        for (tensor, shape, _) in &expected {
+            let t = loaded.get(tensor).ok_or_else(|| {
+                EngineError::Weights(format!(
+                    "'{name}' has no tensor '{tensor}': expected torchvision resnet18 state_dict names"
+                ))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(EngineError::Weights(format!(
+                    "tensor '{tensor}' in '{name}' has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            let t = if tensor.ends_with("num_batches_tracked") {
+                t.to_dtype(DType::I64)?
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            tensors.insert(tensor.clone(), t);
+        }
+        if let Some(extra) = loaded.keys().find(|k| !tensors.contains_key(*k)) {
+            return Err(EngineError::Weights(format!(
+                "'{name}' has an unexpected tensor '{}': not a torchvision resnet18",
+                fleetmark_core::limits::Excerpt::of(extra)
+            )));
+        }
         Ok(ModelWeights {
             tensors,
             info: WeightsInfo {
@@ -230,6 +256,63 @@ impl ModelWeights {
         candle_core::safetensors::save(&self.tensors, path)
             .map_err(|e| EngineError::Weights(format!("cannot write {}: {e}", path.display())))
     }
+}
+
+/// Reads the weights file `wanted` names from `dir`, returning its file name and bytes. Only
+/// regular files directly inside `dir` (after resolving links) qualify; anything else, missing
+/// or not, gets the same answer, so a sweep learns nothing about the rest of the disk.
+fn read_from_dir(dir: &Path, wanted: &WeightsRef) -> Result<(String, Vec<u8>), EngineError> {
+    let refused = || {
+        EngineError::Weights(match wanted {
+            WeightsRef::Name(n) => {
+                format!("no weights file '{n}' in this agent's weights directory")
+            }
+            WeightsRef::Sha256(h) => {
+                format!("no weights file with sha256 {h} in this agent's weights directory")
+            }
+        })
+    };
+    let root = dir.canonicalize().map_err(|_| refused())?;
+    match wanted {
+        WeightsRef::Name(n) => {
+            let bytes = read_inside(&root, &root.join(n)).ok_or_else(refused)?;
+            Ok((n.clone(), bytes))
+        }
+        WeightsRef::Sha256(h) => {
+            let entries = std::fs::read_dir(&root).map_err(|_| refused())?;
+            for entry in entries.flatten() {
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if let Some(bytes) = read_inside(&root, &entry.path()) {
+                    if hex::encode(Sha256::digest(&bytes)) == *h {
+                        return Ok((name, bytes));
+                    }
+                }
+            }
+            Err(refused())
+        }
+    }
+}
+
+/// The bytes of `path` if it resolves to a regular file directly inside `root` and is at most
+/// [`MAX_WEIGHTS_FILE_BYTES`] long; `None` otherwise, whatever the reason.
+fn read_inside(root: &Path, path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let real = path.canonicalize().ok()?;
+    if real.parent() != Some(root) {
+        return None;
+    }
+    let file = std::fs::File::open(&real).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_WEIGHTS_FILE_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_WEIGHTS_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 <= MAX_WEIGHTS_FILE_BYTES).then_some(bytes)
 }
 
 /// SHA-256 over names, shapes and f32/i64 bytes in name order: identical tensors give an
@@ -296,6 +379,34 @@ mod tests {
         std::fs::write(&junk, b"not a tensor file").unwrap();
         let err = ModelWeights::from_file(&junk).unwrap_err().to_string();
         assert!(err.contains("is not a safetensors file"), "{err}");
+
+        // From a weights directory: by name, by hash, and nothing outside it.
+        let load = |p: &str, dir: Option<&Path>| {
+            ModelWeights::load(&WeightsSpec::File { path: p.into() }, dir)
+        };
+        let by_name = load("w.safetensors", Some(dir.path())).unwrap();
+        assert_eq!(by_name.info.source, "file:w.safetensors");
+        let by_hash = load(&format!("sha256:{}", by_name.info.sha256), Some(dir.path())).unwrap();
+        assert_eq!(by_hash.info.sha256, by_name.info.sha256);
+        let e = load("w.safetensors", None).unwrap_err().to_string();
+        assert!(e.contains("--weights-dir"), "{e}");
+        let e_missing = load("nothing.safetensors", Some(dir.path()))
+            .unwrap_err()
+            .to_string();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link")).unwrap();
+        let e_link = load("link", Some(dir.path())).unwrap_err().to_string();
+        assert!(
+            e_link.starts_with("weights: no weights file 'link'"),
+            "{e_link}"
+        );
+        assert!(
+            !e_missing.contains(&dir.path().display().to_string()),
+            "{e_missing}"
+        );
+        for p in ["/etc/shadow", "../w.safetensors", "/dev/zero"] {
+            let e = load(p, Some(dir.path())).unwrap_err().to_string();
+            assert!(e.contains("not a file name") || e.contains("a path"), "{e}");
+        }
 
         let mut partial = a.tensors.clone();
         partial.remove("fc.bias");

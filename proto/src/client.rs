@@ -44,8 +44,10 @@ impl Interceptor for BearerAuth {
 pub type AgentClient = AgentServiceClient<InterceptedService<Failover, BearerAuth>>;
 pub type SweepClient = SweepServiceClient<InterceptedService<Failover, BearerAuth>>;
 
-/// Largest message a client accepts (results with many raw latencies).
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest message a client sends (a result with many raw latencies, an import chunk).
+pub const MAX_REQUEST_BYTES: usize = fleetmark_core::limits::MAX_REQUEST_BYTES;
+/// Largest message a client accepts (a listing of results with their raw latencies).
+pub const MAX_RESPONSE_BYTES: usize = fleetmark_core::limits::MAX_RESPONSE_BYTES;
 
 /// "127.0.0.1:7070" and "http://127.0.0.1:7070" both work.
 pub fn normalize_url(url: &str) -> String {
@@ -324,8 +326,8 @@ pub fn agent_client_with(
 ) -> Result<AgentClient, WireError> {
     let channel = Failover::new(&coordinator_urls(url)?, deadlines)?;
     Ok(AgentServiceClient::with_interceptor(channel, auth(token)?)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES))
 }
 
 /// A client for the sweep API (the CLI).
@@ -341,8 +343,8 @@ pub fn sweep_client_with(
 ) -> Result<SweepClient, WireError> {
     let channel = Failover::new(&coordinator_urls(url)?, deadlines)?;
     Ok(SweepServiceClient::with_interceptor(channel, auth(token)?)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES))
 }
 
 /// True for errors that mean "try again later": the coordinator or its database is down.

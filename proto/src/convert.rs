@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn job_spec_round_trips_and_bad_precision_is_rejected() {
         let spec: core::JobSpec = core::SweepSpec::from_toml(
-            "batch_sizes=[8]\nprecisions=[\"bf16\"]\ngpus=[\"h100\"]\nweights={kind=\"file\", path=\"/w.safetensors\"}",
+            "batch_sizes=[8]\nprecisions=[\"bf16\"]\ngpus=[\"h100\"]\nweights={kind=\"file\", path=\"w.safetensors\"}",
         )
         .unwrap()
         .expand()

@@ -10,4 +10,5 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod client;
+pub mod codec;
 pub mod convert;

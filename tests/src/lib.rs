@@ -42,6 +42,7 @@ const SCRUBBED_ENV: &[&str] = &[
     "FLEETMARK_AGENT_NAME",
     "FLEETMARK_PRICE_PER_HOUR",
     "FLEETMARK_LABELS",
+    "FLEETMARK_WEIGHTS_DIR",
     "DATABASE_URL",
     "RUST_LOG",
 ];
@@ -269,8 +270,9 @@ pub struct CoordinatorOpts {
     pub lease: &'static str,
     pub heartbeat: &'static str,
     pub reap_interval: &'static str,
-    /// How long a claim waits for its agent's acknowledgement (`--claim-grace`).
-    pub claim_grace: &'static str,
+            .args(["--claim-grace", opts.claim_grace])
+            .args(["--db-connections", "8"])
+            .args(&opts.extra_args);
 }
 
 impl Default for CoordinatorOpts {
@@ -281,6 +283,7 @@ impl Default for CoordinatorOpts {
             heartbeat: "500ms",
             reap_interval: "200ms",
             claim_grace: "5s",
+            extra_args: Vec::new(),
         }
     }
 }
@@ -312,7 +315,8 @@ impl Coordinator {
             .args(["--heartbeat", opts.heartbeat])
             .args(["--reap-interval", opts.reap_interval])
             .args(["--claim-grace", opts.claim_grace])
-            .args(["--db-connections", "8"]);
+            .args(["--db-connections", "8"])
+            .args(&opts.extra_args);
         if let Some(t) = &opts.token {
             cmd.arg("--token").arg(t);
         }

@@ -108,7 +108,7 @@ async fn standalone_results_import_and_compare() {
     .expect("the imported agent");
     assert_eq!(
         (name.as_str(), origin.as_str()),
-        ("offline-box", "imported")
+        ("imported/offline-box", "imported")
     );
 
     // `compare` shows them in a cpu column, with images per dollar from the recorded price.
@@ -142,16 +142,26 @@ async fn standalone_results_import_and_compare() {
     let out = cli(url, None, &["agents", "--format", "json"]).await;
     assert_success(&out, "fleetmark agents");
     let agents: Value = serde_json::from_str(&stdout(&out)).expect("JSON agents");
-    assert_eq!(agents[0]["name"], "offline-box");
+    assert_eq!(agents[0]["name"], "imported/offline-box");
     assert_eq!(agents[0]["state"], "imported");
 
-    // Importing the same file again files it as a second sweep; nothing merges silently.
+    // Importing the same file again adds nothing: each record is reported as a duplicate.
     let out = cli(url, None, &["import", path]).await;
     assert_success(&out, "second fleetmark import");
-    assert_ne!(parse_id(&out), sweep);
+    assert!(
+        stdout(&out).trim().is_empty(),
+        "no new sweep: {}",
+        stdout(&out)
+    );
+    assert_eq!(
+        stderr(&out).matches("duplicate").count(),
+        2,
+        "{}",
+        stderr(&out)
+    );
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM results")
         .fetch_one(&pool)
         .await
         .expect("count");
-    assert_eq!(total, 4);
+    assert_eq!(total, 2);
 }
