@@ -12,7 +12,11 @@ use tonic::{
 
 use crate::{
     convert::WireError,
-    v1::{agent_service_client::AgentServiceClient, sweep_service_client::SweepServiceClient},
+    secure::ClientTls,
+    v1::{
+        agent_service_client::AgentServiceClient, sweep_service_client::SweepServiceClient,
+        token_service_client::TokenServiceClient,
+    },
 };
 
 /// Adds `authorization: Bearer <token>` to every call when a token is configured.
@@ -30,29 +34,21 @@ impl Interceptor for BearerAuth {
 
 pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type SweepClient = SweepServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type TokenClient = TokenServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Largest message a client accepts (results with many raw latencies).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-/// "127.0.0.1:7070" and "http://127.0.0.1:7070" both work.
-pub fn normalize_url(url: &str) -> String {
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    }
-}
+pub use crate::secure::normalize_url;
 
-fn endpoint(url: &str) -> Result<Endpoint, WireError> {
-    let url = normalize_url(url);
-    Endpoint::from_shared(url.clone())
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-        })
-        .map_err(|e| WireError(format!("invalid coordinator URL '{url}': {e}")))
+/// The TLS-or-loopback policy lives in `secure::endpoint`; this adds the connection settings.
+fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, WireError> {
+    crate::secure::endpoint(url, tls).map(|e| {
+        e.connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+    })
 }
 
 fn auth(token: Option<&str>) -> Result<BearerAuth, WireError> {
@@ -69,7 +65,16 @@ fn auth(token: Option<&str>) -> Result<BearerAuth, WireError> {
 
 /// A client for the agent API. Connects on first use and reconnects after failures.
 pub fn agent_client(url: &str, token: Option<&str>) -> Result<AgentClient, WireError> {
-    let channel = endpoint(url)?.connect_lazy();
+    agent_client_tls(url, token, &ClientTls::default())
+}
+
+/// [`agent_client`] with TLS settings.
+pub fn agent_client_tls(
+    url: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<AgentClient, WireError> {
+    let channel = endpoint(url, tls)?.connect_lazy();
     Ok(AgentServiceClient::with_interceptor(channel, auth(token)?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -77,10 +82,29 @@ pub fn agent_client(url: &str, token: Option<&str>) -> Result<AgentClient, WireE
 
 /// A client for the sweep API (the CLI).
 pub fn sweep_client(url: &str, token: Option<&str>) -> Result<SweepClient, WireError> {
-    let channel = endpoint(url)?.connect_lazy();
+    sweep_client_tls(url, token, &ClientTls::default())
+}
+
+/// [`sweep_client`] with TLS settings.
+pub fn sweep_client_tls(
+    url: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<SweepClient, WireError> {
+    let channel = endpoint(url, tls)?.connect_lazy();
     Ok(SweepServiceClient::with_interceptor(channel, auth(token)?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A client for the token API (admins).
+pub fn token_client_tls(
+    url: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<TokenClient, WireError> {
+    let channel = endpoint(url, tls)?.connect_lazy();
+    Ok(TokenServiceClient::with_interceptor(channel, auth(token)?))
 }
 
 /// True for errors that mean "try again later": the coordinator or its database is down.

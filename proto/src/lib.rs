@@ -11,3 +11,4 @@ pub use v1::*;
 
 pub mod client;
 pub mod convert;
+pub mod secure;
