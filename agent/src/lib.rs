@@ -256,8 +256,10 @@ async fn register(shared: &Shared) -> Result<bool, AgentError> {
                 *shared.agent_id.write().await = resp.agent_id.clone();
                 *shared.secret.write().await = resp.agent_secret.clone();
                 if resp.released_jobs > 0 {
-                    info!(jobs = resp.released_jobs,
-                          "jobs leased to this agent's previous run went back to the queue");
+                    info!(
+                        jobs = resp.released_jobs,
+                        "jobs leased to this agent's previous run went back to the queue"
+                    );
                 }
                 *shared.heartbeat.write().await =
                     Duration::from_millis(resp.heartbeat_interval_ms.max(100) as u64);
@@ -307,7 +309,11 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         let agent_id = shared.agent_id.read().await.clone();
         let mut client = shared.client.clone();
         match client
-            .heartbeat(shared.authed(pb::HeartbeatRequest { agent_id, running }).await)
+            .heartbeat(
+                shared
+                    .authed(pb::HeartbeatRequest { agent_id, running })
+                    .await,
+            )
             .await
         {
             Ok(resp) => {
@@ -630,7 +636,10 @@ async fn fail(shared: &Shared, job_id: &str, attempt: u32, reason: &str, permane
 /// which the coordinator answers with UNAUTHENTICATED).
 fn with_credential<T>(message: T, secret: &str) -> Request<T> {
     let mut req = Request::new(message);
-    if let Some(v) = Some(secret).filter(|s| !s.is_empty()).and_then(|s| bearer(s).ok()) {
+    if let Some(v) = Some(secret)
+        .filter(|s| !s.is_empty())
+        .and_then(|s| bearer(s).ok())
+    {
         req.metadata_mut().insert("authorization", v);
     }
     req

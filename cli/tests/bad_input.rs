@@ -43,12 +43,14 @@ impl Live {
             .await
             .expect("connect");
         store.migrate().await.expect("migrate");
-        sqlx::query("INSERT INTO api_tokens (id, name, role, hash) VALUES ($1, 'test', 'admin', $2)")
-            .bind(uuid::Uuid::new_v4())
-            .bind(&fleetmark_coordinator::auth::hash_secret(token())[..])
-            .execute(store.pool())
-            .await
-            .expect("insert the test token");
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, role, hash) VALUES ($1, 'test', 'admin', $2)",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(&fleetmark_coordinator::auth::hash_secret(token())[..])
+        .execute(store.pool())
+        .await
+        .expect("insert the test token");
         let mut config = fleetmark_coordinator::Config::new(db.url.clone());
         config.max_db_connections = 4;
         let (stop, stopped) = oneshot::channel::<()>();

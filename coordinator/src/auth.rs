@@ -201,7 +201,11 @@ pub(crate) async fn authorize<T>(
 ) -> Result<Principal, Status> {
     let agent_call = matches!(need, Permission::Register | Permission::AgentSession);
     if agent_call
-        && state.config.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some())
+        && state
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some())
         && req.peer_certs().is_none_or(|c| c.is_empty())
     {
         return Err(CoordinatorError::Unauthenticated(
@@ -287,7 +291,10 @@ mod tests {
             (Role::Admin, [true, false, true, true, true]),
         ];
         for (role, row) in table {
-            for (need, ok) in [Register, AgentSession, Read, Submit, Admin].into_iter().zip(row) {
+            for (need, ok) in [Register, AgentSession, Read, Submit, Admin]
+                .into_iter()
+                .zip(row)
+            {
                 assert_eq!(permits(&token(role), need).is_ok(), ok, "{role} {need:?}");
             }
         }

@@ -91,10 +91,11 @@ impl Store {
         if n == 1 {
             return Ok(Some(true));
         }
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_tokens WHERE id = $1)")
-            .bind(id)
-            .fetch_one(self.pool())
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_tokens WHERE id = $1)")
+                .bind(id)
+                .fetch_one(self.pool())
+                .await?;
         Ok(exists.then_some(false))
     }
 
@@ -121,9 +122,7 @@ impl Store {
         .fetch_optional(self.pool())
         .await?
         .ok_or_else(|| {
-            CoordinatorError::Unauthenticated(
-                "wrong token: check --token / FLEETMARK_TOKEN".into(),
-            )
+            CoordinatorError::Unauthenticated("wrong token: check --token / FLEETMARK_TOKEN".into())
         })?;
         if row.try_get::<bool, _>("revoked")? {
             return Err(CoordinatorError::Unauthenticated(
@@ -159,11 +158,7 @@ impl Store {
     /// expired, or the row came from an import): that starts a new incarnation, with a new
     /// secret, and the jobs leased to the previous incarnation go back to pending without
     /// counting the attempt. Any other token gets `AlreadyExists`.
-    pub async fn register_agent_as(
-        &self,
-        reg: &AgentRegistration,
-        by: Uuid,
-    ) -> Result<Registered> {
+    pub async fn register_agent_as(&self, reg: &AgentRegistration, by: Uuid) -> Result<Registered> {
         let (secret, hash) = new_secret(AGENT_SECRET_PREFIX)?;
         let mut tx = self.pool().begin().await?;
         let existing = sqlx::query(

@@ -87,7 +87,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    let tls = config.tls.as_ref().map(tls::ServerTls::config).transpose()?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(tls::ServerTls::config)
+        .transpose()?;
     let store = connect_with_retry(&config).await?;
     store.migrate().await?;
     let addr = listener.local_addr().ok();

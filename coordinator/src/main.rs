@@ -157,7 +157,10 @@ fn tls_init(dir: &Path, hosts: &[String]) -> anyhow::Result<()> {
         out.server_cert.display(),
         out.agent_cert.display()
     );
-    eprintln!("keep {} offline; it signs everything.", out.ca_key.display());
+    eprintln!(
+        "keep {} offline; it signs everything.",
+        out.ca_key.display()
+    );
     eprintln!("coordinator:");
     eprintln!(
         "  fleetmark-coordinator --listen 0.0.0.0:7070 --tls-cert {} --tls-key {} [--client-ca {}]",
@@ -206,9 +209,10 @@ async fn token_create(
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let database_url = args.database_url.clone().ok_or_else(|| {
-        anyhow::anyhow!("no database: pass --database-url (or set DATABASE_URL)")
-    })?;
+    let database_url = args
+        .database_url
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no database: pass --database-url (or set DATABASE_URL)"))?;
     for (flag, d) in [
         ("--lease", args.lease),
         ("--heartbeat", args.heartbeat),

@@ -35,7 +35,9 @@ pub(crate) struct TokenApi(pub Arc<State>);
 /// must be the caller's own: it is never used to pick the agent.
 async fn calling_agent<T>(state: &State, req: &Request<T>, body_id: &str) -> Result<Uuid, Status> {
     let Principal::Agent { id } = authorize(state, req, Permission::AgentSession).await? else {
-        return Err(Status::permission_denied("agent calls take an agent secret"));
+        return Err(Status::permission_denied(
+            "agent calls take an agent secret",
+        ));
     };
     if !body_id.is_empty() && parse_uuid("agent id", body_id).ok() != Some(id) {
         return Err(CoordinatorError::PermissionDenied(format!(
@@ -685,9 +687,15 @@ impl pb::token_service_server::TokenService for TokenApi {
         let role = Role::try_from(role)?;
         let expires_at = match r.expires_in_seconds {
             None => None,
-            Some(0) => return Err(Status::invalid_argument("a token must live longer than zero")),
+            Some(0) => {
+                return Err(Status::invalid_argument(
+                    "a token must live longer than zero",
+                ))
+            }
             Some(s) if s > MAX_TOKEN_LIFETIME_SECS => {
-                return Err(Status::invalid_argument("a token may live ten years at most"))
+                return Err(Status::invalid_argument(
+                    "a token may live ten years at most",
+                ))
             }
             Some(s) => Some(chrono::Utc::now() + chrono::Duration::seconds(s as i64)),
         };

@@ -46,7 +46,8 @@ impl ServerTls {
 
     /// The rustls configuration tonic serves with.
     pub fn config(&self) -> Result<ServerTlsConfig, CoordinatorError> {
-        let mut c = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        let mut c =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
         if let Some(ca) = &self.client_ca_pem {
             c = c
                 .client_ca_root(Certificate::from_pem(ca))
@@ -57,7 +58,8 @@ impl ServerTls {
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, CoordinatorError> {
-    std::fs::read(p).map_err(|e| CoordinatorError::Config(format!("cannot read {}: {e}", p.display())))
+    std::fs::read(p)
+        .map_err(|e| CoordinatorError::Config(format!("cannot read {}: {e}", p.display())))
 }
 
 /// The files `tls init` wrote.
@@ -92,12 +94,14 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<InitOutput, CoordinatorError
     if hosts.is_empty() {
         return Err(CoordinatorError::Config("give at least one --host".into()));
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|err| CoordinatorError::Config(format!("cannot create {}: {err}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|err| {
+        CoordinatorError::Config(format!("cannot create {}: {err}", dir.display()))
+    })?;
 
     let ca_key = KeyPair::generate().map_err(|err| e("CA key", err))?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|err| e("CA", err))?;
-    ca.distinguished_name.push(DnType::CommonName, "Fleetmark private CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "Fleetmark private CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca.self_signed(&ca_key).map_err(|err| e("CA", err))?;
@@ -105,7 +109,9 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<InitOutput, CoordinatorError
 
     let server_key = KeyPair::generate().map_err(|err| e("server key", err))?;
     let mut server = CertificateParams::default();
-    server.distinguished_name.push(DnType::CommonName, "fleetmark-coordinator");
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "fleetmark-coordinator");
     server.subject_alt_names = hosts
         .iter()
         .map(|h| match h.parse::<std::net::IpAddr>() {
@@ -124,7 +130,9 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<InitOutput, CoordinatorError
 
     let agent_key = KeyPair::generate().map_err(|err| e("agent key", err))?;
     let mut agent = CertificateParams::default();
-    agent.distinguished_name.push(DnType::CommonName, "fleetmark-agent");
+    agent
+        .distinguished_name
+        .push(DnType::CommonName, "fleetmark-agent");
     agent.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let agent_cert = agent
         .signed_by(&agent_key, &issuer)

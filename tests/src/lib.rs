@@ -17,10 +17,10 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    sync::Mutex,
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
+    sync::Mutex,
     sync::OnceLock,
     time::Duration,
 };
@@ -285,7 +285,14 @@ pub fn agent_token(url: &str) -> String {
 /// secret (the command's stdout). `extra` adds flags such as `--expires 1s`.
 pub fn create_token(database_url: &str, role: &str, extra: &[&str]) -> String {
     let out = command("fleetmark-coordinator")
-        .args(["token", "create", "--role", role, "--database-url", database_url])
+        .args([
+            "token",
+            "create",
+            "--role",
+            role,
+            "--database-url",
+            database_url,
+        ])
         .args(extra)
         .output()
         .expect("run fleetmark-coordinator token create");

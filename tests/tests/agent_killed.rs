@@ -60,7 +60,11 @@ async fn a_killed_agents_job_is_rerun_elsewhere_and_its_late_result_is_refused()
     let a_again = register_raw(url, &coord.agent_token, "agent-a", "cpu")
         .await
         .expect("A registers again");
-    assert_eq!(a_again.agent_id, a_id.to_string(), "same name, same token: same id");
+    assert_eq!(
+        a_again.agent_id,
+        a_id.to_string(),
+        "same name, same token: same id"
+    );
     let a_secret = a_again.agent_secret;
     let mut agent_api = AgentServiceClient::new(raw_channel(url).await);
     let spec = job_spec(&pool, job.id).await;

@@ -6,8 +6,8 @@
 
 use fleetmark_e2e::*;
 use fleetmark_proto::v1::{
-    self as pb, agent_service_client::AgentServiceClient,
-    sweep_service_client::SweepServiceClient, token_service_client::TokenServiceClient,
+    self as pb, agent_service_client::AgentServiceClient, sweep_service_client::SweepServiceClient,
+    token_service_client::TokenServiceClient,
 };
 use tonic::{transport::Channel, Code};
 use uuid::Uuid;
@@ -104,7 +104,10 @@ async fn forged_calls_and_name_takeover_are_refused() {
         .expect("claim")
         .expect("the victim gets the job");
     let before = jobs(&s.pool, sweep).await.unwrap();
-    assert_eq!(before[0].lease_agent_id, Some(victim.agent_id.parse().unwrap()));
+    assert_eq!(
+        before[0].lease_agent_id,
+        Some(victim.agent_id.parse().unwrap())
+    );
 
     // The attacker names the victim's id (which ListAgents shows) with its own secret.
     let spec = job_spec(&s.pool, before[0].id).await;
@@ -163,7 +166,10 @@ async fn forged_calls_and_name_takeover_are_refused() {
             .await
             .expect_err("forged failure");
         assert!(
-            matches!(err.code(), Code::PermissionDenied | Code::FailedPrecondition),
+            matches!(
+                err.code(),
+                Code::PermissionDenied | Code::FailedPrecondition
+            ),
             "{err:?}"
         );
     }
@@ -210,7 +216,12 @@ async fn forged_calls_and_name_takeover_are_refused() {
             .await
             .unwrap();
     assert_eq!(devices[0]["kind"], "cpu", "its devices were not replaced");
-    let mine = made_up_result(Some(before[0].id), job.attempt, "victim", forged.spec.clone());
+    let mine = made_up_result(
+        Some(before[0].id),
+        job.attempt,
+        "victim",
+        forged.spec.clone(),
+    );
     api.submit_result(bearer(
         pb::SubmitResultRequest {
             agent_id: victim.agent_id.clone(),
@@ -240,7 +251,9 @@ async fn a_new_incarnation_rotates_the_secret_and_releases_jobs() {
     let s = setup().await;
     let url = s.coord.url.as_str();
     let token = s.coord.agent_token.clone();
-    let first = register_raw(url, &token, "node", "cpu").await.expect("register");
+    let first = register_raw(url, &token, "node", "cpu")
+        .await
+        .expect("register");
     let sweep = s.submit().await;
     let job = s
         .claim(&first.agent_secret)
@@ -291,10 +304,7 @@ async fn a_new_incarnation_rotates_the_secret_and_releases_jobs() {
         ))
         .await
         .expect("revoke");
-    let err = s
-        .claim(&second.agent_secret)
-        .await
-        .expect_err("revoked");
+    let err = s.claim(&second.agent_secret).await.expect_err("revoked");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     let other = create_token(&s.db_url, "agent", &[]);
     let third = register_raw(url, &other, "node", "cpu")

@@ -7,8 +7,8 @@
 
 use fleetmark_e2e::*;
 use fleetmark_proto::v1::{
-    self as pb, agent_service_client::AgentServiceClient,
-    sweep_service_client::SweepServiceClient, token_service_client::TokenServiceClient,
+    self as pb, agent_service_client::AgentServiceClient, sweep_service_client::SweepServiceClient,
+    token_service_client::TokenServiceClient,
 };
 use tonic::{transport::Channel, Code};
 use uuid::Uuid;
@@ -69,11 +69,9 @@ fn allowed(rpc: Rpc, cred: Cred) -> bool {
     use Cred::*;
     match rpc {
         Rpc::Register => matches!(cred, Agent | Admin),
-        Rpc::Heartbeat
-        | Rpc::ClaimJob
-        | Rpc::ReportProgress
-        | Rpc::SubmitResult
-        | Rpc::FailJob => cred == AgentSecret,
+        Rpc::Heartbeat | Rpc::ClaimJob | Rpc::ReportProgress | Rpc::SubmitResult | Rpc::FailJob => {
+            cred == AgentSecret
+        }
         Rpc::GetSweep | Rpc::WatchSweep | Rpc::ListSweeps | Rpc::ListResults | Rpc::ListAgents => {
             matches!(cred, Reader | Submitter | Admin)
         }
@@ -419,11 +417,21 @@ async fn a_submitter_cancels_only_its_own_sweeps() {
     assert_eq!(cancel(&bob, &alices).await, Code::PermissionDenied);
     assert_eq!(cancel(&reader, &alices).await, Code::PermissionDenied);
     let pool = pool(&db.url).await;
-    assert_eq!(sweep_state(&pool, alices.parse().unwrap()).await.unwrap(), "active");
+    assert_eq!(
+        sweep_state(&pool, alices.parse().unwrap()).await.unwrap(),
+        "active"
+    );
     assert_eq!(cancel(&alice, &alices).await, Code::Ok);
     let admin = coord.token.clone().expect("admin");
-    assert_eq!(cancel(&admin, &alices_second).await, Code::Ok, "admins cancel any");
-    assert_eq!(sweep_state(&pool, alices.parse().unwrap()).await.unwrap(), "cancelled");
+    assert_eq!(
+        cancel(&admin, &alices_second).await,
+        Code::Ok,
+        "admins cancel any"
+    );
+    assert_eq!(
+        sweep_state(&pool, alices.parse().unwrap()).await.unwrap(),
+        "cancelled"
+    );
 }
 
 #[tokio::test]
@@ -431,9 +439,16 @@ async fn rate_limits_the_pending_cap_and_the_unrunnable_warning() {
     let dir = scratch();
     let db = TestDb::new().await;
     let opts = CoordinatorOpts {
-        extra: ["--register-per-minute", "2", "--submit-per-minute", "3", "--max-pending-jobs", "4"]
-            .map(String::from)
-            .to_vec(),
+        extra: [
+            "--register-per-minute",
+            "2",
+            "--submit-per-minute",
+            "3",
+            "--max-pending-jobs",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     };
     let coord = Coordinator::start("coordinator", dir.path(), &db.url, free_port(), &opts).await;
@@ -457,8 +472,11 @@ async fn rate_limits_the_pending_cap_and_the_unrunnable_warning() {
 
     // Submitting for hardware nobody has: accepted, with a warning on stderr.
     let h200 = dir.path().join("h200.toml");
-    std::fs::write(&h200, SMALL_SWEEP.replace("batch_sizes = [1]", "batch_sizes = [1, 2]"))
-        .unwrap();
+    std::fs::write(
+        &h200,
+        SMALL_SWEEP.replace("batch_sizes = [1]", "batch_sizes = [1, 2]"),
+    )
+    .unwrap();
     let out = cli(url, None, &["submit", "--file", h200.to_str().unwrap()]).await;
     assert_success(&out, "submit");
     assert!(
@@ -471,7 +489,11 @@ async fn rate_limits_the_pending_cap_and_the_unrunnable_warning() {
     assert_success(&out, "submit up to the cap");
     let out = cli(url, None, &["submit", "--file", h200.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("cap of 4 pending jobs"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cap of 4 pending jobs"),
+        "{}",
+        stderr(&out)
+    );
     let sweeps: i64 = sqlx::query_scalar("SELECT count(*) FROM sweeps")
         .fetch_one(&pool(&db.url).await)
         .await

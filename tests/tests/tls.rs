@@ -72,19 +72,36 @@ async fn a_sweep_over_mutual_tls_with_a_private_ca() {
         .arg(&pki)
         .output()
         .expect("tls init");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let advice = String::from_utf8_lossy(&out.stderr);
-    assert!(advice.contains("--ca-cert"), "prints what clients need:\n{advice}");
+    assert!(
+        advice.contains("--ca-cert"),
+        "prints what clients need:\n{advice}"
+    );
     let path = |f: &str| pki.join(f).to_str().unwrap().to_string();
 
     let admin = create_token(&db.url, "admin", &[]);
     let agent_token = create_token(&db.url, "agent", &[]);
     let port = free_port();
     let mut cmd = command("fleetmark-coordinator");
-    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--database-url", &db.url])
-        .args(["--tls-cert", &path("server.crt"), "--tls-key", &path("server.key")])
-        .args(["--client-ca", &path("ca.crt")])
-        .args(["--heartbeat", "500ms", "--lease", "10s"]);
+    cmd.args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--database-url",
+        &db.url,
+    ])
+    .args([
+        "--tls-cert",
+        &path("server.crt"),
+        "--tls-key",
+        &path("server.key"),
+    ])
+    .args(["--client-ca", &path("ca.crt")])
+    .args(["--heartbeat", "500ms", "--lease", "10s"]);
     let _coordinator = Child::spawn("coordinator", cmd, dir.path());
     let (proxy, seen) = recording_proxy(port).await;
     let url = format!("https://127.0.0.1:{proxy}");
@@ -134,7 +151,14 @@ async fn a_sweep_over_mutual_tls_with_a_private_ca() {
     let out = cli(
         &url,
         Some(&admin),
-        &["--ca-cert", &path("ca.crt"), "submit", "--file", toml.to_str().unwrap(), "--watch"],
+        &[
+            "--ca-cert",
+            &path("ca.crt"),
+            "submit",
+            "--file",
+            toml.to_str().unwrap(),
+            "--watch",
+        ],
     )
     .await;
     assert_success(&out, "fleetmark submit --watch over TLS");
@@ -145,16 +169,36 @@ async fn a_sweep_over_mutual_tls_with_a_private_ca() {
     let out = cli(
         &url,
         Some(&admin),
-        &["--ca-cert", &path("ca.crt"), "results", &sweep.to_string(), "--format", "json"],
+        &[
+            "--ca-cert",
+            &path("ca.crt"),
+            "results",
+            &sweep.to_string(),
+            "--format",
+            "json",
+        ],
     )
     .await;
     assert_success(&out, "fleetmark results over TLS");
     assert!(stdout(&out).contains("over-tls") || stdout(&out).contains("resnet18"));
 
     let bytes = seen.lock().unwrap().clone();
-    assert!(bytes.len() > 10_000, "the proxy saw the traffic ({} bytes)", bytes.len());
-    for secret in [admin.as_str(), agent_token.as_str(), "Bearer", "fma_", "resnet18"] {
-        assert!(!contains(&bytes, secret), "{secret:?} crossed the wire in clear");
+    assert!(
+        bytes.len() > 10_000,
+        "the proxy saw the traffic ({} bytes)",
+        bytes.len()
+    );
+    for secret in [
+        admin.as_str(),
+        agent_token.as_str(),
+        "Bearer",
+        "fma_",
+        "resnet18",
+    ] {
+        assert!(
+            !contains(&bytes, secret),
+            "{secret:?} crossed the wire in clear"
+        );
     }
 
     // Without the CA, the server is not trusted: no call goes through.
@@ -171,7 +215,11 @@ async fn a_sweep_over_mutual_tls_with_a_private_ca() {
         .list_sweeps(bearer(pb::ListSweepsRequest { limit: 1 }, &admin))
         .await
         .expect_err("an untrusted server");
-    assert_ne!(err.code(), tonic::Code::Unauthenticated, "never got that far: {err:?}");
+    assert_ne!(
+        err.code(),
+        tonic::Code::Unauthenticated,
+        "never got that far: {err:?}"
+    );
 
     // An agent without a client certificate is refused, though its token is good.
     let err = register_over(&channel, &agent_token).await;
