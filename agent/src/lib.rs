@@ -30,11 +30,12 @@ use fleetmark_engine::{
 use fleetmark_proto::{
     client::{agent_client_with, is_transient, AgentClient, Deadlines},
     convert::parse_uuid,
+    secure::{bearer, ClientTls},
     v1 as pb,
 };
 use tokio::sync::{mpsc, RwLock};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status};
+use tonic::{Code, Request, Status};
 use tracing::{debug, info, warn};
 
 pub use error::AgentError;
@@ -43,7 +44,11 @@ use worker::DeviceWorker;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub coordinator: String,
+    /// The agent token `Register` takes. Every later call uses the agent's own secret, which
+    /// `Register` returns and which lives only in this process's memory.
     pub token: Option<String>,
+    /// TLS settings for `https://` coordinators (and the plaintext policy).
+    pub tls: ClientTls,
     pub name: String,
     /// `cpu`, `cuda:0`, `cuda:0,1`, `cuda:all` or `simulated`.
     pub devices: String,
@@ -63,6 +68,7 @@ impl Config {
         Config {
             coordinator: coordinator.into(),
             token: None,
+            tls: ClientTls::default(),
             name: name.into(),
             devices: "cpu".into(),
             price_per_hour: None,
@@ -139,6 +145,8 @@ struct Shared {
     identity: AgentIdentity,
     devices: Vec<pb::AgentDevice>,
     agent_id: RwLock<String>,
+    /// This incarnation's secret, from `Register`.
+    secret: RwLock<String>,
     heartbeat: RwLock<Duration>,
     running: Mutex<HashMap<String, Running>>,
     shutdown: CancellationToken,
@@ -164,12 +172,9 @@ pub async fn run_with_devices(
     if config.name.trim().is_empty() {
         return Err(AgentError::Config("the agent needs a --name".into()));
     }
-    let client = agent_client_with(
-        &config.coordinator,
-        config.token.as_deref(),
-        config.deadlines,
-    )
-    .map_err(|e| AgentError::Config(e.to_string()))?;
+    // No fixed credential on the channel: each call carries the token or the secret it needs.
+    let client = agent_client_with(&config.coordinator, None, config.deadlines, &config.tls)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
     let host = host_inventory();
     let identity = AgentIdentity {
         name: config.name.clone(),
@@ -192,6 +197,7 @@ pub async fn run_with_devices(
         identity,
         devices,
         agent_id: RwLock::new(String::new()),
+        secret: RwLock::new(String::new()),
         heartbeat: RwLock::new(Duration::from_secs(2)),
         running: Mutex::new(HashMap::new()),
         shutdown: token.clone(),
@@ -245,6 +251,7 @@ async fn register(shared: &Shared) -> Result<bool, AgentError> {
             devices: shared.devices.clone(),
         };
         let mut client = shared.client.clone();
+        let req = with_credential(req, shared.config.token.as_deref().unwrap_or(""));
         let outcome = tokio::select! {
             r = client.register(req) => r,
             _ = shared.shutdown.cancelled() => return Ok(false),
@@ -253,6 +260,13 @@ async fn register(shared: &Shared) -> Result<bool, AgentError> {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 *shared.agent_id.write().await = resp.agent_id.clone();
+                *shared.secret.write().await = resp.agent_secret.clone();
+                if resp.released_jobs > 0 {
+                    info!(
+                        jobs = resp.released_jobs,
+                        "jobs leased to this agent's previous run went back to the queue"
+                    );
+                }
                 *shared.heartbeat.write().await =
                     Duration::from_millis(resp.heartbeat_interval_ms.max(100) as u64);
                 info!(agent = %shared.config.name, agent_id = %resp.agent_id,
@@ -262,7 +276,12 @@ async fn register(shared: &Shared) -> Result<bool, AgentError> {
             Err(s) if s.code() == Code::Unauthenticated => {
                 return Err(AgentError::Unauthenticated(s.message().to_string()))
             }
-            Err(s) if s.code() == Code::InvalidArgument => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::InvalidArgument | Code::PermissionDenied | Code::AlreadyExists
+                ) =>
+            {
                 return Err(AgentError::Rejected(s.message().to_string()))
             }
             Err(s) => {
@@ -296,11 +315,15 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         let agent_id = shared.agent_id.read().await.clone();
         let mut client = shared.client.clone();
         match client
-            .heartbeat(pb::HeartbeatRequest {
-                agent_id,
-                running,
-                stopping: false,
-            })
+            .heartbeat(
+                shared
+                    .authed(pb::HeartbeatRequest {
+                        agent_id,
+                        running,
+                        stopping: false,
+                    })
+                    .await,
+            )
             .await
         {
             Ok(resp) => {
@@ -335,7 +358,7 @@ async fn say_stopping(shared: Arc<Shared>) {
         running: Vec::new(),
         stopping: true,
     };
-    if let Err(s) = client.heartbeat(req).await {
+    if let Err(s) = client.heartbeat(shared.authed(req).await).await {
         debug!(error = %s.message(), "stopping notice not delivered");
     }
 }
@@ -348,11 +371,13 @@ async fn device_loop(shared: Arc<Shared>, worker: Arc<DeviceWorker>) -> Result<(
         let agent_id = shared.agent_id.read().await.clone();
         let mut client = shared.client.clone();
         // A long poll: its deadline is the wait plus a margin.
-        let mut req = tonic::Request::new(pb::ClaimJobRequest {
-            agent_id,
-            device: device.clone(),
-            wait_ms: shared.config.claim_wait.as_millis() as u32,
-        });
+        let mut req = shared
+            .authed(pb::ClaimJobRequest {
+                agent_id,
+                device: device.clone(),
+                wait_ms: shared.config.claim_wait.as_millis() as u32,
+            })
+            .await;
         req.set_timeout(shared.config.deadlines.long_poll(shared.config.claim_wait));
         let claim = tokio::select! {
             r = client.claim_job(req) => r,
@@ -517,7 +542,7 @@ async fn report_progress(
             iterations: p.iterations,
             fraction: p.fraction,
         };
-        match client.report_progress(req).await {
+        match client.report_progress(shared.authed(req).await).await {
             Ok(_) => acknowledged = true,
             Err(s) if s.code() == Code::FailedPrecondition => {
                 warn!(job_id = %job_id, attempt, reason = %s.message(), "lease lost, stopping the job");
@@ -593,10 +618,14 @@ async fn deliver(shared: &Shared, job_id: &str, result: BenchResult) {
         let agent_id = shared.agent_id.read().await.clone();
         let mut client = shared.client.clone();
         match client
-            .submit_result(pb::SubmitResultRequest {
-                agent_id,
-                result: Some(wire.clone()),
-            })
+            .submit_result(
+                shared
+                    .authed(pb::SubmitResultRequest {
+                        agent_id,
+                        result: Some(wire.clone()),
+                    })
+                    .await,
+            )
             .await
         {
             Ok(_) => {
@@ -640,14 +669,18 @@ async fn fail(shared: &Shared, job_id: &str, attempt: u32, reason: &str, ending:
         let agent_id = shared.agent_id.read().await.clone();
         let mut client = shared.client.clone();
         let r: Result<_, Status> = client
-            .fail_job(pb::FailJobRequest {
-                agent_id,
-                job_id: job_id.to_string(),
-                attempt,
-                reason: reason.to_string(),
-                permanent: ending == Ending::Permanent,
-                handback: ending == Ending::HandBack,
-            })
+            .fail_job(
+                shared
+                    .authed(pb::FailJobRequest {
+                        agent_id,
+                        job_id: job_id.to_string(),
+                        attempt,
+                        reason: reason.to_string(),
+                        permanent: ending == Ending::Permanent,
+                        handback: ending == Ending::HandBack,
+                    })
+                    .await,
+            )
             .await;
         match r {
             Ok(resp) => {
@@ -660,6 +693,27 @@ async fn fail(shared: &Shared, job_id: &str, attempt: u32, reason: &str, ending:
                 return;
             }
         }
+    }
+}
+
+/// A request carrying `secret` as its bearer credential (none if it is empty or not ASCII,
+/// which the coordinator answers with UNAUTHENTICATED).
+fn with_credential<T>(message: T, secret: &str) -> Request<T> {
+    let mut req = Request::new(message);
+    if let Some(v) = Some(secret)
+        .filter(|s| !s.is_empty())
+        .and_then(|s| bearer(s).ok())
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+impl Shared {
+    /// A request authenticated as this agent (its current secret).
+    async fn authed<T>(&self, message: T) -> Request<T> {
+        let secret = self.secret.read().await.clone();
+        with_credential(message, &secret)
     }
 }
 

@@ -56,7 +56,8 @@ struct ServeArgs {
     /// name that resolves to several addresses): the agent moves to the next when one fails.
     #[arg(long, env = "FLEETMARK_COORDINATOR")]
     coordinator: Option<String>,
-    /// Bearer token the coordinator requires.
+    /// The agent token to register with (`fleetmark token create --role agent`). Later calls
+    /// use the agent's own secret, which it keeps in memory.
     #[arg(long, env = "FLEETMARK_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Deadline of each call to the coordinator (a claim's is its wait plus a margin): a hung
@@ -64,7 +65,26 @@ struct ServeArgs {
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     call_timeout: Duration,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     device: DeviceArgs,
+}
+
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// Trust this CA (PEM) for an https:// coordinator instead of the system roots.
+    #[arg(long, env = "FLEETMARK_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires mutual TLS.
+    #[arg(long, env = "FLEETMARK_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "FLEETMARK_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plaintext http:// to a coordinator that is not on a loopback address. The token
+    /// and everything else then cross the network unencrypted.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +199,13 @@ fn real_main() -> anyhow::Result<()> {
             }
             let mut config = config_from(coordinator, cli.serve.token, cli.serve.device)?;
             config.deadlines = config.deadlines.with_call(cli.serve.call_timeout);
+            let t = &cli.serve.tls;
+            config.tls = fleetmark_proto::secure::ClientTls::from_files(
+                t.ca_cert.as_deref(),
+                t.tls_cert.as_deref(),
+                t.tls_key.as_deref(),
+                t.insecure,
+            )?;
             rt.block_on(fleetmark_agent::run(config, shutdown_signal()))?;
         }
         Some(Command::Run { sweep, out, device }) => {

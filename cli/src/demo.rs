@@ -8,6 +8,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::Args;
+use fleetmark_coordinator::auth::Role;
 use fleetmark_core::localpg::LocalPostgres;
 use fleetmark_proto::v1 as pb;
 use sqlx::{Connection, PgConnection};
@@ -93,7 +94,33 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     outcome
 }
 
+/// A submitter token for the demo's CLI side and an agent token for its agents, made straight
+/// in the database as `fleetmark-coordinator token create` would. They expire in a day.
+async fn demo_tokens(db_url: &str) -> Result<(String, String), CliError> {
+    let e = |e: fleetmark_coordinator::CoordinatorError| CliError::Other(e.to_string());
+    let store = fleetmark_coordinator::Store::connect(db_url, 2)
+        .await
+        .map_err(e)?;
+    store.migrate().await.map_err(e)?;
+    let expires = Some(chrono::Utc::now() + chrono::Duration::days(1));
+    // An earlier demo's agents registered these names with its token: retire it.
+    for name in ["demo submitter", "demo agents"] {
+        store.revoke_tokens_named(name).await.map_err(e)?;
+    }
+    let (_, submitter) = store
+        .create_token("demo submitter", Role::Submitter, expires, None)
+        .await
+        .map_err(e)?;
+    let (_, agent) = store
+        .create_token("demo agents", Role::Agent, expires, None)
+        .await
+        .map_err(e)?;
+    store.pool().close().await;
+    Ok((submitter, agent))
+}
+
 async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, CliError> {
+    let (submitter_token, agent_token) = demo_tokens(db_url).await?;
     let stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -115,6 +142,7 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
     for i in 1..=args.agents {
         let stop = stop.clone();
         let mut config = fleetmark_agent::Config::new(url.clone(), format!("demo-cpu-{i}"));
+        config.token = Some(agent_token.clone());
         config.labels.insert("demo".into(), "true".into());
         agents.push(tokio::spawn(async move {
             fleetmark_agent::run(config, async move { stop.cancelled().await }).await
@@ -125,11 +153,7 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
         args.agents
     );
     let work = async {
-        let conn = Conn {
-            coordinator: url.clone(),
-            token: None,
-            call_timeout: fleetmark_proto::client::Deadlines::default().call,
-        };
+        let conn = Conn::new(url.clone(), Some(submitter_token.clone()));
         let mut remote = Remote::new(&conn)?;
         wait_for_agents(&mut remote, args.agents).await?;
         let submit = SubmitArgs {

@@ -4,6 +4,7 @@
 pub mod compare;
 pub mod demo;
 pub mod output;
+pub mod tokens;
 pub mod watch;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -15,6 +16,7 @@ use fleetmark_core::{
 use fleetmark_proto::{
     client::{sweep_client_with, Deadlines, SweepClient},
     convert::{parse_uuid, result_without_latencies},
+    secure::ClientTls,
     v1 as pb,
 };
 use thiserror::Error;
@@ -32,6 +34,10 @@ pub enum CliError {
     DatabaseUnavailable { url: String, detail: String },
     #[error("the coordinator refused the request: {0}")]
     Unauthenticated(String),
+    #[error("this token may not do that: {0}")]
+    PermissionDenied(String),
+    #[error("the coordinator is refusing more for now: {0}")]
+    ResourceExhausted(String),
     #[error("{0}")]
     NotFound(String),
     #[error("the coordinator rejected the request: {0}")]
@@ -57,6 +63,8 @@ impl CliError {
                 detail: s.message().to_string(),
             },
             Code::Unauthenticated => CliError::Unauthenticated(s.message().to_string()),
+            Code::PermissionDenied => CliError::PermissionDenied(s.message().to_string()),
+            Code::ResourceExhausted => CliError::ResourceExhausted(s.message().to_string()),
             Code::NotFound => CliError::NotFound(s.message().to_string()),
             Code::InvalidArgument | Code::FailedPrecondition => {
                 CliError::Rejected(s.message().to_string())
@@ -95,9 +103,35 @@ pub struct Connection {
     /// Deadline of each call to the coordinator.
     #[arg(long, global = true, default_value = "15s", value_parser = humantime::parse_duration)]
     pub call_timeout: std::time::Duration,
-    /// Bearer token the coordinator requires.
+    /// API token (`fleetmark-coordinator token create` / `fleetmark token create`).
     #[arg(long, global = true, env = "FLEETMARK_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Trust this CA (PEM) for an https:// coordinator instead of the system roots.
+    #[arg(long, global = true, env = "FLEETMARK_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Allow plaintext http:// to a coordinator that is not on a loopback address. The token
+    /// then crosses the network unencrypted.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+}
+
+impl Connection {
+    /// A connection to `url` with `token`, no CA and no `--insecure`.
+    pub fn new(url: impl Into<String>, token: Option<String>) -> Self {
+        Connection {
+            coordinator: url.into(),
+            call_timeout: fleetmark_proto::client::Deadlines::default().call,
+            token,
+            ca_cert: None,
+            insecure: false,
+        }
+    }
+
+    /// The TLS settings the flags ask for.
+    pub fn tls(&self) -> Result<ClientTls, CliError> {
+        ClientTls::from_files(self.ca_cert.as_deref(), None, None, self.insecure)
+            .map_err(|e| CliError::Input(e.to_string()))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +165,9 @@ pub enum Command {
     },
     /// Cancel a sweep's unfinished jobs.
     Cancel { sweep_id: String },
+    /// API tokens (with an admin token).
+    #[command(subcommand)]
+    Token(tokens::TokenCommand),
     /// Load result records written by `fleetmark-agent run --out` into the database.
     Import {
         file: PathBuf,
@@ -249,7 +286,12 @@ pub struct Remote {
 impl Remote {
     pub fn new(conn: &Connection) -> Result<Self, CliError> {
         let deadlines = Deadlines::default().with_call(conn.call_timeout);
-        let client = sweep_client_with(&conn.coordinator, conn.token.as_deref(), deadlines)
+        let client = sweep_client_with(
+            &conn.coordinator,
+            conn.token.as_deref(),
+            deadlines,
+            &conn.tls()?,
+        )
             .map_err(|e| CliError::Input(e.to_string()))?;
         Ok(Remote {
             url: conn.coordinator.clone(),
@@ -311,11 +353,15 @@ pub async fn fetch_results(
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Token(cmd) => tokens::run(&cli.conn, cmd).await,
         Command::Submit(args) => {
             let toml = args.to_toml()?;
             let mut remote = Remote::new(&cli.conn)?;
             let resp = submit(&mut remote, toml).await?;
             eprintln!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
+            for w in &resp.warnings {
+                eprintln!("warning: {w}");
+            }
             println!("{}", resp.sweep_id);
             if args.watch {
                 let ok = watch::watch(&mut remote, &resp.sweep_id).await?;

@@ -13,6 +13,17 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tonic::Code;
 
+/// One admin token for every coordinator of this test process, written into each test's
+/// database by its hash, as `fleetmark-coordinator token create` would.
+fn token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        fleetmark_coordinator::auth::new_secret(fleetmark_coordinator::auth::TOKEN_PREFIX)
+            .expect("randomness")
+            .0
+    })
+}
+
 /// A coordinator served from this process, stopped when dropped.
 struct Live {
     url: String,
@@ -28,13 +39,25 @@ impl Live {
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let store = fleetmark_coordinator::Store::connect(&db.url, 2)
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrate");
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, role, hash) VALUES ($1, 'test', 'admin', $2)",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(&fleetmark_coordinator::auth::hash_secret(token())[..])
+        .execute(store.pool())
+        .await
+        .expect("insert the test token");
         let mut config = fleetmark_coordinator::Config::new(db.url.clone());
         config.max_db_connections = 4;
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(fleetmark_coordinator::run(config, listener, async move {
             let _ = stopped.await;
         }));
-        let client = sweep_client(&url, None).expect("client");
+        let client = sweep_client(&url, Some(token())).expect("client");
         eventually(Duration::from_secs(60), "the coordinator to answer", || {
             let mut client = client.clone();
             async move {
@@ -84,7 +107,7 @@ impl Drop for Live {
 
 async fn fleetmark(coordinator: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetmark"));
-    cmd.env_remove("FLEETMARK_TOKEN")
+    cmd.env("FLEETMARK_TOKEN", token())
         .env_remove("FLEETMARK_COORDINATOR")
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "warn")
@@ -223,7 +246,7 @@ async fn bad_sweeps_are_refused_clearly_and_queue_nothing() {
     );
 
     // The coordinator applies the same rules to whatever reaches it, CLI or not.
-    let mut client = sweep_client(url, None).expect("client");
+    let mut client = sweep_client(url, Some(token())).expect("client");
     for toml in [
         "batch_sizes = [1, 2\n",
         "batch_sizes = [0]\nprecisions = [\"f32\"]\n",

@@ -60,6 +60,12 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
+    let store = fleetmark_coordinator::Store::connect(&db.url, 2)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let role = fleetmark_coordinator::auth::Role::Admin;
+    let (_, admin) = store.create_token("bench", role, None, None).await.unwrap();
     let mut config = fleetmark_coordinator::Config::new(db.url.clone());
     config.max_db_connections = 32;
     let s = stop.clone();
@@ -70,13 +76,14 @@ async fn main() {
     for i in 0..AGENTS {
         let mut c = fleetmark_agent::Config::new(url.clone(), format!("sim-{i}"));
         c.devices = "simulated".into();
+        c.token = Some(admin.clone());
         c.backend.simulated_latency = Duration::from_millis(1);
         let s = stop.clone();
         agents.push(tokio::spawn(fleetmark_agent::run(c, async move {
             s.cancelled().await
         })));
     }
-    let mut client = sweep_client(&url, None).unwrap();
+    let mut client = sweep_client(&url, Some(&admin)).unwrap();
     loop {
         let n = client
             .list_agents(pb::ListAgentsRequest {})

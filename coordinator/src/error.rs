@@ -23,6 +23,21 @@ pub enum CoordinatorError {
     #[error("{0}")]
     Unauthenticated(String),
 
+    /// The caller is known but its credential does not allow this call.
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    /// A rate limit or a quota: retry later, or free some of the quota.
+    #[error("{0}")]
+    ResourceExhausted(String),
+
+    #[error("{0}")]
+    AlreadyExists(String),
+
+    /// Start-up configuration that cannot work (TLS files, for example).
+    #[error("{0}")]
+    Config(String),
+
     #[error("database: {0}")]
     Database(sqlx::Error),
 
@@ -66,6 +81,10 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NotFound(m) => Status::not_found(m),
             CoordinatorError::StaleLease(m) => Status::failed_precondition(m),
             CoordinatorError::Unauthenticated(m) => Status::unauthenticated(m),
+            CoordinatorError::PermissionDenied(m) => Status::permission_denied(m),
+            CoordinatorError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            CoordinatorError::AlreadyExists(m) => Status::already_exists(m),
+            CoordinatorError::Config(m) => Status::internal(m),
             CoordinatorError::Database(e) => {
                 tracing::warn!(error = %e, "database error");
                 match e {

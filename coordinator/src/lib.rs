@@ -8,15 +8,19 @@
 
 pub mod auth;
 pub mod error;
+pub mod identity;
+mod limits;
 mod service;
 pub mod store;
 mod sweep_events;
+pub mod tls;
 mod wakeup;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use fleetmark_proto::v1::{
     agent_service_server::AgentServiceServer, sweep_service_server::SweepServiceServer,
+    token_service_server::TokenServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,8 +38,15 @@ pub const MAX_RESPONSE_BYTES: usize = fleetmark_core::limits::MAX_RESPONSE_BYTES
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
-    /// When set, every call must carry `authorization: Bearer <token>`.
-    pub token: Option<String>,
+    /// Serve TLS with this certificate (and require agents' client certificates if it has a
+    /// client CA). Plaintext when `None`.
+    pub tls: Option<tls::ServerTls>,
+    /// Registrations each token may make per minute (per coordinator).
+    pub register_per_minute: u32,
+    /// Sweeps each token may submit per minute (per coordinator).
+    pub submit_per_minute: u32,
+    /// Pending jobs one submitter token may have queued at once.
+    pub max_pending_jobs: u64,
     /// How long a job's lease lasts without a progress report.
     pub lease: Duration,
     /// How often agents should heartbeat and report progress.
@@ -69,7 +80,10 @@ impl Config {
     pub fn new(database_url: impl Into<String>) -> Self {
         Config {
             database_url: database_url.into(),
-            token: None,
+            tls: None,
+            register_per_minute: 60,
+            submit_per_minute: 60,
+            max_pending_jobs: 100_000,
             lease: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(2),
             reap_interval: Duration::from_secs(1),
@@ -90,6 +104,7 @@ pub(crate) struct State {
     pub wakeup: Arc<tokio::sync::Notify>,
     pub sweep_events: sweep_events::SweepEvents,
     pub shutdown: CancellationToken,
+    pub limits: limits::Limits,
 }
 
 /// Connects, migrates, and serves until `shutdown` resolves.
@@ -98,12 +113,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
+    let tls = config
+        .tls
+        .as_ref()
+        .map(tls::ServerTls::config)
+        .transpose()?;
     let store = connect_with_retry(&config)
         .await?
         .with_claim_grace(config.claim_grace);
     store.migrate().await?;
     let addr = listener.local_addr().ok();
-    info!(addr = ?addr, lease_ms = config.lease.as_millis() as u64, "coordinator listening");
+    info!(addr = ?addr, lease_ms = config.lease.as_millis() as u64, tls = config.tls.is_some(),
+          "coordinator listening");
 
     let token = CancellationToken::new();
     let state = Arc::new(State {
@@ -112,6 +133,7 @@ pub async fn run(
         wakeup: Arc::new(tokio::sync::Notify::new()),
         sweep_events: sweep_events::SweepEvents::new(),
         shutdown: token.clone(),
+        limits: limits::Limits::new(&config),
     });
     let background = [
         tokio::spawn(reaper(state.clone())),
@@ -119,26 +141,28 @@ pub async fn run(
         tokio::spawn(sweep_events::publish(state.clone())),
     ];
 
-    let auth = auth::Auth::new(config.token.clone());
     let agents = AgentServiceServer::new(service::AgentApi(state.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let sweeps = SweepServiceServer::new(service::SweepApi(state.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    let tokens = TokenServiceServer::new(service::TokenApi(state.clone()));
     let stop = token.clone();
     // A peer that stops answering pings (a hung or vanished agent) has its connection and long
     // polls dropped.
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            agents,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            sweeps, auth,
-        ))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+    }
+    let served = builder
+        .add_service(agents)
+        .add_service(sweeps)
+        .add_service(tokens)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener)
                 .with_nodelay(Some(true))

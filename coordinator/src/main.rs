@@ -1,27 +1,99 @@
-//! `fleetmark-coordinator`: parses flags and runs the coordinator library until Ctrl-C/SIGTERM.
+//! `fleetmark-coordinator`: parses flags and runs the coordinator library until Ctrl-C/SIGTERM;
+//! `tls init` makes a private CA and certificates; `token create` makes the first admin token
+//! from the database side.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context;
-use clap::Parser;
-use fleetmark_coordinator::{run, Config};
+use clap::{Parser, Subcommand};
+use fleetmark_coordinator::{auth::Role, run, tls::ServerTls, Config, Store};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "fleetmark-coordinator",
     version,
-    about = "Hands benchmark jobs to Fleetmark agents and stores results in Postgres"
+    about = "Hands benchmark jobs to Fleetmark agents and stores results in Postgres",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(flatten)]
+    serve: Args,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// TLS set-up.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+    /// API tokens, straight in the database (for the first admin token; afterwards use
+    /// `fleetmark token` with an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Write a private CA, a server certificate and an agent client certificate into DIR.
+    Init {
+        dir: PathBuf,
+        /// Names and addresses the coordinator is reached by (repeat the flag).
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print its secret (shown once) on stdout.
+    Create {
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, such as 30d or 12h. Without it the token lasts until revoked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Address to listen on for agents and the CLI.
     #[arg(long, env = "FLEETMARK_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Postgres URL. Migrations are applied at start-up.
     #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
-    /// Require this bearer token on every call.
-    #[arg(long, env = "FLEETMARK_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    database_url: Option<String>,
+    /// Serve TLS with this certificate (PEM). Needs --tls-key.
+    #[arg(long, env = "FLEETMARK_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "FLEETMARK_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require agents to present a client certificate signed by this CA (mutual TLS).
+    #[arg(long, env = "FLEETMARK_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Registrations each token may make per minute.
+    #[arg(long, default_value_t = 60)]
+    register_per_minute: u32,
+    /// Sweeps each token may submit per minute.
+    #[arg(long, default_value_t = 60)]
+    submit_per_minute: u32,
+    /// Pending jobs one submitter token may have queued at once.
+    #[arg(long, default_value_t = 100_000)]
+    max_pending_jobs: u64,
     /// How long a job's lease lasts without a progress report from its agent.
     #[arg(long, env = "FLEETMARK_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     lease: Duration,
@@ -72,7 +144,85 @@ async fn real_main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Tls(TlsCommand::Init { dir, hosts })) => tls_init(&dir, &hosts),
+        Some(Command::Token(TokenCommand::Create {
+            role,
+            name,
+            expires,
+            database_url,
+        })) => token_create(role, name, expires, &database_url).await,
+    }
+}
+
+fn tls_init(dir: &Path, hosts: &[String]) -> anyhow::Result<()> {
+    let out = fleetmark_coordinator::tls::init(dir, hosts)?;
+    eprintln!(
+        "wrote a private CA ({}), a server certificate for {} ({}) and an agent client \
+         certificate ({}).",
+        out.ca_cert.display(),
+        hosts.join(", "),
+        out.server_cert.display(),
+        out.agent_cert.display()
+    );
+    eprintln!(
+        "keep {} offline; it signs everything.",
+        out.ca_key.display()
+    );
+    eprintln!("coordinator:");
+    eprintln!(
+        "  fleetmark-coordinator --listen 0.0.0.0:7070 --tls-cert {} --tls-key {} [--client-ca {}]",
+        out.server_cert.display(),
+        out.server_key.display(),
+        out.ca_cert.display()
+    );
+    eprintln!("agents (copy ca.crt, and agent.crt/agent.key for --client-ca) and the CLI:");
+    eprintln!(
+        "  fleetmark-agent --coordinator https://{}:7070 --ca-cert ca.crt [--tls-cert agent.crt --tls-key agent.key] --token <agent token>",
+        hosts[0]
+    );
+    eprintln!(
+        "  fleetmark --coordinator https://{}:7070 --ca-cert ca.crt --token <token> sweeps",
+        hosts[0]
+    );
+    Ok(())
+}
+
+async fn token_create(
+    role: Role,
+    name: Option<String>,
+    expires: Option<Duration>,
+    database_url: &str,
+) -> anyhow::Result<()> {
+    let store = Store::connect(database_url, 2)
+        .await
+        .context("cannot connect to the database")?;
+    store.migrate().await.context("migrations")?;
+    let expires_at = expires
+        .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() + d))
+        .transpose()
+        .context("--expires is too long")?;
+    let name = name.unwrap_or_else(|| format!("{role} token"));
+    let (info, secret) = store.create_token(&name, role, expires_at, None).await?;
+    eprintln!(
+        "created {role} token {} ('{}'){}; its secret is below and is shown only this once",
+        info.id,
+        info.name,
+        info.expires_at
+            .map(|t| format!(", expiring {}", t.to_rfc3339()))
+            .unwrap_or_default()
+    );
+    println!("{secret}");
+    Ok(())
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let database_url = args
+        .database_url
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no database: pass --database-url (or set DATABASE_URL)"))?;
     for (flag, d) in [
         ("--lease", args.lease),
         ("--heartbeat", args.heartbeat),
@@ -98,8 +248,16 @@ async fn real_main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let mut config = Config::new(args.database_url);
-    config.token = args.token;
+    let mut config = Config::new(database_url);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(ServerTls::from_files(cert, key, args.client_ca.as_deref())?);
+    } else if !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen,
+            "serving plaintext on a non-loopback address: tokens cross the network readable; use --tls-cert/--tls-key");
+    }
+    config.register_per_minute = args.register_per_minute;
+    config.submit_per_minute = args.submit_per_minute;
+    config.max_pending_jobs = args.max_pending_jobs;
     config.lease = args.lease;
     config.heartbeat_interval = args.heartbeat;
     config.reap_interval = args.reap_interval;

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::{
+    auth::{authorize, Permission, Principal, Role},
     error::CoordinatorError,
     store::{
         AgentDevice, AgentRegistration, CompareFilter, FailOutcome, ImportOutcome, JobRow,
@@ -33,9 +34,23 @@ const WATCH_RECHECK: Duration = Duration::from_secs(5);
 
 pub(crate) struct AgentApi(pub Arc<State>);
 pub(crate) struct SweepApi(pub Arc<State>);
+pub(crate) struct TokenApi(pub Arc<State>);
 
-fn agent_id(s: &str) -> Result<Uuid, Status> {
-    parse_uuid("agent id", s).map_err(Into::into)
+/// The agent making this call, authenticated by its secret. The agent id in the body, if any,
+/// must be the caller's own: it is never used to pick the agent.
+async fn calling_agent<T>(state: &State, req: &Request<T>, body_id: &str) -> Result<Uuid, Status> {
+    let Principal::Agent { id } = authorize(state, req, Permission::AgentSession).await? else {
+        return Err(Status::permission_denied(
+            "agent calls take an agent secret",
+        ));
+    };
+    if !body_id.is_empty() && parse_uuid("agent id", body_id).ok() != Some(id) {
+        return Err(CoordinatorError::PermissionDenied(format!(
+            "agent id {body_id} in the request is not the caller's own ({id})"
+        ))
+        .into());
+    }
+    Ok(id)
 }
 
 /// Maps a broken limit to INVALID_ARGUMENT.
@@ -61,11 +76,13 @@ fn validate_registration(r: &pb::RegisterRequest) -> Result<(), Status> {
     Ok(())
 }
 
-/// The identity of the credential that made this call, recorded on imported results.
-// TODO(lead): wire to the caller identity helper "auth" exposes (its `caller identity` fn in
-// coordinator/src/auth.rs) once both branches are merged; until then imports say "unknown".
-fn caller_identity<T>(_req: &Request<T>) -> String {
-    "unknown".to_string()
+/// The identity of the credential that made this call, recorded on imported results:
+/// `token:<name>/<id>` for API tokens, `agent:<id>` for an agent's own secret.
+fn caller_identity(caller: &crate::auth::Principal) -> String {
+    match caller {
+        crate::auth::Principal::Token { id, name, .. } => format!("token:{name}/{id}"),
+        crate::auth::Principal::Agent { id } => format!("agent:{id}"),
+    }
 }
 
 fn job_to_wire(j: &JobRow) -> pb::JobStatus {
@@ -90,6 +107,11 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caller = authorize(&self.0, &req, Permission::Register).await?;
+        let token = caller
+            .token_id()
+            .ok_or_else(|| Status::permission_denied("Register takes an agent token"))?;
+        self.0.limits.register(token)?;
         let r = req.into_inner();
         validate_registration(&r)?;
         let name = r.name.trim().to_string();
@@ -123,17 +145,24 @@ impl AgentService for AgentApi {
                 })
                 .collect(),
         };
-        let id = self
+        let done = self
             .0
             .store
-            .register_agent(&reg)
+            .register_agent_as(&reg, token)
             .await
             .map_err(Status::from)?;
-        info!(agent = %name, agent_id = %id, devices = reg.devices.len(), "agent registered");
+        if !done.released.is_empty() {
+            self.0.wakeup.notify_waiters();
+        }
+        info!(agent = %name, agent_id = %done.agent_id, incarnation = done.incarnation,
+              released_jobs = done.released.len(), devices = reg.devices.len(), "agent registered");
         Ok(Response::new(pb::RegisterResponse {
-            agent_id: id.to_string(),
+            agent_id: done.agent_id.to_string(),
             heartbeat_interval_ms: self.0.config.heartbeat_interval.as_millis() as u32,
             lease_ms: self.0.config.lease.as_millis() as u32,
+            agent_secret: done.secret,
+            incarnation: done.incarnation.max(0) as u32,
+            released_jobs: done.released.len() as u32,
         }))
     }
 
@@ -141,8 +170,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
         let r = req.into_inner();
-        let agent = agent_id(&r.agent_id)?;
         let known = self
             .0
             .store
@@ -191,8 +220,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::ClaimJobRequest>,
     ) -> Result<Response<pb::ClaimJobResponse>, Status> {
+        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
         let r = req.into_inner();
-        let agent = agent_id(&r.agent_id)?;
         let state = &self.0;
         let kind = state
             .store
@@ -244,8 +273,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::ReportProgressRequest>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
         let r = req.into_inner();
-        let agent = agent_id(&r.agent_id)?;
         let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
         let phase: String = r.phase.chars().take(32).collect();
         fleetmark_core::limits::check_text("phase", &phase, 32).map_err(limit)?;
@@ -286,8 +315,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::SubmitResultRequest>,
     ) -> Result<Response<pb::SubmitResultResponse>, Status> {
+        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
         let r = req.into_inner();
-        let agent = agent_id(&r.agent_id)?;
         let result: BenchResult = r
             .result
             .ok_or_else(|| Status::invalid_argument("missing result"))?
@@ -316,8 +345,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::FailJobRequest>,
     ) -> Result<Response<pb::FailJobResponse>, Status> {
+        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
         let r = req.into_inner();
-        let agent = agent_id(&r.agent_id)?;
         let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
         let reason: String = r.reason.chars().take(4000).collect();
         fleetmark_core::limits::check_text("reason", &reason, 4000).map_err(limit)?;
@@ -404,19 +433,33 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::SubmitSweepRequest>,
     ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let caller = authorize(&self.0, &req, Permission::Submit).await?;
+        let token = caller
+            .token_id()
+            .ok_or_else(|| Status::permission_denied("submitting takes a token"))?;
+        self.0.limits.submit(token)?;
         let toml = req.into_inner().spec_toml;
         let spec = SweepSpec::from_toml(&toml).map_err(CoordinatorError::from)?;
+        let planned = spec.expand().map_err(CoordinatorError::from)?;
+        check_pending_cap(&self.0, token, planned.len()).await?;
         let (id, jobs) = self
             .0
             .store
             .create_sweep(&spec, &toml)
             .await
             .map_err(Status::from)?;
+        self.0
+            .store
+            .set_submitter(id, token)
+            .await
+            .map_err(Status::from)?;
         self.0.wakeup.notify_waiters();
-        info!(sweep_id = %id, jobs, "sweep submitted");
+        let warnings = unrunnable_warnings(&self.0, &planned).await;
+        info!(sweep_id = %id, jobs, warnings = warnings.len(), "sweep submitted");
         Ok(Response::new(pb::SubmitSweepResponse {
             sweep_id: id.to_string(),
             jobs: jobs as u32,
+            warnings,
         }))
     }
 
@@ -424,6 +467,7 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::GetSweepRequest>,
     ) -> Result<Response<pb::SweepStatus>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
         let id = parse_uuid("sweep id", &req.into_inner().sweep_id).map_err(Status::from)?;
         Ok(Response::new(sweep_status(&self.0, id).await?))
     }
@@ -434,6 +478,7 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::GetSweepRequest>,
     ) -> Result<Response<Self::WatchSweepStream>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
         let id = parse_uuid("sweep id", &req.into_inner().sweep_id).map_err(Status::from)?;
         // Fail fast on an unknown sweep, before the stream starts.
         let first = sweep_status(&self.0, id).await?;
@@ -491,6 +536,7 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::ListSweepsRequest>,
     ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
         let limit = match req.into_inner().limit {
             0 => 20,
             n => n.min(1000),
@@ -510,7 +556,20 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::CancelSweepRequest>,
     ) -> Result<Response<pb::CancelSweepResponse>, Status> {
+        let caller = authorize(&self.0, &req, Permission::Submit).await?;
         let id = parse_uuid("sweep id", &req.into_inner().sweep_id).map_err(Status::from)?;
+        let owner = self
+            .0
+            .store
+            .sweep_submitter(id)
+            .await
+            .map_err(Status::from)?
+            .ok_or_else(|| Status::not_found(format!("no sweep {id}")))?;
+        if !caller.is_admin() && owner != caller.token_id() {
+            return Err(Status::permission_denied(
+                "a submitter may cancel only the sweeps it submitted",
+            ));
+        }
         match self.0.store.cancel_sweep(id).await.map_err(Status::from)? {
             Some(n) => {
                 info!(sweep_id = %id, jobs = n, "sweep cancelled");
@@ -527,6 +586,7 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
         let r = req.into_inner();
         fleetmark_core::limits::check_text(
             "model",
@@ -605,8 +665,9 @@ impl SweepService for SweepApi {
 
     async fn list_agents(
         &self,
-        _req: Request<pb::ListAgentsRequest>,
+        req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
         let window = self.0.config.heartbeat_interval * 3 + Duration::from_secs(2);
         let agents = self
             .0
@@ -696,7 +757,8 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::ImportResultsRequest>,
     ) -> Result<Response<pb::ImportResultsResponse>, Status> {
-        let importer = caller_identity(&req);
+        let caller = authorize(&self.0, &req, Permission::Submit).await?;
+        let importer = caller_identity(&caller);
         let r = req.into_inner();
         let mut results = Vec::with_capacity(r.results.len());
         for (i, wire) in r.results.into_iter().enumerate() {
@@ -723,6 +785,13 @@ impl SweepService for SweepApi {
             .count();
         info!(sweep_id = ?report.sweep, records = results.len(), imported, importer = %importer,
               "results imported");
+        if let (Some(sweep), Some(token)) = (report.sweep, caller.token_id()) {
+            self.0
+                .store
+                .set_submitter(sweep, token)
+                .await
+                .map_err(Status::from)?;
+        }
         Ok(Response::new(pb::ImportResultsResponse {
             sweep_id: report.sweep.map(|s| s.to_string()).unwrap_or_default(),
             imported: imported as u32,
@@ -763,4 +832,128 @@ fn import_outcome_to_wire(index: usize, o: &ImportOutcome) -> pb::ImportOutcome 
         }
     }
     w
+}
+
+/// Refuses a sweep that would take the submitter past its cap of pending jobs.
+async fn check_pending_cap(state: &State, token: Uuid, adding: usize) -> Result<(), Status> {
+    let cap = state.config.max_pending_jobs;
+    let pending = state.store.pending_jobs_of(token).await?.max(0) as u64;
+    if pending + adding as u64 > cap {
+        return Err(CoordinatorError::ResourceExhausted(format!(
+            "this token has {pending} pending jobs and the sweep adds {adding}, over the cap of \
+             {cap} pending jobs per submitter; wait for some to run or cancel a sweep"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// One warning per hardware target that no registered agent serves: those jobs will wait.
+async fn unrunnable_warnings(state: &State, jobs: &[fleetmark_core::JobSpec]) -> Vec<String> {
+    let kinds = match state.store.registered_kinds().await {
+        Ok(k) => k,
+        Err(e) => {
+            warn!(error = %e, "cannot check which agents could run the sweep");
+            return Vec::new();
+        }
+    };
+    let mut waiting: std::collections::BTreeMap<String, usize> = Default::default();
+    for j in jobs {
+        if !kinds.iter().any(|k| j.target.matches_name(k)) {
+            *waiting.entry(j.target.to_string()).or_default() += 1;
+        }
+    }
+    waiting
+        .into_iter()
+        .map(|(target, n)| {
+            let what = match target.as_str() {
+                "any" => "no agent is registered".to_string(),
+                "gpu" => "no agent has a GPU".to_string(),
+                t => format!("no agent has a {t}"),
+            };
+            format!("{what}; {n} jobs will wait")
+        })
+        .collect()
+}
+
+fn token_to_wire(t: &crate::identity::TokenInfo) -> pb::TokenInfo {
+    pb::TokenInfo {
+        token_id: t.id.to_string(),
+        name: t.name.clone(),
+        role: pb::Role::from(t.role) as i32,
+        created_at: Some(timestamp(t.created_at)),
+        expires_at: t.expires_at.map(timestamp),
+        revoked_at: t.revoked_at.map(timestamp),
+    }
+}
+
+/// The longest lifetime a token may be given: ten years.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
+
+#[tonic::async_trait]
+impl pb::token_service_server::TokenService for TokenApi {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let caller = authorize(&self.0, &req, Permission::Admin).await?;
+        let r = req.into_inner();
+        let role = pb::Role::try_from(r.role)
+            .map_err(|_| Status::invalid_argument(format!("unknown role {}", r.role)))?;
+        let role = Role::try_from(role)?;
+        let expires_at = match r.expires_in_seconds {
+            None => None,
+            Some(0) => {
+                return Err(Status::invalid_argument(
+                    "a token must live longer than zero",
+                ))
+            }
+            Some(s) if s > MAX_TOKEN_LIFETIME_SECS => {
+                return Err(Status::invalid_argument(
+                    "a token may live ten years at most",
+                ))
+            }
+            Some(s) => Some(chrono::Utc::now() + chrono::Duration::seconds(s as i64)),
+        };
+        let (info, secret) = self
+            .0
+            .store
+            .create_token(&r.name, role, expires_at, caller.token_id())
+            .await?;
+        info!(token_id = %info.id, role = %role, name = %info.name, "token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: Some(token_to_wire(&info)),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        authorize(&self.0, &req, Permission::Admin).await?;
+        let tokens = self
+            .0
+            .store
+            .list_tokens(req.into_inner().include_revoked)
+            .await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(token_to_wire).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        authorize(&self.0, &req, Permission::Admin).await?;
+        let id = parse_uuid("token id", &req.into_inner().token_id).map_err(Status::from)?;
+        match self.0.store.revoke_token(id).await? {
+            Some(revoked) => {
+                info!(token_id = %id, "token revoked");
+                Ok(Response::new(pb::RevokeTokenResponse { revoked }))
+            }
+            None => Err(Status::not_found(format!("no token {id}"))),
+        }
+    }
 }

@@ -25,7 +25,11 @@ use tonic::{
 
 use crate::{
     convert::WireError,
-    v1::{agent_service_client::AgentServiceClient, sweep_service_client::SweepServiceClient},
+    secure::ClientTls,
+    v1::{
+        agent_service_client::AgentServiceClient, sweep_service_client::SweepServiceClient,
+        token_service_client::TokenServiceClient,
+    },
 };
 
 /// Adds `authorization: Bearer <token>` to every call when a token is configured.
@@ -43,20 +47,14 @@ impl Interceptor for BearerAuth {
 
 pub type AgentClient = AgentServiceClient<InterceptedService<Failover, BearerAuth>>;
 pub type SweepClient = SweepServiceClient<InterceptedService<Failover, BearerAuth>>;
+pub type TokenClient = TokenServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Largest message a client sends (a result with many raw latencies, an import chunk).
 pub const MAX_REQUEST_BYTES: usize = fleetmark_core::limits::MAX_REQUEST_BYTES;
 /// Largest message a client accepts (a listing of results with their raw latencies).
 pub const MAX_RESPONSE_BYTES: usize = fleetmark_core::limits::MAX_RESPONSE_BYTES;
 
-/// "127.0.0.1:7070" and "http://127.0.0.1:7070" both work.
-pub fn normalize_url(url: &str) -> String {
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    }
-}
+pub use crate::secure::normalize_url;
 
 /// Every client-side time limit, in one place. A call that gets no answer within its deadline
 /// fails with DEADLINE_EXCEEDED (the server is told the deadline too, through `grpc-timeout`),
@@ -145,18 +143,17 @@ fn expand_dns(url: &str) -> Vec<String> {
     }
 }
 
-fn endpoint(url: &str, d: &Deadlines) -> Result<Endpoint, WireError> {
-    let url = normalize_url(url);
-    Endpoint::from_shared(url.clone())
-        .map(|e| {
-            e.connect_timeout(d.connect)
-                .tcp_nodelay(true)
-                .tcp_keepalive(Some(d.keepalive_interval))
-                .http2_keep_alive_interval(d.keepalive_interval)
-                .keep_alive_timeout(d.keepalive_timeout)
-                .keep_alive_while_idle(true)
-        })
-        .map_err(|e| WireError(format!("invalid coordinator URL '{url}': {e}")))
+/// The TLS-or-loopback policy lives in `secure::endpoint`; this adds the time limits.
+fn endpoint(url: &str, d: &Deadlines, tls: &ClientTls) -> Result<Endpoint, WireError> {
+    crate::secure::endpoint(url, tls).map(|e| {
+        e.connect_timeout(d.connect)
+            .tcp_nodelay(true)
+            .tcp_keepalive(Some(d.keepalive_interval))
+            .http2_keep_alive_interval(d.keepalive_interval)
+            .keep_alive_timeout(d.keepalive_timeout)
+            .keep_alive_while_idle(true)
+    })
+}
 }
 
 /// Channels to several coordinators that all serve one database. Calls go to the current one;
@@ -172,10 +169,10 @@ pub struct Failover {
 
 impl Failover {
     /// Lazily connecting channels to `urls` (see [`coordinator_urls`]).
-    pub fn new(urls: &[String], deadlines: Deadlines) -> Result<Self, WireError> {
+    pub fn new(urls: &[String], deadlines: Deadlines, tls: &ClientTls) -> Result<Self, WireError> {
         let targets = urls
             .iter()
-            .map(|u| Ok((u.clone(), endpoint(u, &deadlines)?.connect_lazy())))
+            .map(|u| Ok((u.clone(), endpoint(u, &deadlines, tls)?.connect_lazy())))
             .collect::<Result<Vec<_>, WireError>>()?;
         Self::from_channels(targets, deadlines)
     }
@@ -315,16 +312,26 @@ fn auth(token: Option<&str>) -> Result<BearerAuth, WireError> {
 /// A client for the agent API. Connects on first use and reconnects after failures. `url` may
 /// name several coordinators (see [`coordinator_urls`]).
 pub fn agent_client(url: &str, token: Option<&str>) -> Result<AgentClient, WireError> {
-    agent_client_with(url, token, Deadlines::default())
+    agent_client_with(url, token, Deadlines::default(), &ClientTls::default())
 }
 
-/// [`agent_client`] with other deadlines.
+/// [`agent_client`] with TLS settings.
+pub fn agent_client_tls(
+    url: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<AgentClient, WireError> {
+    agent_client_with(url, token, Deadlines::default(), tls)
+}
+
+/// [`agent_client`] with other deadlines and TLS settings.
 pub fn agent_client_with(
     url: &str,
     token: Option<&str>,
     deadlines: Deadlines,
+    tls: &ClientTls,
 ) -> Result<AgentClient, WireError> {
-    let channel = Failover::new(&coordinator_urls(url)?, deadlines)?;
+    let channel = Failover::new(&coordinator_urls(url)?, deadlines, tls)?;
     Ok(AgentServiceClient::with_interceptor(channel, auth(token)?)
         .max_decoding_message_size(MAX_RESPONSE_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES))
@@ -332,19 +339,39 @@ pub fn agent_client_with(
 
 /// A client for the sweep API (the CLI).
 pub fn sweep_client(url: &str, token: Option<&str>) -> Result<SweepClient, WireError> {
-    sweep_client_with(url, token, Deadlines::default())
+    sweep_client_with(url, token, Deadlines::default(), &ClientTls::default())
 }
 
-/// [`sweep_client`] with other deadlines.
+/// [`sweep_client`] with TLS settings.
+pub fn sweep_client_tls(
+    url: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<SweepClient, WireError> {
+    sweep_client_with(url, token, Deadlines::default(), tls)
+}
+
+/// [`sweep_client`] with other deadlines and TLS settings.
 pub fn sweep_client_with(
     url: &str,
     token: Option<&str>,
     deadlines: Deadlines,
+    tls: &ClientTls,
 ) -> Result<SweepClient, WireError> {
-    let channel = Failover::new(&coordinator_urls(url)?, deadlines)?;
+    let channel = Failover::new(&coordinator_urls(url)?, deadlines, tls)?;
     Ok(SweepServiceClient::with_interceptor(channel, auth(token)?)
         .max_decoding_message_size(MAX_RESPONSE_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES))
+}
+
+/// A client for the token API (admins).
+pub fn token_client_tls(
+    url: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<TokenClient, WireError> {
+    let channel = endpoint(url, &Deadlines::default(), tls)?.connect_lazy();
+    Ok(TokenServiceClient::with_interceptor(channel, auth(token)?))
 }
 
 /// True for errors that mean "try again later": the coordinator or its database is down.

@@ -12,3 +12,4 @@ pub use v1::*;
 pub mod client;
 pub mod codec;
 pub mod convert;
+pub mod secure;

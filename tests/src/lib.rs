@@ -7,12 +7,20 @@
 //!
 //! Nothing here sleeps to synchronise: waits poll a real condition (a gRPC call, a database row,
 //! a process exit) until a generous deadline, through [`eventually`].
+//!
+//! Credentials: [`Coordinator::start`] makes an admin token and an agent token in the test's
+//! database with the real `fleetmark-coordinator token create`, and remembers them by the
+//! coordinator's URL. [`cli`] and [`submit_file`] called with `token: None` use that admin
+//! token (pass `Some("")` to send none), and [`start_agent`] gives agents the agent token
+//! unless `extra` has a `--token` of its own.
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
+    sync::Mutex,
     sync::OnceLock,
     time::Duration,
 };
@@ -263,27 +271,72 @@ impl Drop for Child {
     }
 }
 
+/// The admin and agent tokens of each coordinator URL this test process started.
+static CREDENTIALS: Mutex<BTreeMap<String, (String, String)>> = Mutex::new(BTreeMap::new());
+
+fn credentials(url: &str) -> Option<(String, String)> {
+    CREDENTIALS.lock().expect("credentials").get(url).cloned()
+}
+
+/// The admin token the harness made for the coordinator at `url`.
+pub fn admin_token(url: &str) -> String {
+    credentials(url)
+        .unwrap_or_else(|| panic!("no coordinator started at {url}"))
+        .0
+}
+
+/// The agent token the harness made for the coordinator at `url`.
+pub fn agent_token(url: &str) -> String {
+    credentials(url)
+        .unwrap_or_else(|| panic!("no coordinator started at {url}"))
+        .1
+}
+
+/// Creates an API token with the real `fleetmark-coordinator token create` and returns its
+/// secret (the command's stdout). `extra` adds flags such as `--expires 1s`.
+pub fn create_token(database_url: &str, role: &str, extra: &[&str]) -> String {
+    let out = command("fleetmark-coordinator")
+        .args([
+            "token",
+            "create",
+            "--role",
+            role,
+            "--database-url",
+            database_url,
+        ])
+        .args(extra)
+        .output()
+        .expect("run fleetmark-coordinator token create");
+    assert!(
+        out.status.success(),
+        "token create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(secret.starts_with("fmt_"), "a token on stdout: {secret:?}");
+    secret
+}
+
 /// Flags for a coordinator process.
 #[derive(Debug, Clone)]
 pub struct CoordinatorOpts {
-    pub token: Option<String>,
+    /// More flags, such as `--max-pending-jobs 5`.
+    pub extra: Vec<String>,
     pub lease: &'static str,
     pub heartbeat: &'static str,
     pub reap_interval: &'static str,
-            .args(["--claim-grace", opts.claim_grace])
-            .args(["--db-connections", "8"])
-            .args(&opts.extra_args);
+    /// How long a claim waits for its agent's acknowledgement (`--claim-grace`).
+    pub claim_grace: &'static str,
 }
 
 impl Default for CoordinatorOpts {
     fn default() -> Self {
         CoordinatorOpts {
-            token: None,
+            extra: Vec::new(),
             lease: "10s",
             heartbeat: "500ms",
             reap_interval: "200ms",
             claim_grace: "5s",
-            extra_args: Vec::new(),
         }
     }
 }
@@ -293,7 +346,10 @@ pub struct Coordinator {
     pub process: Child,
     pub url: String,
     pub port: u16,
+    /// An admin token.
     pub token: Option<String>,
+    /// An agent token.
+    pub agent_token: String,
 }
 
 impl Coordinator {
@@ -315,16 +371,21 @@ impl Coordinator {
             .args(["--heartbeat", opts.heartbeat])
             .args(["--reap-interval", opts.reap_interval])
             .args(["--claim-grace", opts.claim_grace])
-            .args(["--db-connections", "8"])
-            .args(&opts.extra_args);
-        if let Some(t) = &opts.token {
-            cmd.arg("--token").arg(t);
-        }
+            .args(["--db-connections", "8"]);
+        cmd.args(&opts.extra);
+        let admin = create_token(database_url, "admin", &[]);
+        let agent = create_token(database_url, "agent", &[]);
+        let url = format!("http://127.0.0.1:{port}");
+        CREDENTIALS
+            .lock()
+            .expect("credentials")
+            .insert(url.clone(), (admin.clone(), agent.clone()));
         let mut c = Coordinator {
             process: Child::spawn(name, cmd, dir),
-            url: format!("http://127.0.0.1:{port}"),
+            url,
             port,
-            token: opts.token.clone(),
+            token: Some(admin),
+            agent_token: agent,
         };
         c.wait_ready().await;
         c
@@ -368,6 +429,11 @@ pub fn start_agent(name: &str, dir: &Path, url: &str, device: &str, extra: &[&st
     let mut cmd = command("fleetmark-agent");
     cmd.args(["--coordinator", url, "--name", name, "--device", device])
         .args(extra);
+    if !extra.contains(&"--token") {
+        if let Some((_, agent)) = credentials(url) {
+            cmd.arg("--token").arg(agent);
+        }
+    }
     Child::spawn(name, cmd, dir)
 }
 
@@ -405,7 +471,8 @@ pub async fn wait_agents_online(client: &SweepClient, names: &[&str]) -> Vec<pb:
 pub async fn cli(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::from(command("fleetmark"));
     cmd.env("RUST_LOG", "warn").arg("--coordinator").arg(url);
-    if let Some(t) = token {
+    let default = credentials(url).map(|c| c.0);
+    if let Some(t) = token.or(default.as_deref()).filter(|t| !t.is_empty()) {
         cmd.arg("--token").arg(t);
     }
     cmd.args(args).kill_on_drop(true);
@@ -730,4 +797,57 @@ pub fn made_up_result(
         finished_at: now,
         latencies_ms: latencies,
     }
+}
+
+/// Registers an agent the way an outsider would: a plain tonic channel and the generated
+/// client, with `token` as the bearer. Returns the response (agent id and secret).
+pub async fn register_raw(
+    url: &str,
+    token: &str,
+    name: &str,
+    kind: &str,
+) -> Result<pb::RegisterResponse, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    client
+        .register(bearer(
+            pb::RegisterRequest {
+                name: name.into(),
+                devices: vec![pb::AgentDevice {
+                    device: "cpu".into(),
+                    kind: kind.into(),
+                    name: format!("{kind} device"),
+                }],
+                inventory: Some(Default::default()),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A request with `authorization: Bearer <secret>` (none if `secret` is empty), built by hand.
+pub fn bearer<T>(message: T, secret: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if !secret.is_empty() {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {secret}").parse().expect("ascii"),
+        );
+    }
+    req
+}
+
+/// A plain tonic channel to `url`, connected now.
+pub async fn raw_channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
 }

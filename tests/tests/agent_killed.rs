@@ -2,7 +2,7 @@
 //! on the next attempt, and a late result from the dead attempt is refused, whenever it comes.
 
 use fleetmark_e2e::*;
-use fleetmark_proto::{client::agent_client, v1 as pb};
+use fleetmark_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
 use tonic::Code;
 
 #[tokio::test]
@@ -55,25 +55,41 @@ async fn a_killed_agents_job_is_rerun_elsewhere_and_its_late_result_is_refused()
     assert_eq!(running.id, job.id);
     assert_eq!(running.attempt, 2, "a new attempt after the lease expired");
 
-    // While B runs attempt 2, A's attempt-1 result turns up (say, A was only partitioned away).
-    let mut agent_api = agent_client(url, None).expect("agent client");
+    // While B runs attempt 2, A's attempt-1 result turns up (say, A was only partitioned away
+    // and restarted): it registers again with its agent token, keeps its id, gets a new secret.
+    let a_again = register_raw(url, &coord.agent_token, "agent-a", "cpu")
+        .await
+        .expect("A registers again");
+    assert_eq!(
+        a_again.agent_id,
+        a_id.to_string(),
+        "same name, same token: same id"
+    );
+    let a_secret = a_again.agent_secret;
+    let mut agent_api = AgentServiceClient::new(raw_channel(url).await);
     let spec = job_spec(&pool, job.id).await;
     let late = made_up_result(Some(job.id), 1, "agent-a", spec.clone());
     let err = agent_api
-        .submit_result(pb::SubmitResultRequest {
-            agent_id: a_id.to_string(),
-            result: Some((&late).into()),
-        })
+        .submit_result(bearer(
+            pb::SubmitResultRequest {
+                agent_id: a_id.to_string(),
+                result: Some((&late).into()),
+            },
+            &a_secret,
+        ))
         .await
         .expect_err("a result from an expired attempt must be refused");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // Nor may A pass its result off as the current attempt: the lease is B's.
     let posing = made_up_result(Some(job.id), 2, "agent-a", spec);
     let err = agent_api
-        .submit_result(pb::SubmitResultRequest {
-            agent_id: a_id.to_string(),
-            result: Some((&posing).into()),
-        })
+        .submit_result(bearer(
+            pb::SubmitResultRequest {
+                agent_id: a_id.to_string(),
+                result: Some((&posing).into()),
+            },
+            &a_secret,
+        ))
         .await
         .expect_err("a result from an agent without the lease must be refused");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -121,18 +137,29 @@ async fn a_killed_agents_job_is_rerun_elsewhere_and_its_late_result_is_refused()
     replay.attempt = 1;
     replay.agent_name = "agent-a".into();
     let err = agent_api
-        .submit_result(pb::SubmitResultRequest {
-            agent_id: a_id.to_string(),
-            result: Some(replay),
-        })
+        .submit_result(bearer(
+            pb::SubmitResultRequest {
+                agent_id: a_id.to_string(),
+                result: Some(replay),
+            },
+            &a_secret,
+        ))
         .await
         .expect_err("A's late result after the job finished must be refused");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // B's own result a second time, with B's credentials (a new incarnation of B).
+    let b_secret = register_raw(url, &coord.agent_token, "agent-b", "cpu")
+        .await
+        .expect("B registers again")
+        .agent_secret;
     let err = agent_api
-        .submit_result(pb::SubmitResultRequest {
-            agent_id: b_id.to_string(),
-            result: Some(b_record),
-        })
+        .submit_result(bearer(
+            pb::SubmitResultRequest {
+                agent_id: b_id.to_string(),
+                result: Some(b_record),
+            },
+            &b_secret,
+        ))
         .await
         .expect_err("a second delivery of a finished job's result must be refused");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");

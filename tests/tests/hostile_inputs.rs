@@ -33,7 +33,7 @@ impl Probe {
         let dir = scratch();
         let db = TestDb::new().await;
         let opts = CoordinatorOpts {
-            extra_args,
+            extra: extra_args.into_iter().map(String::from).collect(),
             ..Default::default()
         };
         let coord =
