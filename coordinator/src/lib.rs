@@ -59,6 +59,12 @@ pub struct Config {
     /// How long a claimed job waits for its agent's first progress report before it returns
     /// to the queue, without costing an attempt (a claim lost on its way to the agent).
     pub claim_grace: Duration,
+    /// How often the server pings each connection over HTTP/2; a peer that does not answer
+    /// within `keepalive_timeout` is disconnected (a half-open or stuck connection).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive probes on every accepted socket, for peers that vanished without a FIN.
+    pub tcp_keepalive: Duration,
 }
 
 impl Config {
@@ -68,12 +74,6 @@ impl Config {
     pub fn renew_heard_within(&self) -> Duration {
         (self.heartbeat_interval * 3).min(self.lease)
     }
-    /// How often the server pings each connection over HTTP/2; a peer that does not answer
-    /// within `keepalive_timeout` is disconnected (a half-open or stuck connection).
-    pub keepalive_interval: Duration,
-    pub keepalive_timeout: Duration,
-    /// TCP keepalive probes on every accepted socket, for peers that vanished without a FIN.
-    pub tcp_keepalive: Duration,
 }
 
 impl Config {

@@ -1099,6 +1099,8 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
 /// Reads one stored result row back, validating what a listing can see.
 fn decode_result(row: &PgRow) -> std::result::Result<StoredResult, String> {
     let record: serde_json::Value = row.try_get("record").map_err(|e| e.to_string())?;

@@ -154,7 +154,6 @@ fn endpoint(url: &str, d: &Deadlines, tls: &ClientTls) -> Result<Endpoint, WireE
             .keep_alive_while_idle(true)
     })
 }
-}
 
 /// Channels to several coordinators that all serve one database. Calls go to the current one;
 /// a call that fails at the transport (refused, reset, no answer before its deadline) moves

@@ -11,8 +11,31 @@ use fleetmark_proto::v1::{
     self as pb, agent_service_client::AgentServiceClient, sweep_service_client::SweepServiceClient,
 };
 use sqlx::PgPool;
-use tonic::{transport::Channel, Code};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::Channel,
+    Code,
+};
 use uuid::Uuid;
+
+/// Adds `authorization: Bearer <credential>` to every call, as any gRPC client would.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+fn bearer(credential: &str) -> Bearer {
+    Bearer(format!("Bearer {credential}").parse().expect("ascii"))
+}
+
+type Agents = AgentServiceClient<InterceptedService<Channel, Bearer>>;
+type Sweeps = SweepServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A coordinator process with its database, plain clients, and one registered cpu agent.
 struct Probe {
@@ -20,8 +43,12 @@ struct Probe {
     _db: TestDb,
     coord: Coordinator,
     pool: PgPool,
-    agents: AgentServiceClient<Channel>,
-    sweeps: SweepServiceClient<Channel>,
+    /// Calls as the probe agent (its own secret).
+    agents: Agents,
+    /// Registers with the harness's agent token.
+    registrar: Agents,
+    /// Calls with the harness's admin token.
+    sweeps: Sweeps,
     agent_id: String,
 }
 
@@ -43,14 +70,20 @@ impl Probe {
             .connect()
             .await
             .expect("connect");
-        let mut agents = AgentServiceClient::new(channel.clone());
-        let sweeps = SweepServiceClient::new(channel);
-        let agent_id = agents
+        let mut registrar = AgentServiceClient::with_interceptor(
+            channel.clone(),
+            bearer(&agent_token(&coord.url)),
+        );
+        let sweeps =
+            SweepServiceClient::with_interceptor(channel.clone(), bearer(&admin_token(&coord.url)));
+        let registered = registrar
             .register(registration(AGENT))
             .await
             .expect("register the probe agent")
-            .into_inner()
-            .agent_id;
+            .into_inner();
+        let agent_id = registered.agent_id;
+        let agents =
+            AgentServiceClient::with_interceptor(channel, bearer(&registered.agent_secret));
         let pool = pool(&db.url).await;
         Probe {
             _dir: dir,
@@ -58,6 +91,7 @@ impl Probe {
             coord,
             pool,
             agents,
+            registrar,
             sweeps,
             agent_id,
         }
@@ -280,13 +314,13 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
     for i in 0..100 {
         big.labels.insert(format!("k{i}"), "x".repeat(1 << 20));
     }
-    let e = p.agents.register(big).await.expect_err("100 MB of labels");
+    let e = p.registrar.register(big).await.expect_err("100 MB of labels");
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     // Under the message limit, each label is still bounded, and so is their number.
     let mut long_value = registration("labelled");
     long_value.labels.insert("k".into(), "x".repeat(10_000));
     assert_code(
-        p.agents.register(long_value).await,
+        p.registrar.register(long_value).await,
         Code::InvalidArgument,
         "a 10 kB label",
     );
@@ -295,37 +329,37 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
         many.labels.insert(format!("k{i}"), "v".into());
     }
     let msg = assert_code(
-        p.agents.register(many).await,
+        p.registrar.register(many).await,
         Code::InvalidArgument,
         "100 labels",
     );
     assert!(msg.contains("at most 64"), "{msg}");
 
     // Names: counted in characters, NUL refused, '/' reserved for imported agents.
-    p.agents
+    p.registrar
         .register(registration(&"é".repeat(200)))
         .await
         .expect("200 characters (400 bytes) is a valid name");
     let msg = assert_code(
-        p.agents.register(registration(&"é".repeat(201))).await,
+        p.registrar.register(registration(&"é".repeat(201))).await,
         Code::InvalidArgument,
         "201 characters",
     );
     assert!(msg.contains("201 characters"), "{msg}");
     assert_code(
-        p.agents.register(registration("nul\0name")).await,
+        p.registrar.register(registration("nul\0name")).await,
         Code::InvalidArgument,
         "a NUL in a name",
     );
     assert_code(
-        p.agents.register(registration("imported/x")).await,
+        p.registrar.register(registration("imported/x")).await,
         Code::InvalidArgument,
         "an imported agent's name",
     );
     let mut host = registration("hosty");
     host.inventory.as_mut().expect("inventory").hostname = "h".repeat(100_000);
     assert_code(
-        p.agents.register(host).await,
+        p.registrar.register(host).await,
         Code::InvalidArgument,
         "a 100 kB hostname",
     );
@@ -338,7 +372,7 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
         })
         .collect();
     assert_code(
-        p.agents.register(devices).await,
+        p.registrar.register(devices).await,
         Code::InvalidArgument,
         "1000 devices",
     );
@@ -602,6 +636,7 @@ async fn imports_never_borrow_agents_repeat_results_or_revive_stale_attempts() {
             attempt: job.attempt,
             reason: "probe".into(),
             permanent: false,
+            handback: false,
         })
         .await
         .expect("fail attempt 1");

@@ -160,6 +160,7 @@ async fn forged_calls_and_name_takeover_are_refused() {
                     attempt: job.attempt,
                     reason: "sabotage".into(),
                     permanent: true,
+                    handback: false,
                 },
                 &attacker.agent_secret,
             ))
@@ -178,6 +179,7 @@ async fn forged_calls_and_name_takeover_are_refused() {
             pb::HeartbeatRequest {
                 agent_id: victim.agent_id.clone(),
                 running: vec![],
+                stopping: false,
             },
             &attacker.agent_secret,
         ))
