@@ -292,7 +292,7 @@ impl Remote {
             deadlines,
             &conn.tls()?,
         )
-            .map_err(|e| CliError::Input(e.to_string()))?;
+        .map_err(|e| CliError::Input(e.to_string()))?;
         Ok(Remote {
             url: conn.coordinator.clone(),
             client,

@@ -281,14 +281,18 @@ impl Store {
     }
 }
 
-/// Returns the agent's running jobs to pending, giving back the attempt they were on: the
-/// previous incarnation is gone, and its work says nothing about the job. The transition
-/// trigger allows this (running -> pending may change the attempt).
+/// Returns the agent's running jobs to the queue as hand-backs: the previous incarnation is
+/// gone, and its end says nothing about the job, so no failure is counted (the hand-back count,
+/// bounded by `max_handbacks`, keeps a job from bouncing forever).
 async fn release_leases(tx: &mut sqlx::PgConnection, agent: Uuid) -> Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar(
-        "UPDATE jobs SET state = 'pending', attempt = attempt - 1, lease_agent_id = NULL, \
-             lease_device = NULL, lease_expires_at = NULL, phase = NULL, iterations = 0, \
-             fraction = 0, error = 'released: its agent restarted (the attempt is not counted)' \
+        "UPDATE jobs SET handbacks = handbacks + 1, \
+             state = CASE WHEN handbacks + 1 >= max_handbacks THEN 'failed'::job_state \
+                          ELSE 'pending'::job_state END, \
+             finished_at = CASE WHEN handbacks + 1 >= max_handbacks THEN now() END, \
+             lease_agent_id = NULL, lease_device = NULL, lease_expires_at = NULL, phase = NULL, \
+             iterations = 0, fraction = 0, \
+             error = 'released: its agent restarted (a hand-back, not a failure)' \
          WHERE lease_agent_id = $1 AND state = 'running' RETURNING id",
     )
     .bind(agent)

@@ -1137,21 +1137,25 @@ async fn check_registered_hardware(
 /// A spooled record (an agent's undelivered result) for `job`: attached to the job if that job
 /// is still running on the record's attempt, under the record's agent, else stale. `None` when
 /// no such job exists here (the record is then imported like a standalone one).
+/// What `attach_spooled` reads of a job: sweep, state, attempt, lease holder (id and name), spec
+/// and the sweep's state.
+type SpooledJobRow = (
+    Uuid,
+    String,
+    i32,
+    Option<Uuid>,
+    Option<String>,
+    serde_json::Value,
+    String,
+);
+
 async fn attach_spooled(
     tx: &mut sqlx::PgConnection,
     job: Uuid,
     r: &BenchResult,
     imported_by: &str,
 ) -> Result<Option<ImportOutcome>> {
-    let row: Option<(
-        Uuid,
-        String,
-        i32,
-        Option<Uuid>,
-        Option<String>,
-        serde_json::Value,
-        String,
-    )> = sqlx::query_as(
+    let row: Option<SpooledJobRow> = sqlx::query_as(
         "SELECT j.sweep_id, j.state::text, j.attempt, j.lease_agent_id, a.name, j.spec, s.state \
              FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
              LEFT JOIN agents a ON a.id = j.lease_agent_id \

@@ -412,14 +412,18 @@ async fn imports_land_as_a_finished_sweep_with_their_agents() {
         .await
         .unwrap();
     let sweep_id = report.sweep.unwrap();
-    assert!(matches!(
-        report.outcomes.as_slice(),
-        [
-            ImportOutcome::Imported { .. },
-            ImportOutcome::Imported { .. },
-            ImportOutcome::Duplicate { result: None }
-        ]
-    ));
+    assert!(
+        matches!(
+            report.outcomes.as_slice(),
+            [
+                ImportOutcome::Imported { .. },
+                ImportOutcome::Imported { .. },
+                ImportOutcome::Duplicate { result: Some(_) }
+            ]
+        ),
+        "{:?}",
+        report.outcomes
+    );
     let s = store.get_sweep(sweep_id).await.unwrap();
     assert_eq!((s.state.as_str(), s.finished), ("imported", 2));
     let listed = store

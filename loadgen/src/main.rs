@@ -418,13 +418,12 @@ async fn main() -> anyhow::Result<()> {
         }
         match args.soak {
             Some(d) if start.elapsed() >= d => break,
-            Some(_) => {
-                // Keep about a chunk queued.
-                if submitted - done < SWEEP_CHUNK / 2 {
-                    ids.extend(submit(&mut sweeps, "loadgen-soak", SWEEP_CHUNK / 2, "any").await?);
-                    submitted += SWEEP_CHUNK / 2;
-                }
+            // Keep about a chunk queued.
+            Some(_) if submitted - done < SWEEP_CHUNK / 2 => {
+                ids.extend(submit(&mut sweeps, "loadgen-soak", SWEEP_CHUNK / 2, "any").await?);
+                submitted += SWEEP_CHUNK / 2;
             }
+            Some(_) => {}
             None if done >= args.jobs => break,
             None => {}
         }

@@ -274,8 +274,11 @@ impl Drop for Child {
 /// The admin and agent tokens of each coordinator URL this test process started.
 static CREDENTIALS: Mutex<BTreeMap<String, (String, String)>> = Mutex::new(BTreeMap::new());
 
+/// The tokens made for the coordinator at `url`; for a list of coordinators (failover), those
+/// of the first (they share one database, so its tokens are good at every one of them).
 fn credentials(url: &str) -> Option<(String, String)> {
-    CREDENTIALS.lock().expect("credentials").get(url).cloned()
+    let first = url.split(',').next().unwrap_or(url).trim();
+    CREDENTIALS.lock().expect("credentials").get(first).cloned()
 }
 
 /// The admin token the harness made for the coordinator at `url`.
@@ -771,7 +774,7 @@ pub fn made_up_result(
         agent_labels: Default::default(),
         price_per_hour: None,
         hardware_kind: "cpu".into(),
-        hardware_name: "made-up cpu".into(),
+        hardware_name: "cpu device".into(), // what `register_raw` registers
         device: "cpu".into(),
         images_per_sec: latency.images_per_sec(spec.batch_size),
         spec,

@@ -28,9 +28,14 @@ async fn cancelling_a_sweep_stops_its_running_job_and_frees_the_agent() {
     let sweep = submit_file(url, None, dir.path(), "long", &long).await;
     let sweep_s = sweep.to_string();
     let mut watch_cmd = command("fleetmark");
-    watch_cmd
-        .env("RUST_LOG", "warn")
-        .args(["--coordinator", url, "watch", &sweep_s]);
+    watch_cmd.env("RUST_LOG", "warn").args([
+        "--coordinator",
+        url,
+        "--token",
+        &admin_token(url),
+        "watch",
+        &sweep_s,
+    ]);
     let mut watch = Child::spawn("watch", watch_cmd, dir.path());
     eventually(START_TIMEOUT, "the first job to be timing", || {
         let pool = &pool;

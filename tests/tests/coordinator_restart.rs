@@ -60,9 +60,14 @@ async fn a_coordinator_restarted_mid_sweep_loses_nothing() {
     let toml = sweep_toml("restart", &[1, 2, 3, 4, 5, 6, 7, 8], 32, "1s");
     let sweep = submit_file(&url, None, dir.path(), "restart", &toml).await;
     let mut watch_cmd = command("fleetmark");
-    watch_cmd
-        .env("RUST_LOG", "warn")
-        .args(["--coordinator", &url, "watch", &sweep.to_string()]);
+    watch_cmd.env("RUST_LOG", "warn").args([
+        "--coordinator",
+        &url,
+        "--token",
+        &admin_token(&url),
+        "watch",
+        &sweep.to_string(),
+    ]);
     let mut watch = Child::spawn("watch", watch_cmd, dir.path());
 
     // A graceful stop once some jobs are done and others are not...

@@ -70,10 +70,8 @@ impl Probe {
             .connect()
             .await
             .expect("connect");
-        let mut registrar = AgentServiceClient::with_interceptor(
-            channel.clone(),
-            bearer(&agent_token(&coord.url)),
-        );
+        let mut registrar =
+            AgentServiceClient::with_interceptor(channel.clone(), bearer(&agent_token(&coord.url)));
         let sweeps =
             SweepServiceClient::with_interceptor(channel.clone(), bearer(&admin_token(&coord.url)));
         let registered = registrar
@@ -314,7 +312,11 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
     for i in 0..100 {
         big.labels.insert(format!("k{i}"), "x".repeat(1 << 20));
     }
-    let e = p.registrar.register(big).await.expect_err("100 MB of labels");
+    let e = p
+        .registrar
+        .register(big)
+        .await
+        .expect_err("100 MB of labels");
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     // Under the message limit, each label is still bounded, and so is their number.
     let mut long_value = registration("labelled");

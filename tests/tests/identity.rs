@@ -275,8 +275,8 @@ async fn a_new_incarnation_rotates_the_secret_and_releases_jobs() {
     let now = jobs(&s.pool, sweep).await.unwrap();
     assert_eq!(
         (now[0].state.as_str(), now[0].attempt, now[0].lease_agent_id),
-        ("pending", 0, None),
-        "released at once, the attempt not counted"
+        ("pending", 1, None),
+        "released at once, as a hand-back"
     );
 
     // The old process is nobody now.
@@ -290,7 +290,9 @@ async fn a_new_incarnation_rotates_the_secret_and_releases_jobs() {
         .await
         .expect("claim")
         .expect("the job again");
-    assert_eq!((again.job_id, again.attempt), (job.job_id, 1));
+    assert_eq!((again.job_id, again.attempt), (job.job_id, 2));
+    let (_, failures, handbacks, _) = job_counts(&s.pool, now[0].id).await;
+    assert_eq!((failures, handbacks), (0, 1), "no failure counted");
 
     // Revoking the token that registered it cuts the agent off, and frees the name.
     let token_id: Uuid = sqlx::query_scalar("SELECT registered_by FROM agents WHERE name = 'node'")

@@ -31,21 +31,31 @@ async fn an_unacknowledged_claim_returns_to_the_queue_within_the_grace() {
         .connect()
         .await
         .expect("connect");
-    let mut ghost = AgentServiceClient::new(channel);
-    let ghost_id = ghost
+    // It registers with the harness's agent token, then calls with its own secret.
+    let credential = std::sync::Arc::new(std::sync::Mutex::new(coord.agent_token.clone()));
+    let current = credential.clone();
+    let mut ghost =
+        AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            let value = format!("Bearer {}", current.lock().expect("credential"));
+            req.metadata_mut()
+                .insert("authorization", value.parse().expect("ascii"));
+            Ok(req)
+        });
+    let registered = ghost
         .register(pb::RegisterRequest {
             name: "ghost".into(),
             devices: vec![pb::AgentDevice {
                 device: "cpu".into(),
                 kind: "cpu".into(),
-                name: "ghost cpu".into(),
+                name: "cpu device".into(),
             }],
             ..Default::default()
         })
         .await
         .expect("register")
-        .into_inner()
-        .agent_id;
+        .into_inner();
+    let ghost_id = registered.agent_id;
+    *credential.lock().expect("credential") = registered.agent_secret;
 
     let toml = sweep_toml("lost-claim", &[1], 32, "2s");
     let sweep = submit_file(&url, None, dir.path(), "lost-claim", &toml).await;
