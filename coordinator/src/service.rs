@@ -72,20 +72,24 @@ impl AgentService for AgentApi {
                 return Err(Status::invalid_argument("price per hour must be >= 0"));
             }
         }
+        let devices = r
+            .devices
+            .into_iter()
+            .map(|d| {
+                Ok(AgentDevice {
+                    precisions: declared_precisions(&d.device, &d.precisions)?,
+                    device: d.device,
+                    kind: d.kind,
+                    name: d.name,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         let reg = AgentRegistration {
             name: name.clone(),
             labels: r.labels.into_iter().collect(),
             price_per_hour: r.price_per_hour,
             inventory: r.inventory.unwrap_or_default().into(),
-            devices: r
-                .devices
-                .into_iter()
-                .map(|d| AgentDevice {
-                    device: d.device,
-                    kind: d.kind,
-                    name: d.name,
-                })
-                .collect(),
+            devices,
         };
         let id = self
             .0
@@ -512,6 +516,7 @@ impl SweepService for SweepApi {
                             device: d.device,
                             kind: d.kind,
                             name: d.name,
+                            precisions: d.precisions.unwrap_or_default(),
                         })
                         .collect(),
                     last_seen_at: Some(timestamp(a.last_seen_at)),
@@ -549,4 +554,21 @@ impl SweepService for SweepApi {
             imported: n as u32,
         }))
     }
+}
+
+/// The precisions a device declared at registration, checked; `None` when it declared none (an
+/// agent older than the field), which the claim query reads as "offer it every precision".
+fn declared_precisions(device: &str, given: &[String]) -> Result<Option<Vec<String>>, Status> {
+    if given.is_empty() {
+        return Ok(None);
+    }
+    given
+        .iter()
+        .map(|p| {
+            p.parse::<fleetmark_core::Precision>()
+                .map(|p| p.as_str().to_string())
+                .map_err(|e| Status::invalid_argument(format!("device {device}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }

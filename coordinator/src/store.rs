@@ -28,6 +28,9 @@ pub struct AgentDevice {
     pub device: String,
     pub kind: String,
     pub name: String,
+    /// Precisions the device can run; `None` from agents that declare none (all offered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precisions: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -451,6 +454,10 @@ impl Store {
                  SELECT j.id FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
                  WHERE j.state = 'pending' AND s.state = 'active' \
                    AND (j.target = 'any' OR j.target = $3 OR (j.target = 'gpu' AND $3 <> 'cpu')) \
+                   AND coalesce((SELECT d->'precisions' ? (j.spec->>'precision') \
+                                 FROM agents a CROSS JOIN jsonb_array_elements(a.devices) d \
+                                 WHERE a.id = $1 AND d->>'device' = $2 \
+                                   AND jsonb_typeof(d->'precisions') = 'array' LIMIT 1), true) \
                  ORDER BY (j.last_agent_id IS NOT DISTINCT FROM $1 \
                            AND j.last_device IS NOT DISTINCT FROM $2) , j.created_at, j.seq \
                  LIMIT 1 \
@@ -740,6 +747,7 @@ impl Store {
                 device: r.device.clone(),
                 kind: r.hardware_kind.clone(),
                 name: r.hardware_name.clone(),
+                precisions: None,
             }];
             let agent: Uuid = sqlx::query_scalar(
                 "INSERT INTO agents (id, name, labels, price_per_hour, inventory, devices, origin, last_seen_at) \

@@ -29,6 +29,7 @@ async fn agent(store: &Store, name: &str, kind: &str) -> Uuid {
                 device: "cpu".into(),
                 kind: kind.into(),
                 name: format!("{kind} device"),
+                precisions: None,
             }],
         })
         .await
