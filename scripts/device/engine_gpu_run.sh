@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The engine helper's GPU runs, one command per device call, everything packed into $OUT:
+#   engine_gpu_run.sh sbs,as75,i12   several in one call, in order
+#   engine_gpu_run.sh as75   the sm_90 build told the device is sm_75 (bf16 refused, f32 not TF32)
+#   engine_gpu_run.sh i12    issue 12: coordinator_on_gpu.sh
 #   engine_gpu_run.sh sbs    the restructured fused path against PyTorch (gpu_side_by_side.sh)
 #   engine_gpu_run.sh ptx    the sm_75 build on this card through PTX: checks, numbers, and its
 #                            refusal of bf16 when told the device is sm_75; then issue 12
 #                            (coordinator_on_gpu.sh) unless SKIP_I12=1
 # Run from a folder holding scripts/ and the xz'd binaries (BIN, default: this script's ../..).
 set -uo pipefail
-mode=${1:?usage: engine_gpu_run.sh sbs|ptx}
+mode=${1:?usage: engine_gpu_run.sh MODE[,MODE...] (sbs, as75, i12, ptx)}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${BIN:-$here}
 OUT=${OUT:-/tmp/out}
@@ -40,9 +43,30 @@ for line in open(sys.argv[1]):
           f"kernel_code={d.get('kernel_code')} stem={d.get('stem_channels')} graph={d.get('cuda_graph')}")
 PYEOF
 }
+mkdir -p /tmp/as75
+for mode in $(echo "$mode" | tr ',' ' '); do
 case "$mode" in
+as75)
+  # The build at hand (sm_90) on this card, told the device is sm_75: bf16 must be refused in
+  # one line, f32 must run without TF32.
+  a=/tmp/agent90; xz -dc "$BIN/fleetmark-agent.xz" > $a && chmod +x $a
+  {
+    $a run --sweep "$(sweep as75 fused 1 bf16,f32)" --out /tmp/as75/as75.jsonl --device cuda:0 \
+      --name as-sm75 --assume-compute-capability 7.5
+    echo "exit code $?"
+    summary /tmp/as75/as75.jsonl
+    echo "=== a bad flag value stops the agent at start-up"
+    $a run --sweep /tmp/as75.toml --out /tmp/as75/bad.jsonl --device cuda:0 --fused-epilogue apii; echo "exit code $?"
+  } 2>&1 | tee /tmp/as75/log.txt
+  tar cJf "$OUT/as75.tar.xz" -C /tmp as75
+  ;;
+i12)
+  "$here/scripts/device/coordinator_on_gpu.sh" "$BIN" /tmp/i12 "${I12_DEVICE:-cuda:all}"
+  tar cJf "$OUT/i12.tar.xz" -C /tmp i12
+  cp /tmp/i12/db.txt "$OUT/" 2>/dev/null
+  ;;
 sbs)
-  PHASES=${PHASES:-inventory,verify,candle,pytorch,report} MIN_TIME=${MIN_TIME:-1} MIN_ITERS=50 \
+  PHASES=${PHASES:-inventory,verify,candle,pytorch,report} MIN_TIME=${MIN_TIME:-1} MIN_ITERS=50 BATCHES=${SBS_BATCHES:-1,4,8,16,32,64,128,256} \
     "$here/scripts/device/gpu_side_by_side.sh" "$BIN/fleetmark-agent.xz" /tmp/sbs
   summary /tmp/sbs/candle.jsonl | tee /tmp/sbs/candle-summary.txt
   tar cJf "$OUT/sbs.tar.xz" -C /tmp sbs
@@ -77,3 +101,4 @@ ptx)
   tar cJf "$OUT/ptx_i12.tar.xz" -C /tmp ptx i12 2>/dev/null || tar cJf "$OUT/ptx_i12.tar.xz" -C /tmp ptx
   ;;
 esac
+done
