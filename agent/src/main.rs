@@ -93,7 +93,8 @@ struct FusedArgs {
 fn parse_with<T: std::str::FromStr<Err = fleetmark_engine::EngineError>>(
     s: &str,
 ) -> Result<T, String> {
-    s.parse().map_err(|e: fleetmark_engine::EngineError| e.to_string())
+    s.parse()
+        .map_err(|e: fleetmark_engine::EngineError| e.to_string())
 }
 
 fn parse_capability(s: &str) -> Result<ComputeCapability, String> {

@@ -98,18 +98,16 @@ pub fn run(
                     measurement: MeasurementSpec::default(),
                     repetition: 0,
                 };
-                let outcome = fleetmark_core::capability::check_precision(
-                    backend.class(),
-                    precision,
-                )
-                .map_err(fleetmark_engine::EngineError::Unsupported)
-                .and_then(|()| backend.prepare(&job, &weights))
-                .and_then(|mut p| {
-                    let info = p.info();
-                    let math = p.math();
-                    let logits = p.logits()?;
-                    Ok((info, math, logits))
-                });
+                let outcome =
+                    fleetmark_core::capability::check_precision(backend.class(), precision)
+                        .map_err(fleetmark_engine::EngineError::Unsupported)
+                        .and_then(|()| backend.prepare(&job, &weights))
+                        .and_then(|mut p| {
+                            let info = p.info();
+                            let math = p.math();
+                            let logits = p.logits()?;
+                            Ok((info, math, logits))
+                        });
                 let (path, math, correctness, error) = match outcome {
                     Ok((info, math, logits)) => {
                         let bound = bound_for(math);

@@ -251,9 +251,15 @@ mod tests {
         assert_eq!(precisions_for(A100), vec![F32, F16, Bf16]);
         assert_eq!(precisions_for(H100), vec![F32, F16, Bf16]);
         assert_eq!(precisions_for(DeviceClass::Cpu), vec![F32, F16]);
-        assert_eq!(precisions_for(DeviceClass::Simulated), Precision::ALL.to_vec());
+        assert_eq!(
+            precisions_for(DeviceClass::Simulated),
+            Precision::ALL.to_vec()
+        );
         let e = check_precision(T4, Bf16).unwrap_err();
-        assert_eq!(e, "bf16 needs compute capability sm_80 or newer; this GPU is sm_75");
+        assert_eq!(
+            e,
+            "bf16 needs compute capability sm_80 or newer; this GPU is sm_75"
+        );
         assert!(!e.contains('\n'));
         let e = check_precision(DeviceClass::Cpu, Bf16).unwrap_err();
         assert!(e.starts_with("bf16 is not supported on the CPU"), "{e}");

@@ -235,9 +235,12 @@ min_duration = "2s"
             );
         }
         // "gpu" and "any" may still find an Ampere card, and f16 runs everywhere.
-        SweepSpec::from_toml("batch_sizes = [1]\nprecisions = [\"bf16\"]\ngpus = [\"gpu\", \"any\", \"a100\"]")
+        SweepSpec::from_toml(
+            "batch_sizes = [1]\nprecisions = [\"bf16\"]\ngpus = [\"gpu\", \"any\", \"a100\"]",
+        )
+        .unwrap();
+        SweepSpec::from_toml("batch_sizes = [1]\nprecisions = [\"f16\"]\ngpus = [\"t4\", \"cpu\"]")
             .unwrap();
-        SweepSpec::from_toml("batch_sizes = [1]\nprecisions = [\"f16\"]\ngpus = [\"t4\", \"cpu\"]").unwrap();
     }
 
     #[test]

@@ -135,6 +135,9 @@ fn a_cpu_refuses_bf16_in_one_line_and_permanently() {
     .unwrap_err();
     assert!(err.is_permanent(), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.starts_with("unsupported: bf16 is not supported on the CPU"), "{msg}");
+    assert!(
+        msg.starts_with("unsupported: bf16 is not supported on the CPU"),
+        "{msg}"
+    );
     assert_eq!(msg.lines().count(), 1, "{msg}");
 }

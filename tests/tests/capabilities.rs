@@ -25,7 +25,11 @@ fn device(device: &str, kind: &str, precisions: &[&str]) -> pb::AgentDevice {
     }
 }
 
-async fn register(client: &mut AgentServiceClient<Channel>, name: &str, d: pb::AgentDevice) -> String {
+async fn register(
+    client: &mut AgentServiceClient<Channel>,
+    name: &str,
+    d: pb::AgentDevice,
+) -> String {
     client
         .register(pb::RegisterRequest {
             name: name.into(),
@@ -38,7 +42,11 @@ async fn register(client: &mut AgentServiceClient<Channel>, name: &str, d: pb::A
         .agent_id
 }
 
-async fn claim(client: &mut AgentServiceClient<Channel>, agent: &str, dev: &str) -> Option<pb::Job> {
+async fn claim(
+    client: &mut AgentServiceClient<Channel>,
+    agent: &str,
+    dev: &str,
+) -> Option<pb::Job> {
     client
         .claim_job(pb::ClaimJobRequest {
             agent_id: agent.into(),
@@ -76,21 +84,39 @@ async fn a_device_only_claims_precisions_it_declared() {
     let id = register(&mut t4, "t4-box", device("cuda:0", "t4", &["f32", "f16"])).await;
 
     // bf16 for "gpu" may still find an Ampere card, so it is queued...
-    let sweep_id = submit_file(url, None, dir.path(), "mixed", &sweep("\"bf16\", \"f16\"", "\"gpu\"")).await;
+    let sweep_id = submit_file(
+        url,
+        None,
+        dir.path(),
+        "mixed",
+        &sweep("\"bf16\", \"f16\"", "\"gpu\""),
+    )
+    .await;
     // ...but the T4 gets only the f16 job, and nothing after it.
     let job = claim(&mut t4, &id, "cuda:0").await.expect("the f16 job");
     assert_eq!(job.spec.expect("spec").precision, "f16");
-    assert!(claim(&mut t4, &id, "cuda:0").await.is_none(), "bf16 must not be offered");
+    assert!(
+        claim(&mut t4, &id, "cuda:0").await.is_none(),
+        "bf16 must not be offered"
+    );
 
     // An A100 that declares bf16 takes it.
     let mut a100 = raw_agent(url).await;
-    let a = register(&mut a100, "a100-box", device("cuda:0", "a100", &["f32", "f16", "bf16"])).await;
+    let a = register(
+        &mut a100,
+        "a100-box",
+        device("cuda:0", "a100", &["f32", "f16", "bf16"]),
+    )
+    .await;
     let job = claim(&mut a100, &a, "cuda:0").await.expect("the bf16 job");
     assert_eq!(job.spec.expect("spec").precision, "bf16");
 
     let pool = pool(&db.url).await;
     let js = jobs(&pool, sweep_id).await.expect("jobs");
-    assert!(js.iter().all(|j| j.attempt == 1 && j.state == "running"), "{js:?}");
+    assert!(
+        js.iter().all(|j| j.attempt == 1 && j.state == "running"),
+        "{js:?}"
+    );
 }
 
 #[tokio::test]
@@ -98,11 +124,25 @@ async fn an_agent_that_declares_no_precisions_is_offered_every_one() {
     // Agents older than the field declare nothing; they keep working as before.
     let dir = scratch();
     let db = TestDb::new().await;
-    let coord = Coordinator::start("coordinator", dir.path(), &db.url, free_port(), &CoordinatorOpts::default()).await;
+    let coord = Coordinator::start(
+        "coordinator",
+        dir.path(),
+        &db.url,
+        free_port(),
+        &CoordinatorOpts::default(),
+    )
+    .await;
     let url = coord.url.as_str();
     let mut old = raw_agent(url).await;
     let id = register(&mut old, "old-agent", device("cuda:0", "h100", &[])).await;
-    submit_file(url, None, dir.path(), "bf16", &sweep("\"bf16\"", "\"h100\"")).await;
+    submit_file(
+        url,
+        None,
+        dir.path(),
+        "bf16",
+        &sweep("\"bf16\"", "\"h100\""),
+    )
+    .await;
     let job = claim(&mut old, &id, "cuda:0").await.expect("the bf16 job");
     assert_eq!(job.spec.expect("spec").precision, "bf16");
 }
@@ -111,7 +151,14 @@ async fn an_agent_that_declares_no_precisions_is_offered_every_one() {
 async fn bad_declarations_and_impossible_sweeps_are_refused() {
     let dir = scratch();
     let db = TestDb::new().await;
-    let coord = Coordinator::start("coordinator", dir.path(), &db.url, free_port(), &CoordinatorOpts::default()).await;
+    let coord = Coordinator::start(
+        "coordinator",
+        dir.path(),
+        &db.url,
+        free_port(),
+        &CoordinatorOpts::default(),
+    )
+    .await;
     let url = coord.url.as_str();
 
     let mut client = raw_agent(url).await;
@@ -132,7 +179,10 @@ async fn bad_declarations_and_impossible_sweeps_are_refused() {
         let out = cli(url, None, &["submit", "--file", path.to_str().unwrap()]).await;
         assert!(!out.status.success(), "{kind}: {}", stdout(&out));
         let err = stderr(&out);
-        assert!(err.contains(&format!("{kind} cannot run bf16")), "{kind}: {err}");
+        assert!(
+            err.contains(&format!("{kind} cannot run bf16")),
+            "{kind}: {err}"
+        );
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
     let pool = pool(&db.url).await;
@@ -147,13 +197,27 @@ async fn bad_declarations_and_impossible_sweeps_are_refused() {
 async fn a_cpu_agent_declares_it_cannot_run_bf16_and_never_claims_it() {
     let dir = scratch();
     let db = TestDb::new().await;
-    let coord = Coordinator::start("coordinator", dir.path(), &db.url, free_port(), &CoordinatorOpts::default()).await;
+    let coord = Coordinator::start(
+        "coordinator",
+        dir.path(),
+        &db.url,
+        free_port(),
+        &CoordinatorOpts::default(),
+    )
+    .await;
     let url = coord.url.as_str();
     let _agent = start_agent("cpu-agent", dir.path(), url, "cpu", &[]);
     let agents = wait_agents_online(&coord.client(), &["cpu-agent"]).await;
     assert_eq!(agents[0].devices[0].precisions, vec!["f32", "f16"]);
 
-    let sweep_id = submit_file(url, None, dir.path(), "any", &sweep("\"f32\", \"bf16\"", "\"any\"")).await;
+    let sweep_id = submit_file(
+        url,
+        None,
+        dir.path(),
+        "any",
+        &sweep("\"f32\", \"bf16\"", "\"any\""),
+    )
+    .await;
     let pool = pool(&db.url).await;
     // The f32 job runs; the bf16 one waits for a device that can run it, untouched.
     eventually(SWEEP_TIMEOUT, "the f32 job to finish", || {

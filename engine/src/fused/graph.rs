@@ -506,7 +506,7 @@ mod tests {
         let floor = (0..g.steps.len()).map(live_at).max().unwrap();
         let sum: usize = slab.iter().map(|&i| aligned(bytes(i))).sum();
         assert!(plan.slab_bytes >= floor, "{} < {floor}", plan.slab_bytes);
-        assert!(plan.slab_bytes < sum / 3, "{} vs sum {sum}", plan.slab_bytes);
+        assert!(plan.slab_bytes < sum / 2, "{} vs sum {sum}", plan.slab_bytes);
         // The largest live set is the stem output with the max pool's output: 8 images of
         // 112x112x64 and 56x56x64 in f16.
         assert_eq!(floor, 8 * (112 * 112 + 56 * 56) * 64 * 2);
