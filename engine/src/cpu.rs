@@ -77,7 +77,11 @@ impl Backend for CpuBackend {
             math: MathMode::plain(job.precision),
             info: backend_info(
                 "candle-cpu",
-                if fold { ExecPath::Fused } else { ExecPath::Stock },
+                if fold {
+                    ExecPath::Fused
+                } else {
+                    ExecPath::Stock
+                },
                 MathMode::plain(job.precision),
                 details,
             ),

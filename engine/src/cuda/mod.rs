@@ -33,9 +33,9 @@ use nvml_wrapper::Nvml;
 
 use crate::{
     backend::{backend_info, Backend, ExecPath, MemoryScope, Prepared, TelemetrySource},
+    cpu::dtype_of,
     device::BackendOptions,
     fused::FusedOptions,
-    cpu::dtype_of,
     gpucheck::{check_driver, check_generation, check_ordinal, cuda_version_string},
     gpuinfo::NvmlTelemetry,
     input::{input_batch, INPUT_SEED},

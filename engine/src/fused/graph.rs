@@ -102,7 +102,10 @@ impl Step {
     /// Every activation the step reads or writes.
     pub fn uses(&self) -> Vec<usize> {
         match self {
-            Step::Conv(c) => [Some(c.x), Some(c.y), c.residual].into_iter().flatten().collect(),
+            Step::Conv(c) => [Some(c.x), Some(c.y), c.residual]
+                .into_iter()
+                .flatten()
+                .collect(),
             Step::Pool(p) => vec![p.x, p.y],
         }
     }
@@ -376,9 +379,9 @@ impl NetGraph {
         let mut vals: Vec<Option<Tensor>> = vec![None; self.acts.len()];
         vals[self.input] = Some(x.clone());
         let get = |vals: &[Option<Tensor>], i: usize| {
-            vals[i]
-                .clone()
-                .ok_or_else(|| EngineError::Unsupported(format!("activation {i} read before written")))
+            vals[i].clone().ok_or_else(|| {
+                EngineError::Unsupported(format!("activation {i} read before written"))
+            })
         };
         for step in &self.steps {
             match step {
@@ -399,7 +402,9 @@ impl NetGraph {
                     let x = get(&vals, p.x)?;
                     vals[p.y] = Some(match p.kind {
                         PoolKind::Max3x3Stride2 => stem_max_pool(&x)?,
-                        PoolKind::GlobalAverage => x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?,
+                        PoolKind::GlobalAverage => {
+                            x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?
+                        }
                     });
                 }
             }
@@ -449,10 +454,16 @@ mod tests {
         assert_eq!(shape("avgpool"), (4, 1, 1, 512));
         assert_eq!(shape("fc"), (4, 1, 1, 1000));
         // 1 stem + 16 block convolutions + 3 downsamples + fc, and 2 pools.
-        let convs = g.steps.iter().filter(|s| matches!(s, Step::Conv(_))).count();
+        let convs = g
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Conv(_)))
+            .count();
         assert_eq!((convs, g.steps.len()), (21, 23));
         // The stem's weight is padded to the input's channels; the others are untouched.
-        let Step::Conv(stem) = &g.steps[0] else { panic!() };
+        let Step::Conv(stem) = &g.steps[0] else {
+            panic!()
+        };
         assert_eq!(stem.weight.dims4().unwrap(), (64, 8, 7, 7));
         // Downsamples carry no bias: theirs rides on the block's second convolution.
         for s in &g.steps {
@@ -483,7 +494,9 @@ mod tests {
         }
         // A residual stays alive across the block's first convolution.
         let c2 = g.steps.iter().position(|s| s.name() == "l1.0.c2").unwrap();
-        let Step::Conv(c) = &g.steps[c2] else { panic!() };
+        let Step::Conv(c) = &g.steps[c2] else {
+            panic!()
+        };
         assert_eq!(g.acts[c.residual.unwrap()].last_use, c2);
     }
 
@@ -506,11 +519,18 @@ mod tests {
         let floor = (0..g.steps.len()).map(live_at).max().unwrap();
         let sum: usize = slab.iter().map(|&i| aligned(bytes(i))).sum();
         assert!(plan.slab_bytes >= floor, "{} < {floor}", plan.slab_bytes);
-        assert!(plan.slab_bytes < sum / 2, "{} vs sum {sum}", plan.slab_bytes);
+        assert!(
+            plan.slab_bytes < sum / 2,
+            "{} vs sum {sum}",
+            plan.slab_bytes
+        );
         // The largest live set is the stem output with the max pool's output: 8 images of
         // 112x112x64 and 56x56x64 in f16.
         assert_eq!(floor, 8 * (112 * 112 + 56 * 56) * 64 * 2);
-        assert_eq!(plan.slab_bytes, floor, "the greedy plan reaches the floor here");
+        assert_eq!(
+            plan.slab_bytes, floor,
+            "the greedy plan reaches the floor here"
+        );
         for (n, &i) in slab.iter().enumerate() {
             let oi = plan.offsets[i].unwrap();
             assert!(oi + bytes(i) <= plan.slab_bytes);
@@ -555,8 +575,18 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(err / scale < 1e-4, "stem {stem}: relative error {}", err / scale);
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                err / scale < 1e-4,
+                "stem {stem}: relative error {}",
+                err / scale
+            );
         }
     }
 }

@@ -221,7 +221,10 @@ mod tests {
         assert!(e.contains("unknown epilogue 'apii'"), "{e}");
         assert!("5".parse::<StemChannels>().is_err());
         assert!("fast".parse::<PlanChoice>().is_err());
-        assert_eq!("8".parse::<StemChannels>().unwrap(), StemChannels::Fixed(StemPad::C8));
+        assert_eq!(
+            "8".parse::<StemChannels>().unwrap(),
+            StemChannels::Fixed(StemPad::C8)
+        );
         let mut o = FusedOptions {
             algo_candidates: NonZeroUsize::new(9).unwrap(),
             ..Default::default()

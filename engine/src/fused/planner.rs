@@ -115,7 +115,10 @@ mod tests {
         assert_eq!(strategies(&o).len(), 2);
         o.plan = PlanChoice::Ranked;
         assert_eq!(strategies(&o), vec![PlanStrategy::Ranked]);
-        assert_eq!(epilogues(EpilogueChoice::Api, false), vec![Epilogue::Separate]);
+        assert_eq!(
+            epilogues(EpilogueChoice::Api, false),
+            vec![Epilogue::Separate]
+        );
         assert_eq!(epilogues(EpilogueChoice::Auto, true).len(), 3);
         assert_eq!(
             epilogues(EpilogueChoice::Separate, true),

@@ -30,8 +30,8 @@ use fleetmark_core::{BackendInfo, ComputeCapability, JobSpec, MathMode};
 
 pub use cudnn::cudnn_version;
 use cudnn::{
-    check, drv, math_type, ActDesc, ConvDesc, ConvGeometry, DevPtr, DeviceBuffer, Elem,
-    FilterDesc, Handle, PoolDesc, PoolWindow, TensorDesc,
+    check, drv, math_type, ActDesc, ConvDesc, ConvGeometry, DevPtr, DeviceBuffer, Elem, FilterDesc,
+    Handle, PoolDesc, PoolWindow, TensorDesc,
 };
 
 use super::{EventTimer, PoolPeak};
@@ -376,12 +376,9 @@ impl FusedPrepared {
             .steps
             .iter()
             .filter_map(|s| match s {
-                ExecStep::Conv(c) => Some(format!(
-                    "{}:{}/{:?}",
-                    c.name,
-                    algo_name(c.algo),
-                    c.epilogue
-                )),
+                ExecStep::Conv(c) => {
+                    Some(format!("{}:{}/{:?}", c.name, algo_name(c.algo), c.epilogue))
+                }
                 ExecStep::Pool(_) => None,
             })
             .collect();
@@ -835,7 +832,10 @@ impl Prepared for FusedPrepared {
 
     fn logits(&mut self) -> Result<Vec<f32>, EngineError> {
         self.forward()?;
-        let bytes = drv("copy logits", self.stream.clone_dtoh(self.bufs.output.slice()))?;
+        let bytes = drv(
+            "copy logits",
+            self.stream.clone_dtoh(self.bufs.output.slice()),
+        )?;
         drv("synchronize", self.stream.synchronize())?;
         let v = self.elem.f32_from_bytes(&bytes);
         debug_assert_eq!(v.len(), self.batch * 1000);
