@@ -10,18 +10,28 @@ pub mod inventory;
 pub mod job;
 pub mod localpg;
 pub mod precision;
+pub mod quantile;
 pub mod result;
+pub mod significance;
+pub mod stability;
 pub mod stats;
 pub mod sweep;
+#[cfg(test)]
+mod testseries;
 
 pub use error::CoreError;
 pub use hardware::{HardwareKind, HardwareTarget};
 pub use inventory::{GpuInfo, HostInventory};
-pub use job::{EnginePath, JobSpec, JobState, MeasurementSpec, WeightsSpec};
+pub use job::{
+    EnginePath, Fraction, JobSpec, JobState, MeasurementSpec, PercentileTarget, WeightsSpec,
+};
 pub use precision::Precision;
 pub use result::{
     BackendInfo, BenchResult, Correctness, Fingerprint, MetricSummary, Telemetry, WeightsInfo,
 };
+pub use quantile::{Percentile, PercentileCis, PercentileEstimate};
+pub use significance::{RatioEstimate, RepetitionSummary};
+pub use stability::{StabilityReport, StopReason, Timing, Window};
 pub use stats::LatencyStats;
 pub use sweep::SweepSpec;
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{CoreError, HostInventory, JobSpec, LatencyStats};
+use crate::{CoreError, HostInventory, JobSpec, LatencyStats, StabilityReport};
 
 /// Which implementation produced a number.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -131,6 +131,10 @@ pub struct BenchResult {
     pub finished_at: DateTime<Utc>,
     /// Every timed iteration's latency, in order.
     pub latencies_ms: Vec<f64>,
+    /// Whether timing was found stable, its windows, and why it stopped. `None` in records
+    /// from agents that predate the stability rule.
+    #[serde(default)]
+    pub stability: Option<StabilityReport>,
 }
 
 impl BenchResult {
@@ -191,7 +195,19 @@ impl BenchResult {
         if self.finished_at < self.started_at {
             return bad("finished before it started".into());
         }
-        Ok(())
+        self.validate_measurement()
+    }
+
+    /// The stability report and percentile intervals (issue 11's additions) are sane.
+    fn validate_measurement(&self) -> Result<(), CoreError> {
+        self.latency
+            .percentiles
+            .validate()
+            .map_err(CoreError::InvalidResult)?;
+        match &self.stability {
+            Some(s) => s.validate().map_err(CoreError::InvalidResult),
+            None => Ok(()),
+        }
     }
 
     /// Throughput with its 95% interval, from the latency interval.
@@ -203,6 +219,12 @@ impl BenchResult {
             f64::INFINITY
         };
         (b / self.latency.ci95_high_ms, hi)
+    }
+
+    /// True when the result says its timing was not found stable (records without a stability
+    /// report are not called unstable: they are unknown).
+    pub fn is_unstable(&self) -> bool {
+        self.stability.as_ref().is_some_and(|s| !s.stable)
     }
 
     /// "f32 (tf32 math)" where the math differs from the storage precision.
