@@ -277,25 +277,29 @@ mod tests {
 
     #[test]
     fn a_steady_series_stops_as_soon_as_three_windows_agree() {
-        // 10 ms ± 1%: each 100 ms window is 10 iterations; three windows need 30.
+        // 10 ms ± 1%: each 100 ms window is 10 or 11 iterations; timing stops as the third
+        // window closes.
         let series = steady(5000, 10.0, 0.01, 1);
         let (lat, r) = replay(&spec(), 4, &series).expect("stops");
         assert_eq!(r.stop_reason, StopReason::Stable);
         assert!(r.stable);
-        assert_eq!(lat.len(), 30, "{r:?}");
         assert_eq!(r.windows.len(), 3);
+        let in_windows: u32 = r.windows.iter().map(|w| w.iterations).sum();
+        assert_eq!(lat.len(), in_windows as usize, "{r:?}");
         let s = r.spread.unwrap();
         assert!(s < 0.01, "{s}");
         for w in &r.windows {
-            assert_eq!(w.iterations, 10);
+            assert!((10..=11).contains(&w.iterations), "{w:?}");
+            assert!(w.seconds >= 0.1, "{w:?}");
             assert!((w.images_per_sec - 400.0).abs() < 4.0, "{w:?}");
         }
     }
 
     #[test]
     fn a_drifting_series_runs_to_max_duration_and_is_marked_unstable() {
-        // Each iteration 3% slower than the last: windows never agree.
-        let series = drifting(10_000, 10.0, 0.03, 2);
+        // Each iteration 5% slower than the last: even one-iteration windows differ by over 5%
+        // three in a row, so windows never agree.
+        let series = drifting(10_000, 10.0, 0.05, 2);
         let (lat, r) = replay(&spec(), 1, &series).expect("stops");
         assert_eq!(r.stop_reason, StopReason::MaxDuration);
         assert!(!r.stable);
@@ -369,7 +373,8 @@ mod tests {
         };
         let (lat, r) = replay(&wide, 1, &noisy).unwrap();
         assert_eq!(r.stop_reason, StopReason::Stable);
-        assert_eq!(lat.len(), 30);
+        assert_eq!(r.windows.len(), 3, "stopped as the third window closed");
+        assert!(lat.len() < 40, "{}", lat.len());
     }
 
     #[test]
@@ -398,6 +403,7 @@ mod tests {
                 within: Fraction(0.01),
             }),
             stability_window: Duration::from_secs(1),
+            stability_tolerance: Fraction(0.5),
             ..spec
         };
         let (_, r) = replay(&spec, 1, &bimodal(5000, 10.0, 20.0, 0.5, 8)).unwrap();
