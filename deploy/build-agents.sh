@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds one CUDA agent per GPU generation, each packaged with its launcher:
-#   dist/fleetmark-agent-<version>-sm<cap>/{bin/fleetmark-agent, libexec/fleetmark-agent}
+#   dist/fleetmark-agent-<version>-sm<cap>/{bin/fleetmark-agent, libexec/fleetmark-agent,
+#                                          share/fleetmark-agent.service}
 #   dist/fleetmark-agent-<version>-sm<cap>.tar.xz
 # Candle compiles its kernels for one compute capability per build (and sm_90 code loads only on
 # Hopper), so a T4 node needs the sm75 build and an H100 the sm90 one.
@@ -23,10 +24,11 @@ for cap in "${caps[@]}"; do
   CUDA_COMPUTE_CAP=$cap CARGO_TARGET_DIR="target/cuda-sm$cap" \
     cargo build --release -p fleetmark-agent --features cudnn
   out="dist/fleetmark-agent-$version-sm$cap"
-  rm -rf "$out" && mkdir -p "$out/bin" "$out/libexec"
+  rm -rf "$out" && mkdir -p "$out/bin" "$out/libexec" "$out/share"
   cp "target/cuda-sm$cap/release/fleetmark-agent" "$out/libexec/fleetmark-agent"
   strip "$out/libexec/fleetmark-agent"
   cp deploy/fleetmark-agent.sh "$out/bin/fleetmark-agent"
+  cp deploy/fleetmark-agent.service "$out/share/"
   tar -C dist -cJf "$out.tar.xz" "$(basename "$out")"
   echo "wrote $out.tar.xz" >&2
 done

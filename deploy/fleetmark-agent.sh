@@ -5,6 +5,17 @@
 # Layout (as deploy/build-agents.sh makes it): bin/fleetmark-agent (this), libexec/fleetmark-agent.
 here=$(dirname "$(readlink -f "$0")")
 bin="${FLEETMARK_AGENT_BIN:-$here/../libexec/fleetmark-agent}"
+# The token may come from a file (systemd credentials, container secrets): FLEETMARK_TOKEN_FILE.
+if [ -n "${FLEETMARK_TOKEN_FILE:-}" ]; then
+  if [ -n "${FLEETMARK_TOKEN:-}" ]; then
+    echo "error: both FLEETMARK_TOKEN and FLEETMARK_TOKEN_FILE are set; set only one" >&2
+    exit 64
+  fi
+  FLEETMARK_TOKEN=$(cat "$FLEETMARK_TOKEN_FILE") || { echo "error: cannot read FLEETMARK_TOKEN_FILE=$FLEETMARK_TOKEN_FILE" >&2; exit 66; }
+  [ -n "$FLEETMARK_TOKEN" ] || { echo "error: FLEETMARK_TOKEN_FILE=$FLEETMARK_TOKEN_FILE is empty" >&2; exit 66; }
+  export FLEETMARK_TOKEN
+  unset FLEETMARK_TOKEN_FILE
+fi
 if [ ! -x "$bin" ]; then
   echo "error: $bin is missing or not executable" >&2
   exit 127
