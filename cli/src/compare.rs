@@ -259,10 +259,7 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
                         row.push(if plain {
                             format!("{:.1}", cell.images_per_sec)
                         } else {
-                            format!(
-                                "{}{math}{n}{unstable}",
-                                throughput(cell.images_per_sec)
-                            )
+                            format!("{}{math}{n}{unstable}", throughput(cell.images_per_sec))
                         });
                         row.push(speedup_text(cell, plain));
                         row.push(

@@ -220,8 +220,7 @@ impl SubmitArgs {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CliError::Input(e.to_string()))?;
         if let Some(preset) = &self.preset {
-            let mut spec =
-                SweepSpec::preset(preset).map_err(|e| CliError::Input(e.to_string()))?;
+            let mut spec = SweepSpec::preset(preset).map_err(|e| CliError::Input(e.to_string()))?;
             if !gpus.is_empty() {
                 spec.gpus = gpus;
             }

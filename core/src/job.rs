@@ -252,8 +252,7 @@ impl MeasurementSpec {
                  {tol}"
             ));
         }
-        if self.max_iterations < self.min_iterations || self.max_iterations > MAX_ITERATIONS_LIMIT
-        {
+        if self.max_iterations < self.min_iterations || self.max_iterations > MAX_ITERATIONS_LIMIT {
             return bad(format!(
                 "max_iterations must be between min_iterations ({}) and {MAX_ITERATIONS_LIMIT}, \
                  not {}",

@@ -26,10 +26,10 @@ pub use job::{
     EnginePath, Fraction, JobSpec, JobState, MeasurementSpec, PercentileTarget, WeightsSpec,
 };
 pub use precision::Precision;
+pub use quantile::{Percentile, PercentileCis, PercentileEstimate};
 pub use result::{
     BackendInfo, BenchResult, Correctness, Fingerprint, MetricSummary, Telemetry, WeightsInfo,
 };
-pub use quantile::{Percentile, PercentileCis, PercentileEstimate};
 pub use significance::{RatioEstimate, RepetitionSummary};
 pub use stability::{StabilityReport, StopReason, Timing, Window};
 pub use stats::LatencyStats;

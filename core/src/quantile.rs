@@ -252,7 +252,10 @@ mod tests {
                 }
             }
             // The interval is conservative; allow the Monte-Carlo error of 400 trials.
-            assert!(covered as f64 / trials as f64 >= 0.93, "{p}: {covered}/{trials}");
+            assert!(
+                covered as f64 / trials as f64 >= 0.93,
+                "{p}: {covered}/{trials}"
+            );
         }
     }
 
@@ -292,7 +295,10 @@ mod tests {
         xs.sort_by(f64::total_cmp);
         for p in Percentile::ALL {
             let e = estimate(&xs, p).unwrap();
-            assert!(e.ci95_low_ms <= e.ms && e.ms <= e.ci95_high_ms, "{p}: {e:?}");
+            assert!(
+                e.ci95_low_ms <= e.ms && e.ms <= e.ci95_high_ms,
+                "{p}: {e:?}"
+            );
         }
     }
 

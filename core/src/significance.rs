@@ -192,7 +192,10 @@ mod tests {
         // log-samples chosen so the test is textbook: a = e^{1,2,3,4}, b = e^{2,3,4,5,6}.
         // d = 2.5 - 4 = -1.5; se^2 = (5/3)/4 + 2.5/5 = 0.9167; t = -1.5667; df = 6.97.
         let a: Vec<f64> = [1.0f64, 2.0, 3.0, 4.0].iter().map(|x| x.exp()).collect();
-        let b: Vec<f64> = [2.0f64, 3.0, 4.0, 5.0, 6.0].iter().map(|x| x.exp()).collect();
+        let b: Vec<f64> = [2.0f64, 3.0, 4.0, 5.0, 6.0]
+            .iter()
+            .map(|x| x.exp())
+            .collect();
         let r = welch_ratio(&a, &b).unwrap();
         assert!((r.ratio.ln() + 1.5).abs() < 1e-12);
         // Two-sided p for t = 1.5667 on 6.97 df is 0.161.

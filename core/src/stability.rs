@@ -76,7 +76,10 @@ impl StabilityReport {
     /// follows from them.
     pub fn validate(&self) -> Result<(), String> {
         if self.windows.len() as u128 > crate::job::MAX_WINDOWS {
-            return Err(format!("stability: over {} windows", crate::job::MAX_WINDOWS));
+            return Err(format!(
+                "stability: over {} windows",
+                crate::job::MAX_WINDOWS
+            ));
         }
         let positive = |x: f64| x.is_finite() && x > 0.0;
         if self
@@ -109,13 +112,15 @@ impl StabilityReport {
     pub fn window_throughputs(&self) -> Vec<f64> {
         self.windows.iter().map(|w| w.images_per_sec).collect()
     }
-
 }
 
 /// max/min - 1 of the throughputs; `None` for none.
 pub fn spread(throughputs: &[f64]) -> Option<f64> {
     let min = throughputs.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = throughputs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let max = throughputs
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
     (!throughputs.is_empty() && min > 0.0).then(|| max / min - 1.0)
 }
 
@@ -409,7 +414,10 @@ mod tests {
         let (_, r) = replay(&spec, 1, &bimodal(5000, 10.0, 20.0, 0.5, 8)).unwrap();
         assert_eq!(r.stop_reason, StopReason::MaxDuration);
         assert_eq!(r.percentile_target_met, Some(false));
-        assert!(r.stable, "the windows agreed; only the percentile was not tight");
+        assert!(
+            r.stable,
+            "the windows agreed; only the percentile was not tight"
+        );
     }
 
     #[test]

@@ -273,7 +273,10 @@ min_duration = "2s"
         assert_eq!(jobs.len(), 12, "6 batches x 2 precisions on one kind");
         assert!(jobs.iter().all(|j| j.target.to_string() == "t4"));
         let batches: BTreeSet<u32> = jobs.iter().map(|j| j.batch_size).collect();
-        assert_eq!(batches.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32]);
+        assert_eq!(
+            batches.into_iter().collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32]
+        );
         assert!(SweepSpec::preset("t5-article")
             .unwrap_err()
             .to_string()
@@ -304,13 +307,28 @@ min_duration = "2s"
         assert_eq!(SweepSpec::from_toml(&text).unwrap(), spec);
 
         for (field, msg) in [
-            ("stability_windows = 1", "stability_windows must be between 2 and 100"),
+            (
+                "stability_windows = 1",
+                "stability_windows must be between 2 and 100",
+            ),
             ("stability_window = \"1ms\"", "shorter than 10ms"),
             ("stability_window = \"50s\"", "do not fit in max_duration"),
-            ("stability_tolerance = 0.0", "stability_tolerance must be a fraction above 0"),
-            ("stability_tolerance = -1.0", "stability_tolerance must be a fraction above 0"),
-            ("stability_tolerance = nan", "stability_tolerance must be a fraction above 0"),
-            ("max_iterations = 10", "max_iterations must be between min_iterations (50)"),
+            (
+                "stability_tolerance = 0.0",
+                "stability_tolerance must be a fraction above 0",
+            ),
+            (
+                "stability_tolerance = -1.0",
+                "stability_tolerance must be a fraction above 0",
+            ),
+            (
+                "stability_tolerance = nan",
+                "stability_tolerance must be a fraction above 0",
+            ),
+            (
+                "max_iterations = 10",
+                "max_iterations must be between min_iterations (50)",
+            ),
             ("max_iterations = 2000000", "max_iterations must be between"),
             (
                 "percentile_target = { percentile = \"p95\", within = 0.05 }",

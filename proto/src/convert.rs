@@ -109,9 +109,7 @@ impl TryFrom<pb::JobSpec> for core::JobSpec {
                 min_duration: Duration::from_millis(m.min_duration_ms),
                 max_duration: Duration::from_millis(m.max_duration_ms),
                 time_input_copy: m.time_input_copy,
-                stability_windows: m
-                    .stability_windows
-                    .unwrap_or(defaults.stability_windows),
+                stability_windows: m.stability_windows.unwrap_or(defaults.stability_windows),
                 stability_window: m
                     .stability_window_us
                     .map(Duration::from_micros)

@@ -71,7 +71,9 @@ async fn results_show_stability_stop_reasons_and_percentile_intervals() {
             assert!(w["seconds"].as_f64().unwrap() >= 0.05, "{w:#}");
             assert!(w["images_per_sec"].as_f64().unwrap() > 0.0, "{w:#}");
         }
-        let spread = s["spread"].as_f64().expect("a spread once 3 windows closed");
+        let spread = s["spread"]
+            .as_f64()
+            .expect("a spread once 3 windows closed");
         assert_eq!(spread <= 0.5, stable, "{s:#}");
         assert_eq!(s["required_windows"], 3);
         assert_eq!(s["tolerance"], 0.5);
@@ -104,7 +106,10 @@ async fn results_show_stability_stop_reasons_and_percentile_intervals() {
         let stable: Option<bool> = row.get("stable");
         let reason: Option<String> = row.get("stop_reason");
         let spread: Option<f64> = row.get("window_spread");
-        assert!(stable.is_some() && spread.is_some(), "summary columns filled");
+        assert!(
+            stable.is_some() && spread.is_some(),
+            "summary columns filled"
+        );
         assert_eq!(reason.as_deref() == Some("stable"), stable == Some(true));
     }
 
@@ -132,7 +137,8 @@ async fn results_show_stability_stop_reasons_and_percentile_intervals() {
         None,
         dir.path(),
         "short",
-        &sweep("short", 1, "max_iterations = 5\n").replace("min_iterations = 3", "min_iterations = 5"),
+        &sweep("short", 1, "max_iterations = 5\n")
+            .replace("min_iterations = 3", "min_iterations = 5"),
     )
     .await;
     wait_sweep_finished(&pool, short, SWEEP_TIMEOUT).await;
@@ -147,8 +153,14 @@ async fn results_show_stability_stop_reasons_and_percentile_intervals() {
     let s = record.stability.as_ref().expect("a stability report");
     assert_eq!(s.stop_reason, fleetmark_core::StopReason::MaxIterations);
     assert!(!s.stable && s.spread.is_none(), "{s:?}");
-    assert_eq!(rows[0]["result"]["latency"]["percentiles"]["p99"], Value::Null);
-    assert_eq!(rows[0]["result"]["latency"]["percentiles"]["p50"], Value::Null);
+    assert_eq!(
+        rows[0]["result"]["latency"]["percentiles"]["p99"],
+        Value::Null
+    );
+    assert_eq!(
+        rows[0]["result"]["latency"]["percentiles"]["p50"],
+        Value::Null
+    );
 
     // The table says so in words, and marks the throughput unstable.
     let out = cli(url, None, &["results", &id]).await;
@@ -275,7 +287,11 @@ async fn hostile_stability_reports_are_refused_and_nothing_is_stored() {
             })
             .await
             .expect_err(what);
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
         assert!(status.message().contains("stability"), "{what}: {status:?}");
     }
     // A p99 interval out of order is refused too.
@@ -317,5 +333,8 @@ async fn hostile_stability_reports_are_refused_and_nothing_is_stored() {
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert_eq!((stable, reason.as_deref()), (Some(false), Some("max_duration")));
+    assert_eq!(
+        (stable, reason.as_deref()),
+        (Some(false), Some("max_duration"))
+    );
 }
