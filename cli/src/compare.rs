@@ -6,18 +6,34 @@
 
 use std::{collections::BTreeMap, process::ExitCode};
 
+use chrono::{DateTime, Utc};
 use clap::Args;
 use fleetmark_core::BenchResult;
-use fleetmark_proto::v1 as pb;
+use fleetmark_proto::{convert::timestamp, v1 as pb};
 use serde::Serialize;
 
 use crate::{
-    output::{csv, table, thousands, throughput},
-    CliError, Format, Remote,
+    emit,
+    output::{csv, fitted_table, thousands, throughput},
+    CliError, Format, Remote, View,
 };
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
+    #[command(flatten)]
+    pub filters: Filters,
+    /// The hardware column the speed-up is measured against (a kind such as cpu or t4, or a
+    /// column name such as h100/stock). Defaults to cpu when present, else the first column.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    #[command(flatten)]
+    pub view: View,
+}
+
+/// Which results a comparison (or a plot) takes. Simulated results never count.
+#[derive(Debug, Clone, Args)]
+pub struct Filters {
+    /// The model whose results are compared.
     #[arg(long, default_value = "resnet18")]
     pub model: String,
     /// Only these precisions (comma separated).
@@ -29,17 +45,109 @@ pub struct CompareArgs {
     /// Only this input size.
     #[arg(long)]
     pub image_size: Option<u32>,
-    /// The hardware column the speed-up is measured against (a kind such as cpu or t4, or a
-    /// column name such as h100/stock). Defaults to cpu when present, else the first column.
+    /// Only this sweep's results: a full id, a unique prefix, or `latest`.
     #[arg(long)]
-    pub baseline: Option<String>,
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
+    pub sweep: Option<String>,
+    /// Only results from the agent with this name.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only results whose agent carried this label, as key=value (repeat for several).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Only results finished at or after this time: RFC 3339 (2026-12-01T00:00:00Z) or a
+    /// duration ago (24h, 7days).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only results finished before this time (same forms as --since).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// An RFC 3339 time, or a duration meaning that long ago.
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let d = humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("'{s}' is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor a duration ago (24h)")
+    })?;
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| format!("'{s}' reaches too far back"))
+}
+
+impl Filters {
+    /// The results these filters select: the coordinator narrows by sweep, model, agent,
+    /// labels and time; precision, batch and input size are narrowed here.
+    pub async fn fetch(&self, remote: &mut Remote) -> Result<Vec<BenchResult>, CliError> {
+        let precisions = self
+            .precision
+            .iter()
+            .map(|p| p.parse::<fleetmark_core::Precision>().map(|p| p.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        for l in &self.labels {
+            if !l.contains('=') || l.starts_with('=') {
+                return Err(CliError::Input(format!("--label '{l}' is not key=value")));
+            }
+        }
+        if let (Some(a), Some(b)) = (self.since, self.until) {
+            if a >= b {
+                return Err(CliError::Input("--since must be before --until".into()));
+            }
+        }
+        let sweep_id = match &self.sweep {
+            Some(s) => crate::sweeps::resolve(remote, s).await?,
+            None => String::new(),
+        };
+        let results = crate::fetch_results(
+            remote,
+            pb::ListResultsRequest {
+                sweep_id,
+                model: self.model.clone(),
+                omit_latencies: true,
+                agent_name: self.agent.clone().unwrap_or_default(),
+                labels: self.labels.clone(),
+                since: self.since.map(timestamp),
+                until: self.until.map(timestamp),
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(results
+            .into_iter()
+            .map(|(_, _, r)| r)
+            .filter(|r| !r.backend.simulated)
+            .filter(|r| precisions.is_empty() || precisions.contains(&r.spec.precision.to_string()))
+            .filter(|r| self.batch.is_empty() || self.batch.contains(&r.spec.batch_size))
+            .filter(|r| self.image_size.is_none_or(|s| s == r.spec.image_size))
+            .collect())
+    }
+}
+
+/// The 95% confidence interval of a cell's throughput: across its results when there are
+/// several (Student's t), else from the one result's latency interval.
+fn throughput_ci(rs: &[&BenchResult]) -> Option<(f64, f64)> {
+    match rs {
+        [] => None,
+        [r] => {
+            let (lo, hi) = (r.latency.ci95_low_ms, r.latency.ci95_high_ms);
+            let b = r.spec.batch_size as f64 * 1000.0;
+            (lo > 0.0 && hi > 0.0).then(|| (b / hi, b / lo))
+        }
+        many => {
+            let ips: Vec<f64> = many.iter().map(|r| r.images_per_sec).collect();
+            fleetmark_core::LatencyStats::from_samples(&ips).map(|s| (s.ci95_low_ms, s.ci95_high_ms))
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Cell {
     pub images_per_sec: f64,
+    /// 95% confidence interval of the throughput, (low, high).
+    pub images_per_sec_ci95: Option<(f64, f64)>,
     pub p50_ms: f64,
     pub results: usize,
     pub math: String,
@@ -149,6 +257,7 @@ pub fn build(
                         col,
                         Cell {
                             images_per_sec: ips,
+                            images_per_sec_ci95: throughput_ci(&rs),
                             p50_ms: median(rs.iter().map(|r| r.latency.p50_ms).collect()),
                             results: rs.len(),
                             math: maths.join("+"),
@@ -182,7 +291,8 @@ pub fn build(
     Ok((columns, rows))
 }
 
-pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
+pub fn render(columns: &[String], rows: &[Row], view: View) -> String {
+    let format = view.format;
     if format == Format::Json {
         return format!("{}\n", serde_json::to_string_pretty(rows).expect("json"));
     }
@@ -195,7 +305,9 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
     for c in columns {
         header.push(format!("{c} img/s"));
         header.push(format!("{c} ×"));
-        header.push(format!("{c} img/$"));
+        if view.wide || format != Format::Table {
+            header.push(format!("{c} img/$"));
+        }
     }
     let plain = format == Format::Csv;
     let body: Vec<Vec<String>> = rows
@@ -220,12 +332,21 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
                         } else {
                             String::new()
                         };
+                        let ci = match cell.images_per_sec_ci95 {
+                            Some((lo, hi)) if !plain => {
+                                format!(" ±{}", throughput((hi - lo) / 2.0))
+                            }
+                            _ => String::new(),
+                        };
                         row.push(if plain {
                             format!("{:.1}", cell.images_per_sec)
                         } else {
-                            format!("{}{math}{n}", throughput(cell.images_per_sec))
+                            format!("{}{ci}{math}{n}", throughput(cell.images_per_sec))
                         });
                         row.push(cell.speedup.map(|s| format!("{s:.2}")).unwrap_or_default());
+                        if !view.wide && format == Format::Table {
+                            continue;
+                        }
                         row.push(
                             cell.images_per_dollar
                                 .map(|v| {
@@ -238,6 +359,9 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
                                 .unwrap_or_else(|| if plain { String::new() } else { "-".into() }),
                         );
                     }
+                    None if !view.wide && format == Format::Table => {
+                        row.extend([String::new(), String::new()])
+                    }
                     None => row.extend([String::new(), String::new(), String::new()]),
                 }
             }
@@ -247,45 +371,23 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     match format {
         Format::Csv => csv(&header_refs, body),
-        _ => table(&header_refs, body, 2),
+        _ => fitted_table(&header_refs, body, 2, view.wide),
     }
 }
 
 pub async fn run(remote: &mut Remote, args: CompareArgs) -> Result<ExitCode, CliError> {
-    let precisions = args
-        .precision
-        .iter()
-        .map(|p| {
-            p.parse::<fleetmark_core::Precision>()
-                .map(|p| p.to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError::Input(e.to_string()))?;
-    let results = crate::fetch_results(
-        remote,
-        pb::ListResultsRequest {
-            model: args.model.clone(),
-            omit_latencies: true,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let results: Vec<BenchResult> = results
-        .into_iter()
-        .map(|(_, _, r)| r)
-        .filter(|r| !r.backend.simulated)
-        .filter(|r| precisions.is_empty() || precisions.contains(&r.spec.precision.to_string()))
-        .filter(|r| args.batch.is_empty() || args.batch.contains(&r.spec.batch_size))
-        .filter(|r| args.image_size.is_none_or(|s| s == r.spec.image_size))
-        .collect();
+    let results = args.filters.fetch(remote).await?;
     if results.is_empty() {
-        eprintln!("no results to compare for model {}", args.model);
-        if args.format == Format::Json {
-            println!("[]");
+        crate::note!("no results to compare for model {}", args.filters.model);
+        if args.view.format == Format::Json {
+            emit("[]\n")?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     let (columns, rows) = build(&results, args.baseline.as_deref())?;
-    print!("{}", render(&columns, &rows, args.format));
+    emit(&render(&columns, &rows, args.view))?;
+    if args.view.format == Format::Table {
+        emit("img/s: median of the cell's results ± half its 95% confidence interval\n")?;
+    }
     Ok(ExitCode::SUCCESS)
 }

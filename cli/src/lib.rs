@@ -1,26 +1,53 @@
 //! The `fleetmark` command line. Data goes to stdout (as a table, CSV or JSON), logs and
 //! progress to stderr. Every command that talks to a coordinator takes `--coordinator URL`.
+//!
+//! Every failure is a [`CliError`], and [`CliError::exit_code`] is the one place that turns it
+//! into the process's exit status (documented in `fleetmark --help`, [`AFTER_HELP`]).
+
+/// A line on stderr for people. Unlike `eprintln!` it never panics when stderr is closed.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 pub mod compare;
+pub mod config;
 pub mod demo;
 pub mod output;
+pub mod plot;
+pub mod report;
+pub mod sweeps;
 pub mod watch;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use fleetmark_core::{
     BenchResult, EnginePath, HardwareTarget, MeasurementSpec, Precision, SweepSpec, WeightsSpec,
 };
 use fleetmark_proto::{
     client::{sweep_client, SweepClient},
-    convert::{parse_uuid, result_without_latencies},
+    convert::result_without_latencies,
     v1 as pb,
 };
 use thiserror::Error;
 use tonic::{Code, Status};
 
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+/// Exit statuses, as [`AFTER_HELP`] documents them.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const SWEEP_FAILED: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const AUTH: u8 = 4;
+    pub const NOT_FOUND: u8 = 5;
+    pub const OTHER: u8 = 6;
+}
 
 #[derive(Debug, Error)]
 pub enum CliError {
@@ -32,6 +59,8 @@ pub enum CliError {
     DatabaseUnavailable { url: String, detail: String },
     #[error("the coordinator refused the request: {0}")]
     Unauthenticated(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     NotFound(String),
     #[error("the coordinator rejected the request: {0}")]
@@ -40,6 +69,10 @@ pub enum CliError {
     Remote(String),
     #[error("{0}")]
     Other(String),
+    /// Whoever reads our stdout has stopped reading (`fleetmark results ... | head`). Not an
+    /// error to report: the process ends quietly.
+    #[error("stdout was closed")]
+    ClosedPipe,
 }
 
 impl CliError {
@@ -57,6 +90,7 @@ impl CliError {
                 detail: s.message().to_string(),
             },
             Code::Unauthenticated => CliError::Unauthenticated(s.message().to_string()),
+            Code::PermissionDenied => CliError::PermissionDenied(s.message().to_string()),
             Code::NotFound => CliError::NotFound(s.message().to_string()),
             Code::InvalidArgument | Code::FailedPrecondition => {
                 CliError::Rejected(s.message().to_string())
@@ -64,36 +98,117 @@ impl CliError {
             _ => CliError::Remote(s.message().to_string()),
         }
     }
+
+    /// The process exit status for this error: the only mapping there is.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::ClosedPipe => exit::OK,
+            CliError::Input(_) | CliError::Rejected(_) => exit::BAD_INPUT,
+            CliError::Unreachable { .. } | CliError::DatabaseUnavailable { .. } => {
+                exit::UNREACHABLE
+            }
+            CliError::Unauthenticated(_) | CliError::PermissionDenied(_) => exit::AUTH,
+            CliError::NotFound(_) => exit::NOT_FOUND,
+            CliError::Remote(_) | CliError::Other(_) => exit::OTHER,
+        }
+    }
+}
+
+/// Writes command output to stdout. A reader that went away (`| head`) becomes
+/// [`CliError::ClosedPipe`] instead of a panic.
+pub fn emit(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => CliError::ClosedPipe,
+            _ => CliError::Other(format!("cannot write to stdout: {e}")),
+        })
+}
+
+/// The exit code for a finished sweep: 0 when every job succeeded, 1 otherwise.
+pub fn sweep_exit(all_succeeded: bool) -> ExitCode {
+    ExitCode::from(if all_succeeded {
+        exit::OK
+    } else {
+        exit::SWEEP_FAILED
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// A table for people, fitted to the terminal.
     Table,
+    /// Comma-separated values with plain numbers, for spreadsheets.
     Csv,
+    /// The full records, for scripts.
     Json,
+}
+
+/// How a listing is printed: the format, and for tables whether every column is shown.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct View {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Tables: show every column (and do not cap the width at 80 when stdout is not a terminal).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 #[derive(Debug, Parser)]
 #[command(
     name = "fleetmark",
     version,
-    about = "Benchmark GPU inference across a fleet of machines"
+    about = "Benchmark GPU inference across a fleet of machines",
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
     #[command(flatten)]
     pub conn: Connection,
+    /// Log format on stderr: text (colour only on a terminal, never with NO_COLOR) or json.
+    #[arg(long, global = true, env = "FLEETMARK_LOG_FORMAT", default_value = "text")]
+    pub log_format: fleetmark_core::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// `fleetmark --help`'s closing text: settings, sweep ids and exit statuses.
+pub const AFTER_HELP: &str = concat!(
+    "\
+Settings come from flags, then FLEETMARK_* environment variables, then the config file
+($XDG_CONFIG_HOME/fleetmark/config.toml, else ~/.config/fleetmark/config.toml), which may hold
+`coordinator`, `token_file` and `ca_cert`.
+
+A SWEEP_ID may be a full id, a unique prefix of one (as `fleetmark sweeps` shows), or `latest`.
+
+",
+    "Exit status:
+  0  success (also when stdout is closed early, e.g. piped into `head`)
+  1  the sweep finished with failed or cancelled jobs (watch, submit --watch, demo)
+  2  bad input: a usage error, an invalid sweep, file or id, or a request the coordinator rejected
+  3  the coordinator, or its database, cannot be reached
+  4  authentication failed or permission denied
+  5  not found: an unknown sweep id or prefix
+  6  any other error (an internal coordinator error, a file that cannot be written)"
+);
+
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The coordinator to talk to.
+    /// The coordinator to talk to (also `coordinator` in the config file).
     #[arg(long, global = true, env = "FLEETMARK_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
     /// Bearer token the coordinator requires.
     #[arg(long, global = true, env = "FLEETMARK_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A file whose first line is the bearer token; used instead of --token when given (also
+    /// `token_file` in the config file).
+    #[arg(long, global = true, env = "FLEETMARK_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The config file to read instead of the default one.
+    #[arg(long, global = true, env = "FLEETMARK_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,36 +218,72 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Submit a sweep, from a TOML file or from flags. Prints the sweep id.
     Submit(SubmitArgs),
-    /// Follow a sweep's jobs live until it finishes.
-    Watch { sweep_id: String },
-    /// A sweep's results.
-    Results {
+    /// Follow a sweep's jobs live until it finishes. Exits 1 if any job failed or was cancelled.
+    Watch {
+        /// The sweep: a full id, a unique prefix, or `latest`.
         sweep_id: String,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+    },
+    /// A sweep's results, one row per job (repetitions are numbered).
+    Results {
+        /// The sweep: a full id, a unique prefix, or `latest`.
+        sweep_id: String,
+        #[command(flatten)]
+        view: View,
     },
     /// Compare results across hardware for the same model, precision and batch size.
     Compare(compare::CompareArgs),
+    /// Draw throughput and latency against batch size, and speed-up bars, as PNG and SVG.
+    Plot(plot::PlotArgs),
+    /// Write one self-contained HTML page about a sweep: charts, results, correctness gate,
+    /// telemetry and fingerprints.
+    Report(report::ReportArgs),
     /// The agents the coordinator knows, with their hardware and state.
     Agents {
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        #[command(subcommand)]
+        action: Option<AgentsAction>,
+        #[command(flatten)]
+        view: View,
     },
-    /// Recent sweeps.
+    /// Recent sweeps, newest first.
     Sweeps {
+        /// How many sweeps to list (at most 1000).
         #[arg(long, default_value_t = 20)]
         limit: u32,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        #[command(flatten)]
+        view: View,
     },
     /// Cancel a sweep's unfinished jobs.
-    Cancel { sweep_id: String },
+    Cancel {
+        /// The sweep: a full id, a unique prefix, or `latest`.
+        sweep_id: String,
+    },
     /// Load result records written by `fleetmark-agent run --out` into the database.
     Import {
+        /// A JSON-lines file of result records.
         file: PathBuf,
         /// Name of the sweep the records are filed under.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Print a shell completion script, e.g. `fleetmark completions bash > ~/.local/share/bash-completion/completions/fleetmark`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsAction {
+    /// Retire agents that have been offline for good: they leave `fleetmark agents`, their
+    /// results stay, and one that registers again comes back. Prints the names retired.
+    Prune {
+        /// Only agents not heard from for at least this long (at least 1m).
+        #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+        offline_for: Duration,
+        /// Only list the agents that would be retired.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -141,8 +292,10 @@ pub struct SubmitArgs {
     /// A sweep file (TOML). Flags below are ignored when a file is given.
     #[arg(long, short)]
     pub file: Option<PathBuf>,
+    /// A name for the sweep, shown by `fleetmark sweeps`.
     #[arg(long)]
     pub name: Option<String>,
+    /// The model to run (resnet18).
     #[arg(long, default_value = "resnet18")]
     pub model: String,
     /// Batch sizes, comma separated.
@@ -154,6 +307,7 @@ pub struct SubmitArgs {
     /// Hardware: any, gpu, cpu, or GPU kinds such as t4,h100.
     #[arg(long, value_delimiter = ',', default_value = "any")]
     pub gpu: Vec<String>,
+    /// Input images are this many pixels square.
     #[arg(long, default_value_t = 224)]
     pub image_size: u32,
     /// Warm-up iterations before timing.
@@ -162,10 +316,13 @@ pub struct SubmitArgs {
     /// Warm up for at least this long, too.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub warmup_duration: Duration,
+    /// Time at least this many iterations.
     #[arg(long, default_value_t = 50)]
     pub min_iterations: u32,
+    /// Time for at least this long, too.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub min_duration: Duration,
+    /// Stop timing after this long even if --min-iterations is not reached.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub max_duration: Duration,
     /// Run each point this many times.
@@ -244,7 +401,11 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(conn: &Connection) -> Result<Self, CliError> {
-        let client = sweep_client(&conn.coordinator, conn.token.as_deref())
+        let token = match &conn.token_file {
+            Some(path) => Some(read_token_file(path)?),
+            None => conn.token.clone(),
+        };
+        let client = sweep_client(&conn.coordinator, token.as_deref())
             .map_err(|e| CliError::Input(e.to_string()))?;
         Ok(Remote {
             url: conn.coordinator.clone(),
@@ -257,10 +418,18 @@ impl Remote {
     }
 }
 
-fn check_sweep_id(id: &str) -> Result<(), CliError> {
-    parse_uuid("sweep id", id.trim())
-        .map(|_| ())
-        .map_err(|e| CliError::Input(e.to_string()))
+/// The first line of a token file, trimmed.
+fn read_token_file(path: &std::path::Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::Input(format!("cannot read the token file {}: {e}", path.display()))
+    })?;
+    match text.lines().next().map(str::trim) {
+        Some(t) if !t.is_empty() => Ok(t.to_string()),
+        _ => Err(CliError::Input(format!(
+            "the token file {} is empty",
+            path.display()
+        ))),
+    }
 }
 
 pub async fn submit(
@@ -302,56 +471,94 @@ pub async fn fetch_results(
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "fleetmark", &mut script);
+            emit(&String::from_utf8_lossy(&script))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Submit(args) => {
             let toml = args.to_toml()?;
             let mut remote = Remote::new(&cli.conn)?;
             let resp = submit(&mut remote, toml).await?;
-            eprintln!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
-            println!("{}", resp.sweep_id);
+            note!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
+            // The id is printed for scripts; a reader that is gone does not stop the watch.
+            match emit(&format!("{}\n", resp.sweep_id)) {
+                Ok(()) | Err(CliError::ClosedPipe) => {}
+                Err(e) => return Err(e),
+            }
             if args.watch {
                 let ok = watch::watch(&mut remote, &resp.sweep_id).await?;
-                return Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
+                return Ok(sweep_exit(ok));
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch { sweep_id } => {
-            check_sweep_id(&sweep_id)?;
             let mut remote = Remote::new(&cli.conn)?;
-            let ok = watch::watch(&mut remote, sweep_id.trim()).await?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            let id = sweeps::resolve(&mut remote, &sweep_id).await?;
+            let ok = watch::watch(&mut remote, &id).await?;
+            Ok(sweep_exit(ok))
         }
-        Command::Results { sweep_id, format } => {
-            check_sweep_id(&sweep_id)?;
+        Command::Results { sweep_id, view } => {
             let mut remote = Remote::new(&cli.conn)?;
+            let id = sweeps::resolve(&mut remote, &sweep_id).await?;
             let results = fetch_results(
                 &mut remote,
                 pb::ListResultsRequest {
-                    sweep_id: sweep_id.trim().to_string(),
+                    sweep_id: id.clone(),
                     include_simulated: true,
-                    omit_latencies: format != Format::Json,
+                    omit_latencies: view.format != Format::Json,
                     ..Default::default()
                 },
             )
             .await?;
             if results.is_empty() {
-                eprintln!("no results yet for sweep {}", sweep_id.trim());
+                note!("no results yet for sweep {id}");
             }
-            print!("{}", output::results(&results, format));
+            emit(&output::results(&results, view))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare(args) => {
             let mut remote = Remote::new(&cli.conn)?;
             compare::run(&mut remote, args).await
         }
-        Command::Agents { format } => {
+        Command::Plot(args) => {
+            let mut remote = Remote::new(&cli.conn)?;
+            plot::run(&mut remote, args).await
+        }
+        Command::Report(args) => {
+            let mut remote = Remote::new(&cli.conn)?;
+            report::run(&mut remote, args).await
+        }
+        Command::Agents {
+            action:
+                Some(AgentsAction::Prune {
+                    offline_for,
+                    dry_run,
+                }),
+            ..
+        } => {
+            let mut remote = Remote::new(&cli.conn)?;
+            let names = remote
+                .client
+                .prune_agents(pb::PruneAgentsRequest {
+                    offline_for_seconds: offline_for.as_secs(),
+                    dry_run,
+                })
+                .await
+                .map_err(|s| remote.err(s))?
+                .into_inner()
+                .names;
+            note!(
+                "{} {} agents offline for at least {}",
+                if dry_run { "would retire" } else { "retired" },
+                names.len(),
+                humantime::format_duration(offline_for)
+            );
+            emit(&names.iter().map(|n| format!("{n}\n")).collect::<String>())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents { action: None, view } => {
             let mut remote = Remote::new(&cli.conn)?;
             let agents = remote
                 .client
@@ -360,10 +567,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 .map_err(|s| remote.err(s))?
                 .into_inner()
                 .agents;
-            print!("{}", output::agents(&agents, format));
+            emit(&output::agents(&agents, view))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweeps { limit, format } => {
+        Command::Sweeps { limit, view } => {
             let mut remote = Remote::new(&cli.conn)?;
             let sweeps = remote
                 .client
@@ -372,22 +579,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 .map_err(|s| remote.err(s))?
                 .into_inner()
                 .sweeps;
-            print!("{}", output::sweeps(&sweeps, format));
+            emit(&output::sweeps(&sweeps, view))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { sweep_id } => {
-            check_sweep_id(&sweep_id)?;
             let mut remote = Remote::new(&cli.conn)?;
+            let id = sweeps::resolve(&mut remote, &sweep_id).await?;
             let n = remote
                 .client
                 .cancel_sweep(pb::CancelSweepRequest {
-                    sweep_id: sweep_id.trim().to_string(),
+                    sweep_id: id.clone(),
                 })
                 .await
                 .map_err(|s| remote.err(s))?
                 .into_inner()
                 .cancelled_jobs;
-            eprintln!("cancelled {n} unfinished jobs of sweep {}", sweep_id.trim());
+            note!("cancelled {n} unfinished jobs of sweep {id}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Import { file, name } => {
@@ -410,11 +617,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 .await
                 .map_err(|s| remote.err(s))?
                 .into_inner();
-            eprintln!(
+            note!(
                 "imported {} results as sweep {}",
-                resp.imported, resp.sweep_id
+                resp.imported,
+                resp.sweep_id
             );
-            println!("{}", resp.sweep_id);
+            emit(&format!("{}\n", resp.sweep_id))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -448,4 +656,83 @@ pub fn read_records(path: &std::path::Path) -> Result<Vec<BenchResult>, CliError
         )));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag and positional of every subcommand explains itself in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the subcommand)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "fleetmark", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_error_has_its_documented_exit_status() {
+        let cases = [
+            (CliError::Input("x".into()), 2),
+            (CliError::Rejected("x".into()), 2),
+            (
+                CliError::Unreachable {
+                    url: "u".into(),
+                    detail: "d".into(),
+                },
+                3,
+            ),
+            (
+                CliError::DatabaseUnavailable {
+                    url: "u".into(),
+                    detail: "d".into(),
+                },
+                3,
+            ),
+            (CliError::Unauthenticated("x".into()), 4),
+            (CliError::PermissionDenied("x".into()), 4),
+            (CliError::NotFound("x".into()), 5),
+            (CliError::Remote("x".into()), 6),
+            (CliError::Other("x".into()), 6),
+            (CliError::ClosedPipe, 0),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.exit_code(), code, "{e:?}");
+            assert!(
+                AFTER_HELP.contains(&format!("\n  {code}  ")),
+                "exit status {code} is documented"
+            );
+        }
+        for (code, grpc) in [
+            (4, Code::PermissionDenied),
+            (4, Code::Unauthenticated),
+            (5, Code::NotFound),
+            (2, Code::InvalidArgument),
+            (3, Code::Unavailable),
+            (6, Code::Internal),
+        ] {
+            let e = CliError::from_status("http://x", Status::new(grpc, "m"));
+            assert_eq!(e.exit_code(), code, "{grpc:?}");
+        }
+    }
 }

@@ -4,7 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use fleetmark_coordinator::{run, Config};
+use fleetmark_coordinator::{run_with_metrics, Config};
+use fleetmark_core::logging::{init_logging, LogFormat, LogSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +35,22 @@ struct Args {
     /// Database connections in the pool.
     #[arg(long, default_value_t = 16)]
     db_connections: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token: keep it private).
+    #[arg(long, env = "FLEETMARK_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format: text (colour only on a terminal, never with NO_COLOR) or json.
+    #[arg(long, env = "FLEETMARK_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// The binaries' shared logging set-up, fed from this process's environment.
+fn start_logging(format: LogFormat, default_filter: &'static str) {
+    init_logging(&LogSettings {
+        format,
+        filter: std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_string()),
+        fallback_filter: default_filter,
+        no_color: std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+    });
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,14 +72,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn real_main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    start_logging(args.log_format, "info,sqlx=warn");
     for (flag, d) in [
         ("--lease", args.lease),
         ("--heartbeat", args.heartbeat),
@@ -85,13 +96,21 @@ async fn real_main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let mut config = Config::new(args.database_url);
     config.token = args.token;
     config.lease = args.lease;
     config.heartbeat_interval = args.heartbeat;
     config.reap_interval = args.reap_interval;
     config.max_db_connections = args.db_connections;
-    run(config, listener, shutdown_signal())
+    run_with_metrics(config, listener, metrics, shutdown_signal())
         .await
         .context("coordinator failed")
 }

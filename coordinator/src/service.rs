@@ -5,7 +5,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use fleetmark_core::{BenchResult, SweepSpec};
 use fleetmark_proto::{
-    convert::{parse_uuid, result_without_latencies, timestamp},
+    convert::{from_timestamp, parse_uuid, result_without_latencies, timestamp},
     v1::{self as pb, agent_service_server::AgentService, sweep_service_server::SweepService},
 };
 use futures::Stream;
@@ -164,12 +164,18 @@ impl AgentService for AgentApi {
             let notified = state.wakeup.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let started = std::time::Instant::now();
             if let Some(job) = state
                 .store
                 .claim_job(agent, &r.device, &kind, state.config.lease)
                 .await
                 .map_err(Status::from)?
             {
+                state
+                    .metrics
+                    .dispatch
+                    .with_label_values(&[kind.as_str()])
+                    .observe(started.elapsed().as_secs_f64());
                 info!(job_id = %job.id, agent_id = %agent, device = %r.device, attempt = job.attempt,
                       spec = %job.spec.label(), "job claimed");
                 return Ok(Response::new(pb::ClaimJobResponse {
@@ -249,6 +255,7 @@ impl AgentService for AgentApi {
             Ok(id) => {
                 info!(job_id = ?result.job_id, agent_id = %agent, images_per_sec = result.images_per_sec,
                       "result accepted");
+                self.0.metrics.results.with_label_values(&["agent"]).inc();
                 Ok(Response::new(pb::SubmitResultResponse {
                     result_id: id.to_string(),
                 }))
@@ -459,6 +466,10 @@ impl SweepService for SweepApi {
             batch_size: (r.batch_size > 0).then_some(r.batch_size as i32),
             include_simulated: r.include_simulated,
             omit_latencies: r.omit_latencies,
+            agent_name: Some(r.agent_name).filter(|a| !a.is_empty()),
+            labels: parse_label_filters(&r.labels)?,
+            since: r.since.map(|t| from_timestamp(Some(t))),
+            until: r.until.map(|t| from_timestamp(Some(t))),
         };
         let results = self
             .0
@@ -482,7 +493,7 @@ impl SweepService for SweepApi {
         &self,
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let window = self.0.config.heartbeat_interval * 3 + Duration::from_secs(2);
+        let window = crate::online_window(&self.0.config);
         let agents = self
             .0
             .store
@@ -544,9 +555,85 @@ impl SweepService for SweepApi {
             .await
             .map_err(Status::from)?;
         info!(sweep_id = %id, results = n, "results imported");
+        self.0
+            .metrics
+            .results
+            .with_label_values(&["import"])
+            .inc_by(n as u64);
         Ok(Response::new(pb::ImportResultsResponse {
             sweep_id: id.to_string(),
             imported: n as u32,
         }))
     }
+
+    async fn find_sweeps(
+        &self,
+        req: Request<pb::FindSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        let r = req.into_inner();
+        let prefix = r.id_prefix.trim().to_ascii_lowercase();
+        if prefix.is_empty()
+            || prefix.len() > 36
+            || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        {
+            return Err(Status::invalid_argument(
+                "a sweep id prefix is 1 to 36 hex digits and dashes",
+            ));
+        }
+        let limit = match r.limit {
+            0 => 10,
+            n => n.min(100),
+        };
+        let sweeps = self
+            .0
+            .store
+            .find_sweeps(&prefix, limit as i64)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::ListSweepsResponse {
+            sweeps: sweeps.iter().map(summary).collect(),
+        }))
+    }
+
+    async fn prune_agents(
+        &self,
+        req: Request<pb::PruneAgentsRequest>,
+    ) -> Result<Response<pb::PruneAgentsResponse>, Status> {
+        let r = req.into_inner();
+        // An agent must have missed far more than a few heartbeats before it can be retired.
+        let floor = crate::online_window(&self.0.config).max(Duration::from_secs(60));
+        let offline_for = Duration::from_secs(r.offline_for_seconds);
+        if offline_for < floor {
+            return Err(Status::invalid_argument(format!(
+                "an agent can be pruned only after at least {} s offline",
+                floor.as_secs()
+            )));
+        }
+        let names = self
+            .0
+            .store
+            .prune_agents(offline_for, r.dry_run)
+            .await
+            .map_err(Status::from)?;
+        if !r.dry_run && !names.is_empty() {
+            info!(agents = ?names, "agents retired");
+        }
+        Ok(Response::new(pb::PruneAgentsResponse { names }))
+    }
+}
+
+/// "key=value" label filters as a map; INVALID_ARGUMENT for anything else.
+fn parse_label_filters(
+    labels: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, Status> {
+    labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(Status::invalid_argument(format!(
+                "label filter '{}' is not key=value",
+                l.chars().take(64).collect::<String>()
+            ))),
+        })
+        .collect()
 }

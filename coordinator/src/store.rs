@@ -137,6 +137,14 @@ pub struct ResultFilter {
     pub batch_size: Option<i32>,
     pub include_simulated: bool,
     pub omit_latencies: bool,
+    /// Only results from the agent with this name.
+    pub agent_name: Option<String>,
+    /// Only results whose agent carried all of these labels.
+    pub labels: BTreeMap<String, String>,
+    /// Only results finished at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only results finished before this time.
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// What happened to a failed attempt.
@@ -256,6 +264,7 @@ impl Store {
                     a.last_seen_at, (a.last_seen_at > now() - $1 * interval '1 millisecond') AS online, \
                     coalesce(array_agg(j.id) FILTER (WHERE j.id IS NOT NULL), '{}') AS running \
              FROM agents a LEFT JOIN jobs j ON j.lease_agent_id = a.id AND j.state = 'running' \
+             WHERE a.retired_at IS NULL OR a.last_seen_at > a.retired_at \
              GROUP BY a.id ORDER BY a.name",
         )
         .bind(online_window.as_millis() as f64)
@@ -280,6 +289,39 @@ impl Store {
             })
             .collect::<sqlx::Result<_>>()
             .map_err(Into::into)
+    }
+
+    /// Retires registered agents silent for at least `offline_for` and holding no lease; with
+    /// `dry_run`, only names them. Returns their names.
+    pub async fn prune_agents(&self, offline_for: Duration, dry_run: bool) -> Result<Vec<String>> {
+        let sql = if dry_run {
+            "SELECT name FROM agents a \
+             WHERE origin = 'registered' AND last_seen_at < now() - $1 * interval '1 millisecond' \
+               AND (retired_at IS NULL OR last_seen_at > retired_at) \
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_agent_id = a.id) \
+             ORDER BY name"
+        } else {
+            "UPDATE agents a SET retired_at = now() \
+             WHERE origin = 'registered' AND last_seen_at < now() - $1 * interval '1 millisecond' \
+               AND (retired_at IS NULL OR last_seen_at > retired_at) \
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_agent_id = a.id) \
+             RETURNING name"
+        };
+        let mut names: Vec<String> = sqlx::query_scalar(sql)
+            .bind(offline_for.as_millis() as f64)
+            .fetch_all(&self.pool)
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Jobs per state, for metrics.
+    pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT state::text, count(*) FROM jobs GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     // ---- sweeps ----
@@ -348,6 +390,23 @@ impl Store {
              FROM sweeps s LEFT JOIN jobs j ON j.sweep_id = s.id \
              GROUP BY s.id ORDER BY s.created_at DESC LIMIT $1",
         )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Sweeps whose id starts with `prefix` (already checked to be hex digits and dashes),
+    /// newest first.
+    pub async fn find_sweeps(&self, prefix: &str, limit: i64) -> Result<Vec<SweepRow>> {
+        Ok(sqlx::query_as::<_, SweepRow>(
+            "SELECT s.id, s.name, s.spec_toml, s.state, s.created_at, \
+                    count(j.id) AS jobs, \
+                    count(j.id) FILTER (WHERE j.state IN ('succeeded', 'failed', 'cancelled')) AS finished \
+             FROM sweeps s LEFT JOIN jobs j ON j.sweep_id = s.id \
+             WHERE s.id::text LIKE $1 || '%' \
+             GROUP BY s.id ORDER BY s.created_at DESC LIMIT $2",
+        )
+        .bind(prefix)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
@@ -685,6 +744,10 @@ impl Store {
                AND ($3::text IS NULL OR precision = $3) \
                AND ($4::int IS NULL OR batch_size = $4) \
                AND ($5 OR NOT simulated) \
+               AND ($7::text IS NULL OR record->>'agent_name' = $7) \
+               AND (coalesce(record->'agent_labels', '{}'::jsonb) @> $8::jsonb) \
+               AND ($9::timestamptz IS NULL OR finished_at >= $9) \
+               AND ($10::timestamptz IS NULL OR finished_at < $10) \
              ORDER BY hardware_kind, model, precision, batch_size, finished_at",
         )
         .bind(f.sweep_id)
@@ -693,6 +756,10 @@ impl Store {
         .bind(f.batch_size)
         .bind(f.include_simulated)
         .bind(f.omit_latencies)
+        .bind(&f.agent_name)
+        .bind(json(&f.labels))
+        .bind(f.since)
+        .bind(f.until)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()

@@ -33,4 +33,7 @@ pub enum CoreError {
 
     #[error("invalid result record: {0}")]
     InvalidResult(String),
+
+    #[error("unknown log format '{given}': use text or json")]
+    UnknownLogFormat { given: String },
 }

@@ -9,6 +9,7 @@ pub mod hardware;
 pub mod inventory;
 pub mod job;
 pub mod localpg;
+pub mod logging;
 pub mod precision;
 pub mod result;
 pub mod stats;

@@ -7,7 +7,8 @@ const TOKEN: &str = "s3cret";
 
 fn assert_refused(out: &std::process::Output, needle: &str) {
     let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{err}");
+    // 4: authentication failed or permission denied (`fleetmark --help`).
+    assert_eq!(out.status.code(), Some(4), "exit code; stderr:\n{err}");
     assert!(err.starts_with("error:"), "stderr:\n{err}");
     assert!(
         err.contains("token"),
