@@ -9,7 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto");
     // The encoded descriptors let the coordinator answer gRPC reflection (grpcurl, grpcui).
-    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("fleetmark_descriptor.bin");
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("fleetmark_descriptor.bin");
     tonic_prost_build::configure()
         .file_descriptor_set_path(descriptors)
         .compile_protos(&["proto/fleetmark/v1/fleetmark.proto"], &["proto"])?;

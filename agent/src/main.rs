@@ -21,7 +21,12 @@ use fleetmark_agent::{parse_labels, Config};
 )]
 struct Cli {
     /// Log format: text (colour only on a terminal, never with NO_COLOR) or json.
-    #[arg(long, global = true, env = "FLEETMARK_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETMARK_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: fleetmark_core::logging::LogFormat,
     #[command(flatten)]
     serve: ServeArgs,

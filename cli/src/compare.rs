@@ -84,7 +84,10 @@ impl Filters {
         let precisions = self
             .precision
             .iter()
-            .map(|p| p.parse::<fleetmark_core::Precision>().map(|p| p.to_string()))
+            .map(|p| {
+                p.parse::<fleetmark_core::Precision>()
+                    .map(|p| p.to_string())
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CliError::Input(e.to_string()))?;
         for l in &self.labels {
@@ -138,7 +141,8 @@ fn throughput_ci(rs: &[&BenchResult]) -> Option<(f64, f64)> {
         }
         many => {
             let ips: Vec<f64> = many.iter().map(|r| r.images_per_sec).collect();
-            fleetmark_core::LatencyStats::from_samples(&ips).map(|s| (s.ci95_low_ms, s.ci95_high_ms))
+            fleetmark_core::LatencyStats::from_samples(&ips)
+                .map(|s| (s.ci95_low_ms, s.ci95_high_ms))
         }
     }
 }

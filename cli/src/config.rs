@@ -102,7 +102,13 @@ mod tests {
         assert_eq!(c.conn.coordinator, "https://fm.example:7070");
         assert_eq!(c.conn.token_file, Some(PathBuf::from("/etc/fm/token")));
 
-        let (mut c, m) = cli(&["--coordinator", "http://127.0.0.1:1", "--token", "t", "sweeps"]);
+        let (mut c, m) = cli(&[
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--token",
+            "t",
+            "sweeps",
+        ]);
         apply(&mut c, &m, &file);
         assert_eq!(c.conn.coordinator, "http://127.0.0.1:1");
         assert_eq!(c.conn.token_file, None);
@@ -112,7 +118,10 @@ mod tests {
     fn unknown_keys_and_wrong_types_are_refused_clearly() {
         let e = ConfigFile::parse(Path::new("c.toml"), "coordinatr = \"x\"\n").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("c.toml") && msg.contains("coordinatr"), "{msg}");
+        assert!(
+            msg.contains("c.toml") && msg.contains("coordinatr"),
+            "{msg}"
+        );
         assert!(msg.contains("allowed keys"), "{msg}");
         assert_eq!(e.exit_code(), crate::exit::BAD_INPUT);
         let e = ConfigFile::parse(Path::new("c.toml"), "coordinator = 7\n").unwrap_err();

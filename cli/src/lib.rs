@@ -168,7 +168,12 @@ pub struct Cli {
     #[command(flatten)]
     pub conn: Connection,
     /// Log format on stderr: text (colour only on a terminal, never with NO_COLOR) or json.
-    #[arg(long, global = true, env = "FLEETMARK_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETMARK_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: fleetmark_core::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -421,7 +426,10 @@ impl Remote {
 /// The first line of a token file, trimmed.
 fn read_token_file(path: &std::path::Path) -> Result<String, CliError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        CliError::Input(format!("cannot read the token file {}: {e}", path.display()))
+        CliError::Input(format!(
+            "cannot read the token file {}: {e}",
+            path.display()
+        ))
     })?;
     match text.lines().next().map(str::trim) {
         Some(t) if !t.is_empty() => Ok(t.to_string()),

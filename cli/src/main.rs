@@ -34,7 +34,11 @@ fn main() -> ExitCode {
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => return fail(CliError::Other(format!("cannot start the async runtime: {e}"))),
+        Err(e) => {
+            return fail(CliError::Other(format!(
+                "cannot start the async runtime: {e}"
+            )))
+        }
     };
     match rt.block_on(fleetmark::run(cli)) {
         Ok(code) => code,

@@ -206,7 +206,9 @@ pub fn line_chart<DB: DrawingBackend>(
 ) -> Result<(), CliError> {
     area.fill(&WHITE).map_err(draw_err)?;
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let (lo, hi) = xs.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    let (lo, hi) = xs.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
+        (lo.min(x), hi.max(x))
+    });
     let (lo, hi) = if lo.is_finite() && hi > 0.0 {
         (lo / 1.5, hi * 1.5)
     } else {
@@ -286,7 +288,13 @@ pub fn speedup_chart<DB: DrawingBackend>(
         .disable_x_mesh()
         .x_labels(0)
         .y_desc("× throughput of the baseline")
-        .y_label_formatter(&|y| if *y < 0.0 { String::new() } else { format!("{y:.1}") })
+        .y_label_formatter(&|y| {
+            if *y < 0.0 {
+                String::new()
+            } else {
+                format!("{y:.1}")
+            }
+        })
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(draw_err)?;
@@ -297,23 +305,34 @@ pub fn speedup_chart<DB: DrawingBackend>(
             .draw_series(values.iter().enumerate().filter_map(|(g, v)| {
                 let v = (*v)?;
                 let x0 = g as f64 + 0.1 + j as f64 * width;
-                Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.92, v)], c.filled()))
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.92, v)],
+                    c.filled(),
+                ))
             }))
             .map_err(draw_err)?
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.filled()));
     }
     chart
-        .draw_series(LineSeries::new(vec![(0.0, 1.0), (n, 1.0)], BLACK.stroke_width(1)))
+        .draw_series(LineSeries::new(
+            vec![(0.0, 1.0), (n, 1.0)],
+            BLACK.stroke_width(1),
+        ))
         .map_err(draw_err)?;
-    let label_style = TextStyle::from(("sans-serif", 15).into_font())
-        .pos(plotters::style::text_anchor::Pos::new(
+    let label_style = TextStyle::from(("sans-serif", 15).into_font()).pos(
+        plotters::style::text_anchor::Pos::new(
             plotters::style::text_anchor::HPos::Center,
             plotters::style::text_anchor::VPos::Center,
-        ));
+        ),
+    );
     chart
         .draw_series(data.groups.iter().enumerate().map(|(g, name)| {
-            Text::new(name.clone(), (g as f64 + 0.5, -y_max * 0.04), label_style.clone())
+            Text::new(
+                name.clone(),
+                (g as f64 + 0.5, -y_max * 0.04),
+                label_style.clone(),
+            )
         }))
         .map_err(draw_err)?;
     chart
@@ -379,14 +398,12 @@ pub async fn run(remote: &mut Remote, args: PlotArgs) -> Result<ExitCode, CliErr
     }
     let (columns, rows) = compare::build(&results, args.baseline.as_deref())?;
     let data = ChartData::from_rows(&columns, &rows);
-    std::fs::create_dir_all(&args.out_dir).map_err(|e| {
-        CliError::Other(format!("cannot create {}: {e}", args.out_dir.display()))
-    })?;
+    std::fs::create_dir_all(&args.out_dir)
+        .map_err(|e| CliError::Other(format!("cannot create {}: {e}", args.out_dir.display())))?;
     for which in CHARTS {
         let svg_path = args.out_dir.join(format!("{which}.svg"));
-        std::fs::write(&svg_path, svg(which, &data)?).map_err(|e| {
-            CliError::Other(format!("cannot write {}: {e}", svg_path.display()))
-        })?;
+        std::fs::write(&svg_path, svg(which, &data)?)
+            .map_err(|e| CliError::Other(format!("cannot write {}: {e}", svg_path.display())))?;
         let png_path = args.out_dir.join(format!("{which}.png"));
         png(which, &data, &png_path)?;
         note!("wrote {} and {}", svg_path.display(), png_path.display());

@@ -42,7 +42,8 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
+const STYLE: &str =
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
 table{border-collapse:collapse;margin:1em 0;font-size:14px}\
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}\
 th{background:#f3f3f3}td.l,th.l{text-align:left}\
@@ -98,7 +99,11 @@ fn results_section(results: &[BenchResult]) -> String {
                 ms(l.p50_ms),
                 ms(l.p90_ms),
                 ms(l.p99_ms),
-                format!("{} ± {}", ms(l.mean_ms), ms((l.ci95_high_ms - l.ci95_low_ms) / 2.0)),
+                format!(
+                    "{} ± {}",
+                    ms(l.mean_ms),
+                    ms((l.ci95_high_ms - l.ci95_low_ms) / 2.0)
+                ),
                 throughput(r.images_per_sec),
                 esc(&bytes(r.peak_memory_bytes)),
             ]
@@ -106,8 +111,20 @@ fn results_section(results: &[BenchResult]) -> String {
         .collect();
     table(
         &[
-            "hardware", "agent", "device", "path", "precision", "batch", "rep", "iters",
-            "p50 ms", "p90 ms", "p99 ms", "mean ms (95% CI)", "img/s", "peak mem",
+            "hardware",
+            "agent",
+            "device",
+            "path",
+            "precision",
+            "batch",
+            "rep",
+            "iters",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "mean ms (95% CI)",
+            "img/s",
+            "peak mem",
         ],
         &rows,
         5,
@@ -150,8 +167,14 @@ fn correctness_section(results: &[BenchResult]) -> String {
         .collect();
     table(
         &[
-            "result", "reference", "images", "max rel error", "max abs error", "top-1 agree",
-            "bound", "gate",
+            "result",
+            "reference",
+            "images",
+            "max rel error",
+            "max abs error",
+            "top-1 agree",
+            "bound",
+            "gate",
         ],
         &rows,
         2,
@@ -177,7 +200,10 @@ fn telemetry_section(results: &[BenchResult]) -> String {
                 mean(&t.temperature_c),
                 mean(&t.gpu_utilization_pct),
                 if t.throttled {
-                    format!("<span class=\"fail\">{}</span>", esc(&t.throttle_reasons.join(", ")))
+                    format!(
+                        "<span class=\"fail\">{}</span>",
+                        esc(&t.throttle_reasons.join(", "))
+                    )
                 } else {
                     esc(&t.throttle_reasons.join(", "))
                 },
@@ -190,8 +216,14 @@ fn telemetry_section(results: &[BenchResult]) -> String {
     }
     table(
         &[
-            "result", "samples", "SM clock MHz", "memory clock MHz", "power W", "temperature °C",
-            "utilisation %", "throttle reasons",
+            "result",
+            "samples",
+            "SM clock MHz",
+            "memory clock MHz",
+            "power W",
+            "temperature °C",
+            "utilisation %",
+            "throttle reasons",
         ],
         &rows,
         1,
@@ -226,7 +258,13 @@ fn fingerprint_section(results: &[BenchResult]) -> String {
         .collect();
     table(
         &[
-            "fleetmark", "git commit", "candle", "rustc", "CUDA driver", "cuDNN", "host CPU",
+            "fleetmark",
+            "git commit",
+            "candle",
+            "rustc",
+            "CUDA driver",
+            "cuDNN",
+            "host CPU",
             "results",
         ],
         &rows,
@@ -353,6 +391,9 @@ mod tests {
 
     #[test]
     fn html_is_escaped() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 }

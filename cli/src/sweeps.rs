@@ -111,10 +111,16 @@ mod tests {
         assert_eq!(parse(full).unwrap(), SweepRef::Full(full.into()));
         assert_eq!(parse(" LATEST ").unwrap(), SweepRef::Latest);
         assert_eq!(parse("0B6D").unwrap(), SweepRef::Prefix("0b6d".into()));
-        assert_eq!(parse("0b6d1f8e-52").unwrap(), SweepRef::Prefix("0b6d1f8e-52".into()));
+        assert_eq!(
+            parse("0b6d1f8e-52").unwrap(),
+            SweepRef::Prefix("0b6d1f8e-52".into())
+        );
         for bad in ["", "not-a-uuid", "0b6d/..", "g123"] {
             let e = parse(bad).unwrap_err();
-            assert!(e.to_string().contains("is not a valid sweep id"), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("is not a valid sweep id"),
+                "{bad}: {e}"
+            );
             assert_eq!(e.exit_code(), crate::exit::BAD_INPUT);
         }
     }

@@ -77,9 +77,19 @@ async fn a_closed_stdout_ends_quietly_with_status_0() {
 
     let url = live.url.clone();
     let cases: Vec<Vec<String>> = vec![
-        vec!["results".into(), sweep.clone(), "--format".into(), "json".into()],
+        vec![
+            "results".into(),
+            sweep.clone(),
+            "--format".into(),
+            "json".into(),
+        ],
         vec!["results".into(), sweep.clone()],
-        vec!["results".into(), "latest".into(), "--format".into(), "csv".into()],
+        vec![
+            "results".into(),
+            "latest".into(),
+            "--format".into(),
+            "csv".into(),
+        ],
         vec!["sweeps".into()],
         vec!["agents".into(), "--format".into(), "json".into()],
         vec!["compare".into()],
@@ -140,12 +150,7 @@ async fn tables_fit_80_columns_and_number_repetitions() {
     let reps: Vec<&str> = table
         .lines()
         .filter(|l| l.contains("cpu"))
-        .map(|l| {
-            l.split('│')
-                .map(str::trim)
-                .nth(5)
-                .expect("the rep column")
-        })
+        .map(|l| l.split('│').map(str::trim).nth(5).expect("the rep column"))
         .collect();
     assert_eq!(reps, ["1", "2", "3"], "{table}");
     assert!(table.contains("*"), "p99 from 3 samples is marked: {table}");
@@ -156,13 +161,23 @@ async fn tables_fit_80_columns_and_number_repetitions() {
     assert!(!table.contains("agent"), "compact by default: {table}");
 
     let wide = stdout(&fleetmark(&live.url, &["results", &sweep, "--wide"]).await);
-    for column in ["agent", "device", "p90 ms", "peak mem", "throttled", "iters"] {
+    for column in [
+        "agent",
+        "device",
+        "p90 ms",
+        "peak mem",
+        "throttled",
+        "iters",
+    ] {
         assert!(wide.contains(column), "--wide shows {column}:\n{wide}");
     }
 
     let csv = stdout(&fleetmark(&live.url, &["results", &sweep, "--format", "csv"]).await);
     let header: Vec<&str> = csv.lines().next().expect("header").split(',').collect();
-    let rep = header.iter().position(|h| *h == "rep").expect("a rep column");
+    let rep = header
+        .iter()
+        .position(|h| *h == "rep")
+        .expect("a rep column");
     let reps: Vec<String> = csv
         .lines()
         .skip(1)
@@ -172,7 +187,10 @@ async fn tables_fit_80_columns_and_number_repetitions() {
 
     // Sweeps list short ids by default.
     let sweeps = stdout(&fleetmark(&live.url, &["sweeps"]).await);
-    assert!(sweeps.contains(&sweep[..8]) && !sweeps.contains(&sweep), "{sweeps}");
+    assert!(
+        sweeps.contains(&sweep[..8]) && !sweeps.contains(&sweep),
+        "{sweeps}"
+    );
     for line in sweeps.lines() {
         assert!(line.chars().count() <= 80, "{sweeps}");
     }
@@ -223,10 +241,20 @@ async fn sweep_ids_take_unique_prefixes_and_latest() {
     );
     let out = fleetmark(
         &live.url,
-        &["results", "abcd0000-0000-4000-8000-00000000000", "--format", "csv"],
+        &[
+            "results",
+            "abcd0000-0000-4000-8000-00000000000",
+            "--format",
+            "csv",
+        ],
     )
     .await;
-    assert_eq!(out.status.code(), Some(2), "still ambiguous: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "still ambiguous: {}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,7 +342,10 @@ async fn completions_and_help_are_printed() {
     let out = fleetmark("http://127.0.0.1:1", &["completions", "bash"]).await;
     assert_ok(&out);
     let script = stdout(&out);
-    assert!(script.contains("complete") && script.contains("fleetmark"), "{script}");
+    assert!(
+        script.contains("complete") && script.contains("fleetmark"),
+        "{script}"
+    );
     assert!(script.contains("--wide"), "subcommand flags are completed");
     let out = fleetmark("http://127.0.0.1:1", &["completions", "zsh"]).await;
     assert_ok(&out);
@@ -358,10 +389,12 @@ async fn agents_offline_for_good_are_pruned_and_come_back_if_they_return() {
             .await
             .expect("register");
     }
-    sqlx::query("UPDATE agents SET last_seen_at = now() - interval '2 hours' WHERE name = 'gone-for-good'")
-        .execute(&live.pool)
-        .await
-        .expect("age the agent");
+    sqlx::query(
+        "UPDATE agents SET last_seen_at = now() - interval '2 hours' WHERE name = 'gone-for-good'",
+    )
+    .execute(&live.pool)
+    .await
+    .expect("age the agent");
     let listed = |out: &std::process::Output| {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         v.as_array()
@@ -371,11 +404,19 @@ async fn agents_offline_for_good_are_pruned_and_come_back_if_they_return() {
             .collect::<Vec<_>>()
     };
 
-    let out = fleetmark(&live.url, &["agents", "prune", "--offline-for", "1h", "--dry-run"]).await;
+    let out = fleetmark(
+        &live.url,
+        &["agents", "prune", "--offline-for", "1h", "--dry-run"],
+    )
+    .await;
     assert_ok(&out);
     assert_eq!(stdout(&out), "gone-for-good\n");
     let out = fleetmark(&live.url, &["agents", "--format", "json"]).await;
-    assert_eq!(listed(&out), ["gone-for-good", "still-here"], "a dry run changes nothing");
+    assert_eq!(
+        listed(&out),
+        ["gone-for-good", "still-here"],
+        "a dry run changes nothing"
+    );
 
     let out = fleetmark(&live.url, &["agents", "prune", "--offline-for", "1h"]).await;
     assert_ok(&out);

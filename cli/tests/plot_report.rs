@@ -22,8 +22,15 @@ fn records() -> Vec<String> {
             r["agent_name"] = agent.into();
             // Faster hardware: scale every latency figure down.
             for key in [
-                "mean_ms", "std_ms", "min_ms", "max_ms", "p50_ms", "p90_ms", "p99_ms",
-                "ci95_low_ms", "ci95_high_ms",
+                "mean_ms",
+                "std_ms",
+                "min_ms",
+                "max_ms",
+                "p50_ms",
+                "p90_ms",
+                "p99_ms",
+                "ci95_low_ms",
+                "ci95_high_ms",
             ] {
                 let v = r["latency"][key].as_f64().unwrap() * speed;
                 r["latency"][key] = v.into();
@@ -46,7 +53,11 @@ fn records() -> Vec<String> {
 async fn imported(live: &Live, dir: &Path) -> String {
     let file = write(dir, "fleet.jsonl", &(records().join("\n") + "\n"));
     let out = fleetmark(&live.url, &["import", &file, "--name", "two kinds"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -78,10 +89,20 @@ async fn plot_writes_valid_png_and_svg_charts() {
     let out_dir = dir.path().join("charts");
     let out = fleetmark(
         &live.url,
-        &["plot", "--out-dir", out_dir.to_str().unwrap(), "--baseline", "cpu"],
+        &[
+            "plot",
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+            "--baseline",
+            "cpu",
+        ],
     )
     .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for chart in ["throughput", "latency", "speedup"] {
         let png = std::fs::read(out_dir.join(format!("{chart}.png"))).expect("the PNG exists");
         assert_eq!(png_size(&png), (1000, 600), "{chart}.png");
@@ -90,11 +111,17 @@ async fn plot_writes_valid_png_and_svg_charts() {
         let svg = std::fs::read_to_string(out_dir.join(format!("{chart}.svg"))).unwrap();
         let texts = svg_texts(&svg);
         for series in ["cpu", "t4"] {
-            assert!(texts.iter().any(|t| t == series), "{chart}.svg names {series}: {texts:?}");
+            assert!(
+                texts.iter().any(|t| t == series),
+                "{chart}.svg names {series}: {texts:?}"
+            );
         }
     }
     let throughput = svg_texts(&std::fs::read_to_string(out_dir.join("throughput.svg")).unwrap());
-    assert!(throughput.iter().any(|t| t.contains("batch size")), "{throughput:?}");
+    assert!(
+        throughput.iter().any(|t| t.contains("batch size")),
+        "{throughput:?}"
+    );
     let speedup = svg_texts(&std::fs::read_to_string(out_dir.join("speedup.svg")).unwrap());
     assert!(speedup.iter().any(|t| t == "b4"), "{speedup:?}");
 
@@ -102,10 +129,21 @@ async fn plot_writes_valid_png_and_svg_charts() {
     let empty = dir.path().join("empty");
     let out = fleetmark(
         &live.url,
-        &["plot", "--agent", "nobody", "--out-dir", empty.to_str().unwrap()],
+        &[
+            "plot",
+            "--agent",
+            "nobody",
+            "--out-dir",
+            empty.to_str().unwrap(),
+        ],
     )
     .await;
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!empty.exists());
 }
 
@@ -120,11 +158,23 @@ async fn the_report_renders_in_a_browser_with_its_charts() {
         &["report", &sweep[..8], "--out", page.to_str().unwrap()],
     )
     .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let html = std::fs::read_to_string(&page).unwrap();
-    assert!(!html.contains("<script") && !html.contains("http://") && !html.contains("https://"),
-        "self-contained: no scripts, no external resources");
-    for section in ["Correctness gate", "GPU telemetry", "Fingerprints", "Sweep file", "Results"] {
+    assert!(
+        !html.contains("<script") && !html.contains("http://") && !html.contains("https://"),
+        "self-contained: no scripts, no external resources"
+    );
+    for section in [
+        "Correctness gate",
+        "GPU telemetry",
+        "Fingerprints",
+        "Sweep file",
+        "Results",
+    ] {
         assert!(html.contains(section), "{section}");
     }
 
@@ -150,7 +200,12 @@ async fn the_report_renders_in_a_browser_with_its_charts() {
     let dom = tokio::time::timeout(
         std::time::Duration::from_secs(120),
         tokio::process::Command::new(chromium)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("--dump-dom")
             .arg(format!("file://{}", page.display()))
@@ -160,14 +215,25 @@ async fn the_report_renders_in_a_browser_with_its_charts() {
     .await
     .expect("chromium finishes")
     .expect("run chromium");
-    assert!(dom.status.success(), "{}", String::from_utf8_lossy(&dom.stderr));
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
     let dom = String::from_utf8_lossy(&dom.stdout);
     for chart in ["chart-throughput", "chart-latency", "chart-speedup"] {
-        let at = dom.find(&format!("id=\"{chart}\"")).unwrap_or_else(|| panic!("{chart} in the DOM"));
+        let at = dom
+            .find(&format!("id=\"{chart}\""))
+            .unwrap_or_else(|| panic!("{chart} in the DOM"));
         let figure = &dom[at..];
         let end = figure.find("</figure>").expect("the figure closes");
-        assert!(figure[..end].contains("<svg"), "{chart} holds an svg element");
-        assert!(figure[..end].contains("<polyline") || figure[..end].contains("<rect"),
-            "{chart} has drawn shapes");
+        assert!(
+            figure[..end].contains("<svg"),
+            "{chart} holds an svg element"
+        );
+        assert!(
+            figure[..end].contains("<polyline") || figure[..end].contains("<rect"),
+            "{chart} has drawn shapes"
+        );
     }
 }

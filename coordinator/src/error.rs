@@ -42,9 +42,10 @@ pub enum CoordinatorError {
 /// Names the cause of a failed connection attempt to `target` (host:port and database).
 pub fn connect_error(target: &str, e: sqlx::Error) -> CoordinatorError {
     let (reason, permanent) = match &e {
-        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            ("connection refused (is PostgreSQL running there?)".to_string(), false)
-        }
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => (
+            "connection refused (is PostgreSQL running there?)".to_string(),
+            false,
+        ),
         sqlx::Error::Io(io) => (io.to_string(), false),
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some("28P01") | Some("28000") => {

@@ -172,13 +172,14 @@ pub async fn run_with_metrics(
 /// instead of surfacing as a pool timeout. Causes that waiting cannot fix end start-up at once;
 /// the others (the server is not up yet) are retried until `startup_timeout`.
 async fn connect_with_retry(config: &Config) -> Result<Store, CoordinatorError> {
-    let options = sqlx::postgres::PgConnectOptions::from_str(&config.database_url).map_err(|e| {
-        CoordinatorError::DatabaseConnect {
-            target: "the database".into(),
-            reason: format!("invalid database URL: {e}"),
-            permanent: true,
-        }
-    })?;
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(&config.database_url).map_err(|e| {
+            CoordinatorError::DatabaseConnect {
+                target: "the database".into(),
+                reason: format!("invalid database URL: {e}"),
+                permanent: true,
+            }
+        })?;
     let target = format!(
         "{}:{} (database {})",
         options.get_host(),
@@ -198,7 +199,11 @@ async fn connect_with_retry(config: &Config) -> Result<Store, CoordinatorError> 
         };
         match outcome {
             Ok(store) => return Ok(store),
-            Err(e @ CoordinatorError::DatabaseConnect { permanent: true, .. }) => return Err(e),
+            Err(
+                e @ CoordinatorError::DatabaseConnect {
+                    permanent: true, ..
+                },
+            ) => return Err(e),
             Err(e) if tokio::time::Instant::now() + delay < deadline => {
                 warn!(error = %e, "database not reachable yet, retrying");
                 tokio::time::sleep(delay).await;

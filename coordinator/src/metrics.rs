@@ -50,7 +50,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let agents = IntGaugeVec::new(
-            Opts::new("fleetmark_agents", "Agents by state (online, offline, imported)."),
+            Opts::new(
+                "fleetmark_agents",
+                "Agents by state (online, offline, imported).",
+            ),
             &["state"],
         )
         .expect("a valid metric");
@@ -144,7 +147,9 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::{extract::State as AxState, routing::get, Router};
-    async fn metrics(AxState(state): AxState<Arc<crate::State>>) -> impl axum::response::IntoResponse {
+    async fn metrics(
+        AxState(state): AxState<Arc<crate::State>>,
+    ) -> impl axum::response::IntoResponse {
         let window = crate::online_window(&state.config);
         let body = state.metrics.render(&state.store, window).await;
         (

@@ -629,7 +629,9 @@ fn parse_label_filters(
     labels
         .iter()
         .map(|l| match l.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
             _ => Err(Status::invalid_argument(format!(
                 "label filter '{}' is not key=value",
                 l.chars().take(64).collect::<String>()

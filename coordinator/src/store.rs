@@ -317,11 +317,11 @@ impl Store {
 
     /// Jobs per state, for metrics.
     pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT state::text, count(*) FROM jobs GROUP BY state ORDER BY state",
+        Ok(
+            sqlx::query_as("SELECT state::text, count(*) FROM jobs GROUP BY state ORDER BY state")
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     // ---- sweeps ----

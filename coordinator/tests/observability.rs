@@ -54,7 +54,9 @@ async fn serve() -> Served {
 }
 
 async fn channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_string()).unwrap().connect_lazy()
+    Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect_lazy()
 }
 
 /// GET /metrics over a raw socket; returns the status line and the body.
@@ -74,7 +76,9 @@ fn samples(body: &str) -> Vec<(String, f64)> {
     body.lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {l}"));
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample: {l}"));
             let value: f64 = value
                 .parse()
                 .unwrap_or_else(|_| panic!("not a number in: {l}"));
@@ -140,8 +144,9 @@ async fn health_reflection_and_metrics_answer_outsiders() {
 
     // Reflection lists the services.
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     let mut reflection = ServerReflectionClient::new(ch.clone());
     let req = ServerReflectionRequest {
@@ -153,7 +158,11 @@ async fn health_reflection_and_metrics_answer_outsiders() {
         .await
         .expect("reflection answers")
         .into_inner();
-    let msg = stream.message().await.expect("a reply").expect("one message");
+    let msg = stream
+        .message()
+        .await
+        .expect("a reply")
+        .expect("one message");
     let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
         panic!("not a service list: {msg:?}");
     };
@@ -168,8 +177,13 @@ async fn health_reflection_and_metrics_answer_outsiders() {
 
     // Metrics: parseable, with zero jobs to start with.
     let before = metrics_until(served.metrics, "metrics", |_| true).await;
-    assert_eq!(value(&before, "fleetmark_jobs{state=\"pending\"}"), Some(0.0));
-    assert!(before.iter().any(|(n, _)| n.starts_with("fleetmark_database_errors_total")));
+    assert_eq!(
+        value(&before, "fleetmark_jobs{state=\"pending\"}"),
+        Some(0.0)
+    );
+    assert!(before
+        .iter()
+        .any(|(n, _)| n.starts_with("fleetmark_database_errors_total")));
 
     // A sweep of three jobs: three pending.
     let mut sweeps = pb::sweep_service_client::SweepServiceClient::new(ch.clone());
@@ -263,7 +277,11 @@ async fn database_connection_failures_say_what_failed() {
         "{msg}"
     );
     assert!(!msg.contains("timed out"), "{msg}");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A database that does not exist: no retrying, at once.
     let server = fleetmark_testkit::server_url().await;
