@@ -8,9 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
     println!("cargo:rerun-if-changed=proto");
+    // The encoded descriptors let the coordinator answer gRPC reflection (grpcurl, grpcui).
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("fleetmark_descriptor.bin");
     tonic_prost_build::configure()
         // Undecodable bytes are the caller's fault: INVALID_ARGUMENT, not prost's INTERNAL.
         .codec_path("crate::codec::FleetmarkCodec")
+        .file_descriptor_set_path(descriptors)
         .compile_protos(&["proto/fleetmark/v1/fleetmark.proto"], &["proto"])?;
     Ok(())
 }

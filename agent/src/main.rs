@@ -20,6 +20,14 @@ use fleetmark_agent::{parse_labels, Config};
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Log format: text (colour only on a terminal, never with NO_COLOR) or json.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETMARK_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: fleetmark_core::logging::LogFormat,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(subcommand)]
@@ -178,13 +186,13 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    fleetmark_core::logging::init_logging(&fleetmark_core::logging::LogSettings {
+        format: cli.log_format,
+        filter: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()),
+        fallback_filter: "info",
+        no_color: std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+    });
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         None => {

@@ -6,18 +6,34 @@
 
 use std::{collections::BTreeMap, process::ExitCode};
 
+use chrono::{DateTime, Utc};
 use clap::Args;
 use fleetmark_core::BenchResult;
-use fleetmark_proto::v1 as pb;
+use fleetmark_proto::{convert::timestamp, v1 as pb};
 use serde::Serialize;
 
 use crate::{
-    output::{csv, table, thousands, throughput},
-    CliError, Format, Remote,
+    emit,
+    output::{csv, fitted_table, thousands, throughput},
+    CliError, Format, Remote, View,
 };
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
+    #[command(flatten)]
+    pub filters: Filters,
+    /// The hardware column the speed-up is measured against (a kind such as cpu or t4, or a
+    /// column name such as h100/stock). Defaults to cpu when present, else the first column.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    #[command(flatten)]
+    pub view: View,
+}
+
+/// Which results a comparison (or a plot) takes. Simulated results never count.
+#[derive(Debug, Clone, Args)]
+pub struct Filters {
+    /// The model whose results are compared.
     #[arg(long, default_value = "resnet18")]
     pub model: String,
     /// Only these precisions (comma separated).
@@ -29,17 +45,93 @@ pub struct CompareArgs {
     /// Only this input size.
     #[arg(long)]
     pub image_size: Option<u32>,
-    /// The hardware column the speed-up is measured against (a kind such as cpu or t4, or a
-    /// column name such as h100/stock). Defaults to cpu when present, else the first column.
+    /// Only this sweep's results: a full id, a unique prefix, or `latest`.
     #[arg(long)]
-    pub baseline: Option<String>,
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
+    pub sweep: Option<String>,
+    /// Only results from the agent with this name.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only results whose agent carried this label, as key=value (repeat for several).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Only results finished at or after this time: RFC 3339 (2026-12-01T00:00:00Z) or a
+    /// duration ago (24h, 7days).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only results finished before this time (same forms as --since).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// An RFC 3339 time, or a duration meaning that long ago.
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let d = humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("'{s}' is neither an RFC 3339 time (2026-12-01T00:00:00Z) nor a duration ago (24h)")
+    })?;
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| format!("'{s}' reaches too far back"))
+}
+
+impl Filters {
+    /// The comparison cells these filters select, filtered and aggregated by the coordinator's
+    /// database (`CompareResults`): the answer is one row per cell, however many results.
+    pub async fn cells(&self, remote: &mut Remote) -> Result<Vec<Summary>, CliError> {
+        let precisions = self
+            .precision
+            .iter()
+            .map(|p| {
+                p.parse::<fleetmark_core::Precision>()
+                    .map(|p| p.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        for l in &self.labels {
+            if !l.contains('=') || l.starts_with('=') {
+                return Err(CliError::Input(format!("--label '{l}' is not key=value")));
+            }
+        }
+        if let (Some(a), Some(b)) = (self.since, self.until) {
+            if a >= b {
+                return Err(CliError::Input("--since must be before --until".into()));
+            }
+        }
+        let sweep_id = match &self.sweep {
+            Some(s) => crate::sweeps::resolve(remote, s).await?,
+            None => String::new(),
+        };
+        Ok(remote
+            .client
+            .compare_results(pb::CompareRequest {
+                model: self.model.clone(),
+                precisions,
+                batch_sizes: self.batch.clone(),
+                image_size: self.image_size,
+                sweep_id,
+                agent_name: self.agent.clone().unwrap_or_default(),
+                labels: self.labels.clone(),
+                since: self.since.map(timestamp),
+                until: self.until.map(timestamp),
+            })
+            .await
+            .map_err(|s| remote.err(s))?
+            .into_inner()
+            .cells
+            .into_iter()
+            .map(Summary::from)
+            .collect())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Cell {
     pub images_per_sec: f64,
+    /// 95% confidence interval of the throughput, (low, high).
+    pub images_per_sec_ci95: Option<(f64, f64)>,
     pub p50_ms: f64,
     pub results: usize,
     pub math: String,
@@ -83,6 +175,9 @@ pub struct Summary {
     pub math: String,
     pub peak_memory_bytes: u64,
     pub price_per_hour: Option<f64>,
+    /// 95% confidence interval of the throughput (see
+    /// [`fleetmark_core::stats::throughput_ci95`]).
+    pub images_per_sec_ci95: Option<(f64, f64)>,
 }
 
 impl From<pb::CompareCell> for Summary {
@@ -100,8 +195,23 @@ impl From<pb::CompareCell> for Summary {
             math: c.math,
             peak_memory_bytes: c.peak_memory_bytes,
             price_per_hour: c.price_per_hour,
+            images_per_sec_ci95: c.images_per_sec_ci95_low.zip(c.images_per_sec_ci95_high),
         }
     }
+}
+
+/// The 95% confidence interval of a cell's throughput, as the coordinator computes it.
+fn throughput_ci(rs: &[&BenchResult]) -> Option<(f64, f64)> {
+    let ips: Vec<f64> = rs.iter().map(|r| r.images_per_sec).collect();
+    let spread = fleetmark_core::LatencyStats::from_samples(&ips)?;
+    let first = rs.first()?;
+    fleetmark_core::stats::throughput_ci95(
+        rs.len() as u64,
+        spread.mean_ms,
+        spread.std_ms,
+        first.spec.batch_size,
+        (first.latency.ci95_low_ms, first.latency.ci95_high_ms),
+    )
 }
 
 /// Summarises records the way the coordinator does in SQL: per (model, precision, batch,
@@ -141,6 +251,7 @@ pub fn summarise(results: &[BenchResult]) -> Vec<Summary> {
                     math: maths.join("+"),
                     peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
                     price_per_hour: (!priced.is_empty()).then(|| median(priced)),
+                    images_per_sec_ci95: throughput_ci(&rs),
                 }
             },
         )
@@ -225,6 +336,7 @@ pub fn build_from(
                         col,
                         Cell {
                             images_per_sec: s.images_per_sec,
+                            images_per_sec_ci95: s.images_per_sec_ci95,
                             p50_ms: s.p50_ms,
                             results: s.results,
                             math: s.math.clone(),
@@ -254,7 +366,8 @@ pub fn build_from(
     Ok((columns, rows))
 }
 
-pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
+pub fn render(columns: &[String], rows: &[Row], view: View) -> String {
+    let format = view.format;
     if format == Format::Json {
         return format!("{}\n", serde_json::to_string_pretty(rows).expect("json"));
     }
@@ -267,7 +380,9 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
     for c in columns {
         header.push(format!("{c} img/s"));
         header.push(format!("{c} ×"));
-        header.push(format!("{c} img/$"));
+        if view.wide || format != Format::Table {
+            header.push(format!("{c} img/$"));
+        }
     }
     let plain = format == Format::Csv;
     let body: Vec<Vec<String>> = rows
@@ -292,12 +407,21 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
                         } else {
                             String::new()
                         };
+                        let ci = match cell.images_per_sec_ci95 {
+                            Some((lo, hi)) if !plain => {
+                                format!(" ±{}", throughput((hi - lo) / 2.0))
+                            }
+                            _ => String::new(),
+                        };
                         row.push(if plain {
                             format!("{:.1}", cell.images_per_sec)
                         } else {
-                            format!("{}{math}{n}", throughput(cell.images_per_sec))
+                            format!("{}{ci}{math}{n}", throughput(cell.images_per_sec))
                         });
                         row.push(cell.speedup.map(|s| format!("{s:.2}")).unwrap_or_default());
+                        if !view.wide && format == Format::Table {
+                            continue;
+                        }
                         row.push(
                             cell.images_per_dollar
                                 .map(|v| {
@@ -310,6 +434,9 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
                                 .unwrap_or_else(|| if plain { String::new() } else { "-".into() }),
                         );
                     }
+                    None if !view.wide && format == Format::Table => {
+                        row.extend([String::new(), String::new()])
+                    }
                     None => row.extend([String::new(), String::new(), String::new()]),
                 }
             }
@@ -319,44 +446,23 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     match format {
         Format::Csv => csv(&header_refs, body),
-        _ => table(&header_refs, body, 2),
+        _ => fitted_table(&header_refs, body, 2, view.wide),
     }
 }
 
 pub async fn run(remote: &mut Remote, args: CompareArgs) -> Result<ExitCode, CliError> {
-    let precisions = args
-        .precision
-        .iter()
-        .map(|p| {
-            p.parse::<fleetmark_core::Precision>()
-                .map(|p| p.to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError::Input(e.to_string()))?;
-    // Filtered and aggregated by the coordinator's database: the answer is one row per cell.
-    let cells: Vec<Summary> = remote
-        .client
-        .compare_results(pb::CompareRequest {
-            model: args.model.clone(),
-            precisions,
-            batch_sizes: args.batch.clone(),
-            image_size: args.image_size,
-        })
-        .await
-        .map_err(|s| remote.err(s))?
-        .into_inner()
-        .cells
-        .into_iter()
-        .map(Summary::from)
-        .collect();
+    let cells = args.filters.cells(remote).await?;
     if cells.is_empty() {
-        eprintln!("no results to compare for model {}", args.model);
-        if args.format == Format::Json {
-            println!("[]");
+        crate::note!("no results to compare for model {}", args.filters.model);
+        if args.view.format == Format::Json {
+            emit("[]\n")?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     let (columns, rows) = build_from(&cells, args.baseline.as_deref())?;
-    print!("{}", render(&columns, &rows, args.format));
+    emit(&render(&columns, &rows, args.view))?;
+    if args.view.format == Format::Table {
+        emit("img/s: median of the cell's results ± half its 95% confidence interval\n")?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -15,43 +15,51 @@ use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::{compare, output, CliError, Connection as Conn, Format, Remote, SubmitArgs};
+use crate::{
+    compare, emit, output, CliError, Connection as Conn, Format, Remote, SubmitArgs, View,
+};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How many CPU agents to start.
     #[arg(long, default_value_t = 2)]
     pub agents: usize,
+    /// Batch sizes, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub batch: Vec<u64>,
+    /// Precisions: f32, f16, bf16, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub precision: Vec<String>,
+    /// Input images are this many pixels square.
     #[arg(long, default_value_t = 224)]
     pub image_size: u32,
+    /// Warm-up iterations before timing.
     #[arg(long, default_value_t = 3)]
     pub warmup: u32,
+    /// Time at least this many iterations.
     #[arg(long, default_value_t = 10)]
     pub min_iterations: u32,
+    /// Time for at least this long, too.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub min_duration: Duration,
     /// Where the private PostgreSQL cluster lives when DATABASE_URL is not set.
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
+    #[command(flatten)]
+    pub view: View,
 }
 
 /// The database to use: DATABASE_URL, or a private cluster we start (and stop afterwards).
 async fn database(args: &DemoArgs) -> Result<(String, Option<LocalPostgres>), CliError> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
-        eprintln!("using DATABASE_URL");
+        crate::note!("using DATABASE_URL");
         return Ok((url, None));
     }
     let dir = args
         .data_dir
         .clone()
         .unwrap_or_else(LocalPostgres::default_data_dir);
-    eprintln!(
+    crate::note!(
         "DATABASE_URL is not set: starting a private PostgreSQL cluster in {}",
         dir.display()
     );
@@ -85,7 +93,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let (db_url, private) = database(&args).await?;
     let outcome = run_with_database(&args, &db_url).await;
     if let Some(pg) = private {
-        eprintln!(
+        crate::note!(
             "stopping the private PostgreSQL cluster (its data stays in {})",
             pg.data_dir.display()
         );
@@ -129,7 +137,7 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
         .local_addr()
         .map_err(|e| CliError::Other(e.to_string()))?;
     let url = format!("http://{addr}");
-    eprintln!("coordinator on {url}");
+    crate::note!("coordinator on {url}");
     let coordinator = {
         let stop = stop.clone();
         let config = fleetmark_coordinator::Config::new(db_url);
@@ -148,7 +156,7 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
             fleetmark_agent::run(config, async move { stop.cancelled().await }).await
         }));
     }
-    eprintln!(
+    crate::note!(
         "{} CPU agents started; they share this machine's cores, so their numbers are not independent",
         args.agents
     );
@@ -176,25 +184,25 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
             watch: true,
         };
         let resp = crate::submit(&mut remote, submit.to_toml()?).await?;
-        eprintln!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
+        crate::note!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
         let ok = crate::watch::watch(&mut remote, &resp.sweep_id).await?;
         let results = crate::fetch_results(
             &mut remote,
             pb::ListResultsRequest {
                 sweep_id: resp.sweep_id.clone(),
-                omit_latencies: args.format != Format::Json,
+                omit_latencies: args.view.format != Format::Json,
                 ..Default::default()
             },
         )
         .await?;
-        print!("{}", output::results(&results, args.format));
-        if args.format == Format::Table {
+        emit(&output::results(&results, args.view))?;
+        if args.view.format == Format::Table {
             let records: Vec<_> = results.into_iter().map(|(_, _, r)| r).collect();
             if let Ok((cols, rows)) = compare::build(&records, None) {
-                println!("Throughput by hardware (fleetmark compare):");
-                print!("{}", compare::render(&cols, &rows, Format::Table));
+                emit("Throughput by hardware (fleetmark compare):\n")?;
+                emit(&compare::render(&cols, &rows, args.view))?;
             }
-            eprintln!("sweep id: {}", resp.sweep_id);
+            crate::note!("sweep id: {}", resp.sweep_id);
         }
         Ok::<bool, CliError>(ok)
     };
@@ -215,13 +223,13 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
     stop.cancel();
     for a in agents {
         if let Ok(Err(e)) = a.await {
-            eprintln!("agent: {e}");
+            crate::note!("agent: {e}");
         }
     }
     if coordinator_done.is_none() {
         match coordinator.await {
-            Ok(Err(e)) => eprintln!("coordinator: {e}"),
-            Err(e) => eprintln!("coordinator task: {e}"),
+            Ok(Err(e)) => crate::note!("coordinator: {e}"),
+            Err(e) => crate::note!("coordinator task: {e}"),
             Ok(Ok(())) => {}
         }
     }

@@ -1,21 +1,37 @@
 //! The `fleetmark` command line. Data goes to stdout (as a table, CSV or JSON), logs and
 //! progress to stderr. Every command that talks to a coordinator takes `--coordinator URL`.
+//!
+//! Every failure is a [`CliError`], and [`CliError::exit_code`] is the one place that turns it
+//! into the process's exit status (documented in `fleetmark --help`, [`AFTER_HELP`]).
+
+/// A line on stderr for people. Unlike `eprintln!` it never panics when stderr is closed.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 pub mod compare;
+pub mod config;
 pub mod demo;
 pub mod output;
+pub mod plot;
+pub mod report;
+pub mod sweeps;
 pub mod tokens;
 pub mod watch;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use fleetmark_core::{
     BenchResult, EnginePath, HardwareTarget, MeasurementSpec, Precision, SweepSpec, WeightsSpec,
 };
 use fleetmark_proto::{
     client::{sweep_client_with, Deadlines, SweepClient},
-    convert::{parse_uuid, result_without_latencies},
+    convert::result_without_latencies,
     secure::ClientTls,
     v1 as pb,
 };
@@ -23,6 +39,17 @@ use thiserror::Error;
 use tonic::{Code, Status};
 
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+/// Exit statuses, as [`AFTER_HELP`] documents them.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const SWEEP_FAILED: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const AUTH: u8 = 4;
+    pub const NOT_FOUND: u8 = 5;
+    pub const OTHER: u8 = 6;
+}
 
 #[derive(Debug, Error)]
 pub enum CliError {
@@ -46,6 +73,10 @@ pub enum CliError {
     Remote(String),
     #[error("{0}")]
     Other(String),
+    /// Whoever reads our stdout has stopped reading (`fleetmark results ... | head`). Not an
+    /// error to report: the process ends quietly.
+    #[error("stdout was closed")]
+    ClosedPipe,
 }
 
 impl CliError {
@@ -72,32 +103,116 @@ impl CliError {
             _ => CliError::Remote(s.message().to_string()),
         }
     }
+
+    /// The process exit status for this error: the only mapping there is.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::ClosedPipe => exit::OK,
+            // A rate limit or the pending-job cap is a refusal of this request, as bad input is.
+            CliError::Input(_) | CliError::Rejected(_) | CliError::ResourceExhausted(_) => {
+                exit::BAD_INPUT
+            }
+            CliError::Unreachable { .. } | CliError::DatabaseUnavailable { .. } => {
+                exit::UNREACHABLE
+            }
+            CliError::Unauthenticated(_) | CliError::PermissionDenied(_) => exit::AUTH,
+            CliError::NotFound(_) => exit::NOT_FOUND,
+            CliError::Remote(_) | CliError::Other(_) => exit::OTHER,
+        }
+    }
+}
+
+/// Writes command output to stdout. A reader that went away (`| head`) becomes
+/// [`CliError::ClosedPipe`] instead of a panic.
+pub fn emit(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => CliError::ClosedPipe,
+            _ => CliError::Other(format!("cannot write to stdout: {e}")),
+        })
+}
+
+/// The exit code for a finished sweep: 0 when every job succeeded, 1 otherwise.
+pub fn sweep_exit(all_succeeded: bool) -> ExitCode {
+    ExitCode::from(if all_succeeded {
+        exit::OK
+    } else {
+        exit::SWEEP_FAILED
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// A table for people, fitted to the terminal.
     Table,
+    /// Comma-separated values with plain numbers, for spreadsheets.
     Csv,
+    /// The full records, for scripts.
     Json,
+}
+
+/// How a listing is printed: the format, and for tables whether every column is shown.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct View {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Tables: show every column (and do not cap the width at 80 when stdout is not a terminal).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 #[derive(Debug, Parser)]
 #[command(
     name = "fleetmark",
     version,
-    about = "Benchmark GPU inference across a fleet of machines"
+    about = "Benchmark GPU inference across a fleet of machines",
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
     #[command(flatten)]
     pub conn: Connection,
+    /// Log format on stderr: text (colour only on a terminal, never with NO_COLOR) or json.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETMARK_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: fleetmark_core::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// `fleetmark --help`'s closing text: settings, sweep ids and exit statuses.
+pub const AFTER_HELP: &str = concat!(
+    "\
+Settings come from flags, then FLEETMARK_* environment variables, then the config file
+($XDG_CONFIG_HOME/fleetmark/config.toml, else ~/.config/fleetmark/config.toml), which may hold
+`coordinator`, `token_file` and `ca_cert`.
+
+A SWEEP_ID may be a full id, a unique prefix of one (as `fleetmark sweeps` shows), or `latest`.
+
+",
+    "Exit status:
+  0  success (also when stdout is closed early, e.g. piped into `head`)
+  1  the sweep finished with failed or cancelled jobs (watch, submit --watch, demo)
+  2  bad input: a usage error, an invalid sweep, file or id, or a request the coordinator
+     rejected (also past a rate limit or the pending-job cap)
+  3  the coordinator, or its database, cannot be reached
+  4  authentication failed or permission denied
+  5  not found: an unknown sweep id or prefix
+  6  any other error (an internal coordinator error, a file that cannot be written)"
+);
+
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The coordinator to talk to. Several, comma-separated (or a name that resolves to
-    /// several addresses): the next is tried when one cannot be reached.
+    /// The coordinator to talk to (also `coordinator` in the config file). Several,
+    /// comma-separated (or a name that resolves to several addresses): the next is tried when
+    /// one cannot be reached.
     #[arg(long, global = true, env = "FLEETMARK_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
     /// Deadline of each call to the coordinator.
@@ -106,24 +221,34 @@ pub struct Connection {
     /// API token (`fleetmark-coordinator token create` / `fleetmark token create`).
     #[arg(long, global = true, env = "FLEETMARK_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Trust this CA (PEM) for an https:// coordinator instead of the system roots.
+    /// A file whose first line is the API token; used instead of --token when given (also
+    /// `token_file` in the config file).
+    #[arg(long, global = true, env = "FLEETMARK_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for an https:// coordinator instead of the system roots (also
+    /// `ca_cert` in the config file).
     #[arg(long, global = true, env = "FLEETMARK_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// Allow plaintext http:// to a coordinator that is not on a loopback address. The token
     /// then crosses the network unencrypted.
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// The config file to read instead of the default one.
+    #[arg(long, global = true, env = "FLEETMARK_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 impl Connection {
-    /// A connection to `url` with `token`, no CA and no `--insecure`.
+    /// A connection to `url` with `token`, no CA, no `--insecure` and no config file.
     pub fn new(url: impl Into<String>, token: Option<String>) -> Self {
         Connection {
             coordinator: url.into(),
             call_timeout: fleetmark_proto::client::Deadlines::default().call,
             token,
+            token_file: None,
             ca_cert: None,
             insecure: false,
+            config: None,
         }
     }
 
@@ -131,6 +256,14 @@ impl Connection {
     pub fn tls(&self) -> Result<ClientTls, CliError> {
         ClientTls::from_files(self.ca_cert.as_deref(), None, None, self.insecure)
             .map_err(|e| CliError::Input(e.to_string()))
+    }
+
+    /// The token to send: the token file's, when one is named, else `--token`'s.
+    pub fn token(&self) -> Result<Option<String>, CliError> {
+        match &self.token_file {
+            Some(path) => read_token_file(path).map(Some),
+            None => Ok(self.token.clone()),
+        }
     }
 }
 
@@ -141,39 +274,75 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Submit a sweep, from a TOML file or from flags. Prints the sweep id.
     Submit(SubmitArgs),
-    /// Follow a sweep's jobs live until it finishes.
-    Watch { sweep_id: String },
-    /// A sweep's results.
-    Results {
+    /// Follow a sweep's jobs live until it finishes. Exits 1 if any job failed or was cancelled.
+    Watch {
+        /// The sweep: a full id, a unique prefix, or `latest`.
         sweep_id: String,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+    },
+    /// A sweep's results, one row per job (repetitions are numbered).
+    Results {
+        /// The sweep: a full id, a unique prefix, or `latest`.
+        sweep_id: String,
+        #[command(flatten)]
+        view: View,
     },
     /// Compare results across hardware for the same model, precision and batch size.
     Compare(compare::CompareArgs),
+    /// Draw throughput and latency against batch size, and speed-up bars, as PNG and SVG.
+    Plot(plot::PlotArgs),
+    /// Write one self-contained HTML page about a sweep: charts, results, correctness gate,
+    /// telemetry and fingerprints.
+    Report(report::ReportArgs),
     /// The agents the coordinator knows, with their hardware and state.
     Agents {
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        #[command(subcommand)]
+        action: Option<AgentsAction>,
+        #[command(flatten)]
+        view: View,
     },
-    /// Recent sweeps.
+    /// Recent sweeps, newest first.
     Sweeps {
+        /// How many sweeps to list (at most 1000).
         #[arg(long, default_value_t = 20)]
         limit: u32,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
+        #[command(flatten)]
+        view: View,
     },
     /// Cancel a sweep's unfinished jobs.
-    Cancel { sweep_id: String },
+    Cancel {
+        /// The sweep: a full id, a unique prefix, or `latest`.
+        sweep_id: String,
+    },
     /// API tokens (with an admin token).
     #[command(subcommand)]
     Token(tokens::TokenCommand),
     /// Load result records written by `fleetmark-agent run --out` into the database.
     Import {
+        /// A JSON-lines file of result records.
         file: PathBuf,
         /// Name of the sweep the records are filed under.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Print a shell completion script, e.g. `fleetmark completions bash > ~/.local/share/bash-completion/completions/fleetmark`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsAction {
+    /// Retire agents that have been offline for good: they leave `fleetmark agents`, their
+    /// results stay, and one that registers again comes back. Prints the names retired.
+    Prune {
+        /// Only agents not heard from for at least this long (at least 1m).
+        #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+        offline_for: Duration,
+        /// Only list the agents that would be retired.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -182,8 +351,10 @@ pub struct SubmitArgs {
     /// A sweep file (TOML). Flags below are ignored when a file is given.
     #[arg(long, short)]
     pub file: Option<PathBuf>,
+    /// A name for the sweep, shown by `fleetmark sweeps`.
     #[arg(long)]
     pub name: Option<String>,
+    /// The model to run (resnet18).
     #[arg(long, default_value = "resnet18")]
     pub model: String,
     /// Batch sizes, comma separated.
@@ -195,6 +366,7 @@ pub struct SubmitArgs {
     /// Hardware: any, gpu, cpu, or GPU kinds such as t4,h100.
     #[arg(long, value_delimiter = ',', default_value = "any")]
     pub gpu: Vec<String>,
+    /// Input images are this many pixels square.
     #[arg(long, default_value_t = 224)]
     pub image_size: u32,
     /// Warm-up iterations before timing.
@@ -203,10 +375,13 @@ pub struct SubmitArgs {
     /// Warm up for at least this long, too.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub warmup_duration: Duration,
+    /// Time at least this many iterations.
     #[arg(long, default_value_t = 50)]
     pub min_iterations: u32,
+    /// Time for at least this long, too.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub min_duration: Duration,
+    /// Stop timing after this long even if --min-iterations is not reached.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub max_duration: Duration,
     /// Run each point this many times.
@@ -288,7 +463,7 @@ impl Remote {
         let deadlines = Deadlines::default().with_call(conn.call_timeout);
         let client = sweep_client_with(
             &conn.coordinator,
-            conn.token.as_deref(),
+            conn.token()?.as_deref(),
             deadlines,
             &conn.tls()?,
         )
@@ -304,10 +479,21 @@ impl Remote {
     }
 }
 
-fn check_sweep_id(id: &str) -> Result<(), CliError> {
-    parse_uuid("sweep id", id.trim())
-        .map(|_| ())
-        .map_err(|e| CliError::Input(e.to_string()))
+/// The first line of a token file, trimmed.
+fn read_token_file(path: &std::path::Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::Input(format!(
+            "cannot read the token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    match text.lines().next().map(str::trim) {
+        Some(t) if !t.is_empty() => Ok(t.to_string()),
+        _ => Err(CliError::Input(format!(
+            "the token file {} is empty",
+            path.display()
+        ))),
+    }
 }
 
 pub async fn submit(
@@ -354,59 +540,97 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Token(cmd) => tokens::run(&cli.conn, cmd).await,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "fleetmark", &mut script);
+            emit(&String::from_utf8_lossy(&script))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Submit(args) => {
             let toml = args.to_toml()?;
             let mut remote = Remote::new(&cli.conn)?;
             let resp = submit(&mut remote, toml).await?;
-            eprintln!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
+            note!("submitted sweep {} with {} jobs", resp.sweep_id, resp.jobs);
             for w in &resp.warnings {
-                eprintln!("warning: {w}");
+                note!("warning: {w}");
             }
-            println!("{}", resp.sweep_id);
+            // The id is printed for scripts; a reader that is gone does not stop the watch.
+            match emit(&format!("{}\n", resp.sweep_id)) {
+                Ok(()) | Err(CliError::ClosedPipe) => {}
+                Err(e) => return Err(e),
+            }
             if args.watch {
                 let ok = watch::watch(&mut remote, &resp.sweep_id).await?;
-                return Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
+                return Ok(sweep_exit(ok));
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch { sweep_id } => {
-            check_sweep_id(&sweep_id)?;
             let mut remote = Remote::new(&cli.conn)?;
-            let ok = watch::watch(&mut remote, sweep_id.trim()).await?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            let id = sweeps::resolve(&mut remote, &sweep_id).await?;
+            let ok = watch::watch(&mut remote, &id).await?;
+            Ok(sweep_exit(ok))
         }
-        Command::Results { sweep_id, format } => {
-            check_sweep_id(&sweep_id)?;
+        Command::Results { sweep_id, view } => {
             let mut remote = Remote::new(&cli.conn)?;
+            let id = sweeps::resolve(&mut remote, &sweep_id).await?;
             let results = fetch_results(
                 &mut remote,
                 pb::ListResultsRequest {
-                    sweep_id: sweep_id.trim().to_string(),
+                    sweep_id: id.clone(),
                     include_simulated: true,
-                    omit_latencies: format != Format::Json,
+                    omit_latencies: view.format != Format::Json,
                     ..Default::default()
                 },
             )
             .await?;
             if results.is_empty() {
-                eprintln!("no results yet for sweep {}", sweep_id.trim());
+                note!("no results yet for sweep {id}");
             }
-            print!("{}", output::results(&results, format));
+            emit(&output::results(&results, view))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare(args) => {
             let mut remote = Remote::new(&cli.conn)?;
             compare::run(&mut remote, args).await
         }
-        Command::Agents { format } => {
+        Command::Plot(args) => {
+            let mut remote = Remote::new(&cli.conn)?;
+            plot::run(&mut remote, args).await
+        }
+        Command::Report(args) => {
+            let mut remote = Remote::new(&cli.conn)?;
+            report::run(&mut remote, args).await
+        }
+        Command::Agents {
+            action:
+                Some(AgentsAction::Prune {
+                    offline_for,
+                    dry_run,
+                }),
+            ..
+        } => {
+            let mut remote = Remote::new(&cli.conn)?;
+            let names = remote
+                .client
+                .prune_agents(pb::PruneAgentsRequest {
+                    offline_for_seconds: offline_for.as_secs(),
+                    dry_run,
+                })
+                .await
+                .map_err(|s| remote.err(s))?
+                .into_inner()
+                .names;
+            note!(
+                "{} {} agents offline for at least {}",
+                if dry_run { "would retire" } else { "retired" },
+                names.len(),
+                humantime::format_duration(offline_for)
+            );
+            emit(&names.iter().map(|n| format!("{n}\n")).collect::<String>())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents { action: None, view } => {
             let mut remote = Remote::new(&cli.conn)?;
             let agents = remote
                 .client
@@ -415,10 +639,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 .map_err(|s| remote.err(s))?
                 .into_inner()
                 .agents;
-            print!("{}", output::agents(&agents, format));
+            emit(&output::agents(&agents, view))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweeps { limit, format } => {
+        Command::Sweeps { limit, view } => {
             let mut remote = Remote::new(&cli.conn)?;
             let sweeps = remote
                 .client
@@ -427,22 +651,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 .map_err(|s| remote.err(s))?
                 .into_inner()
                 .sweeps;
-            print!("{}", output::sweeps(&sweeps, format));
+            emit(&output::sweeps(&sweeps, view))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { sweep_id } => {
-            check_sweep_id(&sweep_id)?;
             let mut remote = Remote::new(&cli.conn)?;
+            let id = sweeps::resolve(&mut remote, &sweep_id).await?;
             let n = remote
                 .client
                 .cancel_sweep(pb::CancelSweepRequest {
-                    sweep_id: sweep_id.trim().to_string(),
+                    sweep_id: id.clone(),
                 })
                 .await
                 .map_err(|s| remote.err(s))?
                 .into_inner()
                 .cancelled_jobs;
-            eprintln!("cancelled {n} unfinished jobs of sweep {}", sweep_id.trim());
+            note!("cancelled {n} unfinished jobs of sweep {id}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Import { file, name } => {
@@ -469,7 +693,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     .map_err(|s| remote.err(s))?
                     .into_inner();
                 for o in &resp.outcomes {
-                    eprintln!(
+                    note!(
                         "record {}: {}",
                         offset + o.index as usize + 1,
                         describe_outcome(o)
@@ -477,16 +701,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 }
                 offset += chunk.len();
                 if !resp.sweep_id.is_empty() {
-                    eprintln!(
+                    note!(
                         "imported {} results as sweep {}",
-                        resp.imported, resp.sweep_id
+                        resp.imported,
+                        resp.sweep_id
                     );
                     sweeps.push(resp.sweep_id);
                 }
             }
-            for s in sweeps {
-                println!("{s}");
-            }
+            emit(&sweeps.iter().map(|s| format!("{s}\n")).collect::<String>())?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -557,4 +780,85 @@ pub fn parse_records(text: &str, source: &str) -> Result<Vec<BenchResult>, CliEr
         return Err(CliError::Input(format!("{source} holds no result records")));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag and positional of every subcommand explains itself in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the subcommand)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "fleetmark", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_error_has_its_documented_exit_status() {
+        let cases = [
+            (CliError::Input("x".into()), 2),
+            (CliError::Rejected("x".into()), 2),
+            (CliError::ResourceExhausted("x".into()), 2),
+            (
+                CliError::Unreachable {
+                    url: "u".into(),
+                    detail: "d".into(),
+                },
+                3,
+            ),
+            (
+                CliError::DatabaseUnavailable {
+                    url: "u".into(),
+                    detail: "d".into(),
+                },
+                3,
+            ),
+            (CliError::Unauthenticated("x".into()), 4),
+            (CliError::PermissionDenied("x".into()), 4),
+            (CliError::NotFound("x".into()), 5),
+            (CliError::Remote("x".into()), 6),
+            (CliError::Other("x".into()), 6),
+            (CliError::ClosedPipe, 0),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.exit_code(), code, "{e:?}");
+            assert!(
+                AFTER_HELP.contains(&format!("\n  {code}  ")),
+                "exit status {code} is documented"
+            );
+        }
+        for (code, grpc) in [
+            (4, Code::PermissionDenied),
+            (4, Code::Unauthenticated),
+            (5, Code::NotFound),
+            (2, Code::InvalidArgument),
+            (2, Code::ResourceExhausted),
+            (3, Code::Unavailable),
+            (6, Code::Internal),
+        ] {
+            let e = CliError::from_status("http://x", Status::new(grpc, "m"));
+            assert_eq!(e.exit_code(), code, "{grpc:?}");
+        }
+    }
 }

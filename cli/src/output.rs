@@ -1,16 +1,49 @@
 //! Rendering of results, agents and sweeps as tables, CSV or JSON. Every renderer returns the
 //! text so that tests can check it and `main` prints it to stdout.
+//!
+//! Tables fit the terminal: a compact set of columns by default (`--wide` for all of them),
+//! wrapped to the terminal's width, or to [`PIPE_WIDTH`] columns when stdout is not a terminal.
 
-use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
 use fleetmark_core::BenchResult;
 use fleetmark_proto::{convert::from_timestamp, v1 as pb};
 use serde_json::json;
 
-use crate::Format;
+use crate::{Format, View};
 
+/// The width of a compact table when stdout is not a terminal.
+pub const PIPE_WIDTH: u16 = 80;
+/// Below this many timed iterations a p99 is marked as rough.
+pub const P99_MIN_SAMPLES: u64 = 100;
+/// Below this many timed iterations a p90 is marked as rough.
+pub const P90_MIN_SAMPLES: u64 = 10;
+/// The mark on a percentile from too few samples, explained by [`ROUGH_NOTE`].
+pub const ROUGH: &str = "*";
+pub const ROUGH_NOTE: &str =
+    "* rough: p99 from fewer than 100 timed iterations, p90 from fewer than 10\n";
+
+/// A compact table, fitted to the terminal (or 80 columns when stdout is not one).
 pub fn table(header: &[&str], rows: Vec<Vec<String>>, right_from: usize) -> String {
+    fitted_table(header, rows, right_from, false)
+}
+
+/// A table; `wide` lifts the 80-column limit that applies when stdout is not a terminal.
+pub fn fitted_table(
+    header: &[&str],
+    rows: Vec<Vec<String>>,
+    right_from: usize,
+    wide: bool,
+) -> String {
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED);
+    t.set_content_arrangement(ContentArrangement::Dynamic);
+    if t.width().is_none() {
+        if wide {
+            t.set_content_arrangement(ContentArrangement::Disabled);
+        } else {
+            t.set_width(PIPE_WIDTH);
+        }
+    }
     t.set_header(header.to_vec());
     for row in rows {
         t.add_row(row.into_iter().enumerate().map(|(i, v)| {
@@ -90,24 +123,43 @@ pub fn thousands(v: f64) -> String {
     format!("{sign}{out}")
 }
 
-const RESULT_COLUMNS: &[&str] = &[
-    "hardware",
-    "agent",
-    "device",
-    "path",
-    "precision",
-    "batch",
-    "p50 ms",
-    "p90 ms",
-    "p99 ms",
-    "mean ms (95% CI)",
-    "img/s",
-    "peak mem",
-    "gate",
-    "throttled",
+/// Result table columns: (header, shown in the compact table).
+const RESULT_COLUMNS: &[(&str, bool)] = &[
+    ("hardware", true),
+    ("agent", false),
+    ("device", false),
+    ("path", true),
+    ("precision", true),
+    ("batch", true),
+    ("rep", true),
+    ("iters", false),
+    ("p50 ms", true),
+    ("p90 ms", false),
+    ("p99 ms", true),
+    ("mean ms (95% CI)", true),
+    ("img/s", true),
+    ("peak mem", false),
+    ("gate", true),
+    ("throttled", false),
 ];
 
-fn result_row(r: &BenchResult) -> Vec<String> {
+/// A percentile, marked as rough when it rests on fewer than `min` samples.
+fn percentile(v: f64, count: u64, min: u64) -> String {
+    if count < min {
+        format!("{}{ROUGH}", ms(v))
+    } else {
+        ms(v)
+    }
+}
+
+/// Whether any of these results has a percentile that the table marks as rough.
+fn any_rough(results: &[(String, String, BenchResult)], wide: bool) -> bool {
+    results.iter().any(|(_, _, r)| {
+        r.latency.count < P99_MIN_SAMPLES || (wide && r.latency.count < P90_MIN_SAMPLES)
+    })
+}
+
+fn result_row(r: &BenchResult, wide: bool) -> Vec<String> {
     let gate = match &r.correctness {
         Some(c) => format!("{:.1e}", c.max_rel_error),
         None if r.backend.simulated => "simulated".into(),
@@ -118,23 +170,36 @@ fn result_row(r: &BenchResult) -> Vec<String> {
         Some(_) => "no".into(),
         None => "-".into(),
     };
-    let ci = (r.latency.ci95_high_ms - r.latency.ci95_low_ms) / 2.0;
-    vec![
-        format!("{} ({})", r.hardware_kind, r.hardware_name),
+    let l = &r.latency;
+    let ci = (l.ci95_high_ms - l.ci95_low_ms) / 2.0;
+    let hardware = if wide {
+        format!("{} ({})", r.hardware_kind, r.hardware_name)
+    } else {
+        r.hardware_kind.clone()
+    };
+    let all = [
+        hardware,
         r.agent_name.clone(),
         r.device.clone(),
         r.backend.path.clone(),
         r.precision_label(),
         r.spec.batch_size.to_string(),
-        ms(r.latency.p50_ms),
-        ms(r.latency.p90_ms),
-        ms(r.latency.p99_ms),
-        format!("{} ± {}", ms(r.latency.mean_ms), ms(ci)),
+        (r.spec.repetition + 1).to_string(),
+        l.count.to_string(),
+        ms(l.p50_ms),
+        percentile(l.p90_ms, l.count, P90_MIN_SAMPLES),
+        percentile(l.p99_ms, l.count, P99_MIN_SAMPLES),
+        format!("{} ± {}", ms(l.mean_ms), ms(ci)),
         throughput(r.images_per_sec),
         bytes(r.peak_memory_bytes),
         gate,
         throttled,
-    ]
+    ];
+    all.into_iter()
+        .zip(RESULT_COLUMNS)
+        .filter(|(_, (_, compact))| wide || *compact)
+        .map(|(v, _)| v)
+        .collect()
 }
 
 const RESULT_CSV_COLUMNS: &[&str] = &[
@@ -149,6 +214,7 @@ const RESULT_CSV_COLUMNS: &[&str] = &[
     "math",
     "batch_size",
     "image_size",
+    "rep",
     "iterations",
     "p50_ms",
     "p90_ms",
@@ -178,6 +244,7 @@ fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
         r.backend.math.clone(),
         r.spec.batch_size.to_string(),
         r.spec.image_size.to_string(),
+        (r.spec.repetition + 1).to_string(),
         l.count.to_string(),
         l.p50_ms.to_string(),
         l.p90_ms.to_string(),
@@ -199,9 +266,10 @@ fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
     ]
 }
 
-/// A sweep's results. JSON carries the whole record, raw latencies included.
-pub fn results(results: &[(String, String, BenchResult)], format: Format) -> String {
-    match format {
+/// A sweep's results. JSON carries the whole record, raw latencies included. Repetitions are
+/// numbered from 1 (`rep`).
+pub fn results(results: &[(String, String, BenchResult)], view: View) -> String {
+    match view.format {
         Format::Json => {
             let v: Vec<_> = results
                 .iter()
@@ -216,11 +284,27 @@ pub fn results(results: &[(String, String, BenchResult)], format: Format) -> Str
                 .map(|(id, sweep, r)| result_csv_row(id, sweep, r))
                 .collect(),
         ),
-        Format::Table => table(
-            RESULT_COLUMNS,
-            results.iter().map(|(_, _, r)| result_row(r)).collect(),
-            5,
-        ),
+        Format::Table => {
+            let header: Vec<&str> = RESULT_COLUMNS
+                .iter()
+                .filter(|(_, compact)| view.wide || *compact)
+                .map(|(h, _)| *h)
+                .collect();
+            let right_from = header.iter().position(|h| *h == "batch").unwrap_or(0);
+            let mut out = fitted_table(
+                &header,
+                results
+                    .iter()
+                    .map(|(_, _, r)| result_row(r, view.wide))
+                    .collect(),
+                right_from,
+                view.wide,
+            );
+            if any_rough(results, view.wide) {
+                out.push_str(ROUGH_NOTE);
+            }
+            out
+        }
     }
 }
 
@@ -254,7 +338,11 @@ fn agent_csv_row(a: &pb::AgentStatus) -> Vec<String> {
     ]
 }
 
-pub fn agents(agents: &[pb::AgentStatus], format: Format) -> String {
+/// Columns of the compact agents table (the rest appear with --wide).
+const AGENT_COMPACT: &[&str] = &["name", "state", "devices", "last seen", "running"];
+
+pub fn agents(agents: &[pb::AgentStatus], view: View) -> String {
+    let format = view.format;
     let header = [
         "name",
         "state",
@@ -339,17 +427,49 @@ pub fn agents(agents: &[pb::AgentStatus], format: Format) -> String {
             ],
             agents.iter().map(agent_csv_row).collect(),
         ),
-        Format::Table => table(&header, rows, 4),
+        Format::Table => {
+            let keep: Vec<bool> = header
+                .iter()
+                .map(|h| view.wide || AGENT_COMPACT.contains(h))
+                .collect();
+            let pick = |row: Vec<String>| -> Vec<String> {
+                row.into_iter()
+                    .zip(&keep)
+                    .filter(|(_, k)| **k)
+                    .map(|(v, _)| v)
+                    .collect()
+            };
+            let shown: Vec<&str> = header
+                .iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(h, _)| *h)
+                .collect();
+            fitted_table(
+                &shown,
+                rows.into_iter().map(pick).collect(),
+                usize::MAX,
+                view.wide,
+            )
+        }
     }
 }
 
-pub fn sweeps(sweeps: &[pb::SweepSummary], format: Format) -> String {
+/// The first characters of a sweep id, enough to name it in other commands.
+pub const SHORT_ID: usize = 8;
+
+pub fn sweeps(sweeps: &[pb::SweepSummary], view: View) -> String {
+    let format = view.format;
     let header = ["sweep id", "name", "state", "created", "jobs", "finished"];
     let rows: Vec<Vec<String>> = sweeps
         .iter()
         .map(|s| {
             vec![
-                s.sweep_id.clone(),
+                if format == Format::Table && !view.wide {
+                    s.sweep_id.chars().take(SHORT_ID).collect()
+                } else {
+                    s.sweep_id.clone()
+                },
                 s.name.clone(),
                 s.state.clone(),
                 from_timestamp(s.created_at)
@@ -372,7 +492,7 @@ pub fn sweeps(sweeps: &[pb::SweepSummary], format: Format) -> String {
             format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
         }
         Format::Csv => csv(&header, rows),
-        Format::Table => table(&header, rows, 4),
+        Format::Table => fitted_table(&header, rows, 4, view.wide),
     }
 }
 

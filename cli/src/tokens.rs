@@ -7,7 +7,7 @@ use clap::{Subcommand, ValueEnum};
 use fleetmark_proto::{client::token_client_tls, convert::from_timestamp, v1 as pb};
 use serde_json::json;
 
-use crate::{output, CliError, Connection, Format};
+use crate::{emit, output, CliError, Connection, Format};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RoleArg {
@@ -32,13 +32,17 @@ impl From<RoleArg> for pb::Role {
 pub enum TokenCommand {
     /// Create a token; its secret is printed once, on stdout.
     Create {
+        /// What the token may do: agent (register agents), reader, submitter or admin.
         #[arg(long, value_enum)]
         role: RoleArg,
+        /// A name for the token, shown by `fleetmark token list` (default: "<role> token").
         #[arg(long)]
         name: Option<String>,
         /// Lifetime, such as 30d or 12h. Without it the token lasts until revoked.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires: Option<Duration>,
+        /// Output format: table prints the secret alone on stdout; json prints it with the
+        /// token's details.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -47,11 +51,15 @@ pub enum TokenCommand {
         /// Include revoked tokens.
         #[arg(long)]
         all: bool,
+        /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
     /// Revoke a token at once (agents registered with it lose their secrets too).
-    Revoke { token_id: String },
+    Revoke {
+        /// The token's id, as `fleetmark token list` shows it.
+        token_id: String,
+    },
 }
 
 fn role_name(r: i32) -> &'static str {
@@ -102,7 +110,7 @@ pub fn render(tokens: &[pb::TokenInfo], format: Format) -> String {
 
 pub async fn run(conn: &Connection, cmd: TokenCommand) -> Result<ExitCode, CliError> {
     let url = conn.coordinator.clone();
-    let mut client = token_client_tls(&url, conn.token.as_deref(), &conn.tls()?)
+    let mut client = token_client_tls(&url, conn.token()?.as_deref(), &conn.tls()?)
         .map_err(|e| CliError::Input(e.to_string()))?;
     let err = |s| CliError::from_status(&url, s);
     match cmd {
@@ -126,15 +134,18 @@ pub async fn run(conn: &Connection, cmd: TokenCommand) -> Result<ExitCode, CliEr
             if format == Format::Json {
                 let mut v = info_json(&info);
                 v["secret"] = json!(resp.secret);
-                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+                emit(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&v).expect("json")
+                ))?;
             } else {
-                eprintln!(
+                note!(
                     "created {} token {} ('{}'); its secret is below and is shown only this once",
                     role_name(info.role),
                     info.token_id,
                     info.name
                 );
-                println!("{}", resp.secret);
+                emit(&format!("{}\n", resp.secret))?;
             }
         }
         TokenCommand::List { all, format } => {
@@ -146,7 +157,7 @@ pub async fn run(conn: &Connection, cmd: TokenCommand) -> Result<ExitCode, CliEr
                 .map_err(err)?
                 .into_inner()
                 .tokens;
-            print!("{}", render(&tokens, format));
+            emit(&render(&tokens, format))?;
         }
         TokenCommand::Revoke { token_id } => {
             let revoked = client
@@ -158,9 +169,9 @@ pub async fn run(conn: &Connection, cmd: TokenCommand) -> Result<ExitCode, CliEr
                 .into_inner()
                 .revoked;
             if revoked {
-                eprintln!("revoked token {}", token_id.trim());
+                note!("revoked token {}", token_id.trim());
             } else {
-                eprintln!("token {} was already revoked", token_id.trim());
+                note!("token {} was already revoked", token_id.trim());
             }
         }
     }

@@ -82,7 +82,7 @@ impl View {
                         _ if j.state == "running" => format!(" ({})", j.phase),
                         _ => String::new(),
                     };
-                    eprintln!("{:<28} {}{}{}", label(j), j.state, who, extra);
+                    crate::note!("{:<28} {}{}{}", label(j), j.state, who, extra);
                 }
                 self.last.insert(j.job_id.clone(), key);
             }
@@ -182,7 +182,7 @@ pub async fn watch(remote: &mut Remote, sweep_id: &str) -> Result<bool, CliError
         .iter()
         .filter(|j| j.state != "succeeded")
         .collect();
-    eprintln!(
+    crate::note!(
         "sweep {} {}: {} of {} jobs succeeded",
         status.sweep_id,
         status.state,
@@ -190,7 +190,7 @@ pub async fn watch(remote: &mut Remote, sweep_id: &str) -> Result<bool, CliError
         status.jobs.len()
     );
     for j in &failed {
-        eprintln!("  {} {}: {}", label(j), j.state, j.error);
+        crate::note!("  {} {}: {}", label(j), j.state, j.error);
     }
     Ok(failed.is_empty())
 }

@@ -1,134 +1,31 @@
-//! Bad input to the `fleetmark` binary: every case exits 2 with one clear `error:` message on
-//! stderr, never a panic, and queues or imports nothing.
+//! Bad input to the `fleetmark` binary: every case exits with its documented status (2 for bad
+//! input, 3 for an unreachable coordinator, 5 for an unknown sweep) and one clear `error:`
+//! message on stderr, never a panic, and queues or imports nothing.
 //!
 //! The coordinator runs in this process (the same `run` its binary calls) on a loopback port,
 //! on a fresh database per test; the CLI is the real binary.
 
-use std::{path::Path, process::Output, time::Duration};
+mod common;
 
-use fleetmark_core::{BackendInfo, BenchResult, JobSpec, LatencyStats, SweepSpec};
+use std::process::Output;
+
+use common::{fleetmark, record_line, token, write, Live};
 use fleetmark_proto::{client::sweep_client, v1 as pb};
-use fleetmark_testkit::{eventually, TestDb};
-use sqlx::PgPool;
-use tokio::sync::oneshot;
 use tonic::Code;
 
-/// One admin token for every coordinator of this test process, written into each test's
-/// database by its hash, as `fleetmark-coordinator token create` would.
-fn token() -> &'static str {
-    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TOKEN.get_or_init(|| {
-        fleetmark_coordinator::auth::new_secret(fleetmark_coordinator::auth::TOKEN_PREFIX)
-            .expect("randomness")
-            .0
-    })
-}
-
-/// A coordinator served from this process, stopped when dropped.
-struct Live {
-    url: String,
-    pool: PgPool,
-    stop: Option<oneshot::Sender<()>>,
-    _db: TestDb,
-}
-
-impl Live {
-    async fn start() -> Live {
-        let db = TestDb::new().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let store = fleetmark_coordinator::Store::connect(&db.url, 2)
-            .await
-            .expect("connect");
-        store.migrate().await.expect("migrate");
-        sqlx::query(
-            "INSERT INTO api_tokens (id, name, role, hash) VALUES ($1, 'test', 'admin', $2)",
-        )
-        .bind(uuid::Uuid::new_v4())
-        .bind(&fleetmark_coordinator::auth::hash_secret(token())[..])
-        .execute(store.pool())
-        .await
-        .expect("insert the test token");
-        let mut config = fleetmark_coordinator::Config::new(db.url.clone());
-        config.max_db_connections = 4;
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(fleetmark_coordinator::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
-        let client = sweep_client(&url, Some(token())).expect("client");
-        eventually(Duration::from_secs(60), "the coordinator to answer", || {
-            let mut client = client.clone();
-            async move {
-                client
-                    .list_sweeps(pb::ListSweepsRequest { limit: 1 })
-                    .await
-                    .ok()
-                    .map(|_| ())
-            }
-        })
-        .await;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&db.url)
-            .await
-            .expect("connect to the test database");
-        Live {
-            url,
-            pool,
-            stop: Some(stop),
-            _db: db,
-        }
-    }
-
-    async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-            .fetch_one(&self.pool)
-            .await
-            .expect("count")
-    }
-
-    /// Nothing was queued, imported or registered.
-    async fn assert_empty(&self) {
-        for table in ["sweeps", "jobs", "results", "agents"] {
-            assert_eq!(self.count(table).await, 0, "{table} must stay empty");
-        }
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-async fn fleetmark(coordinator: &str, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetmark"));
-    cmd.env("FLEETMARK_TOKEN", token())
-        .env_remove("FLEETMARK_COORDINATOR")
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .arg("--coordinator")
-        .arg(coordinator)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("`fleetmark {}` hung", args.join(" ")))
-        .expect("run fleetmark")
-}
-
-/// Exit code 2, `error: ...` on stderr mentioning every needle, no panic, nothing on stdout.
+/// Exit code 2 (bad input), `error: ...` on stderr mentioning every needle, no panic, nothing
+/// on stdout.
 #[track_caller]
 fn assert_bad(out: &Output, needles: &[&str]) {
+    assert_fails(out, 2, needles)
+}
+
+/// Exit code `code`, `error: ...` on stderr mentioning every needle, no panic, nothing on stdout.
+#[track_caller]
+fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
     let std_out = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{err}");
+    assert_eq!(out.status.code(), Some(code), "exit code; stderr:\n{err}");
     assert!(
         err.starts_with("error:"),
         "stderr starts with `error:`:\n{err}"
@@ -141,12 +38,6 @@ fn assert_bad(out: &Output, needles: &[&str]) {
         std_out.trim().is_empty(),
         "nothing on stdout, got:\n{std_out}"
     );
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write");
-    p.to_str().expect("utf-8 path").to_string()
 }
 
 /// Flags for a small valid sweep, to which each case adds one bad value.
@@ -279,17 +170,29 @@ async fn unknown_and_malformed_sweep_ids_are_clear_errors() {
     let url = live.url.as_str();
     let unknown = uuid::Uuid::new_v4().to_string();
     for cmd in ["results", "watch", "cancel"] {
-        assert_bad(
+        assert_fails(
             &fleetmark(url, &[cmd, &unknown]).await,
+            5,
             &["no sweep", &unknown],
+        );
+        assert_fails(
+            &fleetmark(url, &[cmd, "abc123"]).await,
+            5,
+            &["no sweep id starts with 'abc123'"],
+        );
+        assert_fails(
+            &fleetmark(url, &[cmd, "latest"]).await,
+            5,
+            &["there are no sweeps yet"],
         );
         assert_bad(
             &fleetmark(url, &[cmd, "not-a-uuid"]).await,
             &["'not-a-uuid' is not a valid sweep id"],
         );
     }
-    assert_bad(
+    assert_fails(
         &fleetmark(url, &["results", &unknown, "--format", "json"]).await,
+        5,
         &["no sweep", &unknown],
     );
     live.assert_empty().await;
@@ -318,8 +221,9 @@ async fn an_unreachable_coordinator_is_a_clear_error() {
         vec!["import", &records],
     ];
     for args in cases {
-        assert_bad(
+        assert_fails(
             &fleetmark(&url, &args).await,
+            3,
             &["cannot reach the coordinator", &url],
         );
     }
@@ -327,56 +231,6 @@ async fn an_unreachable_coordinator_is_a_clear_error() {
         &fleetmark("http://bad host:7070", &["sweeps"]).await,
         &["invalid coordinator URL"],
     );
-}
-
-/// A well-formed standalone result record, as one JSON line.
-fn record_line(batch: u32) -> String {
-    let spec: JobSpec = SweepSpec::from_toml(&format!(
-        "batch_sizes = [{batch}]\nprecisions = [\"f32\"]\nimage_size = 32\n"
-    ))
-    .expect("spec")
-    .expand()
-    .expect("jobs")
-    .remove(0);
-    let latencies = vec![3.0, 4.0, 5.0];
-    let latency = LatencyStats::from_samples(&latencies).expect("stats");
-    let now = chrono::Utc::now();
-    let r = BenchResult {
-        schema: fleetmark_core::RESULT_SCHEMA_VERSION,
-        job_id: None,
-        attempt: 0,
-        agent_name: "offline".into(),
-        agent_labels: Default::default(),
-        price_per_hour: None,
-        hardware_kind: "cpu".into(),
-        hardware_name: "test cpu".into(),
-        device: "cpu".into(),
-        images_per_sec: latency.images_per_sec(batch),
-        spec,
-        backend: BackendInfo {
-            backend: "candle-cpu".into(),
-            path: "fused".into(),
-            math: "f32".into(),
-            details: Default::default(),
-            simulated: false,
-        },
-        weights: Default::default(),
-        latency,
-        input_copy: None,
-        peak_memory_bytes: 0,
-        memory_scope: "process-rss".into(),
-        warmup_iterations: 1,
-        timed_seconds: 0.012,
-        telemetry: None,
-        correctness: None,
-        environment: Default::default(),
-        host: Default::default(),
-        started_at: now,
-        finished_at: now,
-        latencies_ms: latencies,
-    };
-    r.validate().expect("the made-up record is valid");
-    serde_json::to_string(&r).expect("json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

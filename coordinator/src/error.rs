@@ -43,6 +43,42 @@ pub enum CoordinatorError {
 
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// Start-up could not connect to the database; `reason` says why in plain words.
+    #[error("cannot connect to the database at {target}: {reason}")]
+    DatabaseConnect {
+        target: String,
+        reason: String,
+        /// Waiting will not help (wrong password, no such database, a bad URL).
+        permanent: bool,
+    },
+}
+
+/// Names the cause of a failed connection attempt to `target` (host:port and database).
+pub fn connect_error(target: &str, e: sqlx::Error) -> CoordinatorError {
+    let (reason, permanent) = match &e {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => (
+            "connection refused (is PostgreSQL running there?)".to_string(),
+            false,
+        ),
+        sqlx::Error::Io(io) => (io.to_string(), false),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") | Some("28000") => {
+                (format!("authentication failed: {}", db.message()), true)
+            }
+            Some("3D000") => (db.message().to_string(), true),
+            Some(c) if c.starts_with("57P") => (db.message().to_string(), false),
+            _ => (db.message().to_string(), true),
+        },
+        sqlx::Error::Configuration(c) => (format!("invalid database URL: {c}"), true),
+        sqlx::Error::Tls(t) => (format!("TLS: {t}"), true),
+        other => (other.to_string(), false),
+    };
+    CoordinatorError::DatabaseConnect {
+        target: target.to_string(),
+        reason,
+        permanent,
+    }
 }
 
 impl From<sqlx::Error> for CoordinatorError {
@@ -86,6 +122,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::AlreadyExists(m) => Status::already_exists(m),
             CoordinatorError::Config(m) => Status::internal(m),
             CoordinatorError::Database(e) => {
+                crate::metrics::database_error();
                 tracing::warn!(error = %e, "database error");
                 match e {
                     sqlx::Error::PoolTimedOut
@@ -114,6 +151,10 @@ impl From<CoordinatorError> for Status {
                 }
             }
             CoordinatorError::Migrate(e) => Status::internal(format!("migrations: {e}")),
+            e @ CoordinatorError::DatabaseConnect { .. } => {
+                crate::metrics::database_error();
+                Status::unavailable(format!("database unavailable: {e}"))
+            }
         }
     }
 }

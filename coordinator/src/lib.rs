@@ -10,13 +10,14 @@ pub mod auth;
 pub mod error;
 pub mod identity;
 mod limits;
+pub mod metrics;
 mod service;
 pub mod store;
 mod sweep_events;
 pub mod tls;
 mod wakeup;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, str::FromStr, sync::Arc, time::Duration};
 
 use fleetmark_proto::v1::{
     agent_service_server::AgentServiceServer, sweep_service_server::SweepServiceServer,
@@ -105,12 +106,28 @@ pub(crate) struct State {
     pub sweep_events: sweep_events::SweepEvents,
     pub shutdown: CancellationToken,
     pub limits: limits::Limits,
+    pub metrics: metrics::Metrics,
+}
+
+/// An agent heard from within this window counts as online.
+pub(crate) fn online_window(config: &Config) -> Duration {
+    config.heartbeat_interval * 3 + Duration::from_secs(2)
 }
 
 /// Connects, migrates, and serves until `shutdown` resolves.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    run_with_metrics(config, listener, None, shutdown).await
+}
+
+/// [`run`], also serving Prometheus metrics at `/metrics` on `metrics` when given.
+pub async fn run_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     let tls = config
@@ -134,12 +151,41 @@ pub async fn run(
         sweep_events: sweep_events::SweepEvents::new(),
         shutdown: token.clone(),
         limits: limits::Limits::new(&config),
+        metrics: metrics::Metrics::new(),
     });
-    let background = [
+    let mut background = vec![
         tokio::spawn(reaper(state.clone())),
         tokio::spawn(wakeup::listen(state.clone())),
         tokio::spawn(sweep_events::publish(state.clone())),
     ];
+    if let Some(listener) = metrics {
+        info!(addr = ?listener.local_addr().ok(), "metrics at /metrics");
+        let (state, stop) = (state.clone(), token.clone());
+        background.push(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, state, stop).await {
+                warn!(error = %e, "metrics server stopped");
+            }
+        }));
+    }
+
+    // Health (grpc.health.v1) and reflection answer without a token: load balancers, probes and
+    // tools such as grpcurl use them, and they reveal nothing that the published .proto does
+    // not (docs/security.md).
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<service::AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<SweepServiceServer<service::SweepApi>>()
+        .await;
+    health_reporter
+        .set_serving::<TokenServiceServer<service::TokenApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fleetmark_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("reflection: {e}")))?;
 
     let agents = AgentServiceServer::new(service::AgentApi(state.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
@@ -159,7 +205,11 @@ pub async fn run(
             .tls_config(tls)
             .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
     }
+    // Every call of the three Fleetmark services checks its own credential (`auth::authorize`);
+    // health and reflection answer anyone (docs/security.md says why).
     let served = builder
+        .add_service(health)
+        .add_service(reflection)
         .add_service(agents)
         .add_service(sweeps)
         .add_service(tokens)
@@ -183,12 +233,43 @@ pub async fn run(
     served.map_err(|e| CoordinatorError::InvalidArgument(format!("server: {e}")))
 }
 
+/// Connects at start-up. One plain connection is tried first, so that a failure names its
+/// cause at once (connection refused to host:port, authentication failed, no such database)
+/// instead of surfacing as a pool timeout. Causes that waiting cannot fix end start-up at once;
+/// the others (the server is not up yet) are retried until `startup_timeout`.
 async fn connect_with_retry(config: &Config) -> Result<Store, CoordinatorError> {
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(&config.database_url).map_err(|e| {
+            CoordinatorError::DatabaseConnect {
+                target: "the database".into(),
+                reason: format!("invalid database URL: {e}"),
+                permanent: true,
+            }
+        })?;
+    let target = format!(
+        "{}:{} (database {})",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    );
     let deadline = tokio::time::Instant::now() + config.startup_timeout;
     let mut delay = Duration::from_millis(200);
     loop {
-        match Store::connect(&config.database_url, config.max_db_connections).await {
+        let probe = sqlx::ConnectOptions::connect(&options).await;
+        let outcome = match probe {
+            Ok(conn) => {
+                let _ = sqlx::Connection::close(conn).await;
+                Store::connect(&config.database_url, config.max_db_connections).await
+            }
+            Err(e) => Err(error::connect_error(&target, e)),
+        };
+        match outcome {
             Ok(store) => return Ok(store),
+            Err(
+                e @ CoordinatorError::DatabaseConnect {
+                    permanent: true, ..
+                },
+            ) => return Err(e),
             Err(e) if tokio::time::Instant::now() + delay < deadline => {
                 warn!(error = %e, "database not reachable yet, retrying");
                 tokio::time::sleep(delay).await;
@@ -221,6 +302,7 @@ async fn reaper(state: Arc<State>) {
             match renew_after_outage(&state).await {
                 Ok(()) => database_was_lost = false,
                 Err(e) => {
+                    metrics::database_error();
                     warn!(error = %e, "database still unavailable");
                     continue;
                 }
@@ -239,6 +321,7 @@ async fn reaper(state: Arc<State>) {
             }
             Ok(_) => {}
             Err(e) => {
+                metrics::database_error();
                 warn!(error = %e, "lease reaper failed");
                 database_was_lost = true;
                 continue;

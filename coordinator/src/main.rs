@@ -10,7 +10,8 @@ use std::{
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetmark_coordinator::{auth::Role, run, tls::ServerTls, Config, Store};
+use fleetmark_coordinator::{auth::Role, run_with_metrics, tls::ServerTls, Config, Store};
+use fleetmark_core::logging::{init_logging, LogFormat, LogSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +23,14 @@ use fleetmark_coordinator::{auth::Role, run, tls::ServerTls, Config, Store};
 struct Cli {
     #[command(flatten)]
     serve: Args,
+    /// Log format on stderr: text (colour only on a terminal, never with NO_COLOR) or json.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETMARK_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -114,8 +123,22 @@ struct Args {
     /// --keepalive-timeout is closed.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     keepalive_interval: Duration,
+    /// How long a pinged connection may take to answer before it is closed.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     keepalive_timeout: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token: keep it private).
+    #[arg(long, env = "FLEETMARK_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// The binaries' shared logging set-up, fed from this process's environment.
+fn start_logging(format: LogFormat, default_filter: &'static str) {
+    init_logging(&LogSettings {
+        format,
+        filter: std::env::var("RUST_LOG").unwrap_or_else(|_| default_filter.to_string()),
+        fallback_filter: default_filter,
+        no_color: std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+    });
 }
 
 fn main() -> std::process::ExitCode {
@@ -137,14 +160,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn real_main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    start_logging(cli.log_format, "info,sqlx=warn");
     match cli.command {
         None => serve(cli.serve).await,
         Some(Command::Tls(TlsCommand::Init { dir, hosts })) => tls_init(&dir, &hosts),
@@ -248,6 +265,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let mut config = Config::new(database_url);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(ServerTls::from_files(cert, key, args.client_ca.as_deref())?);
@@ -265,7 +290,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.claim_grace = args.claim_grace;
     config.keepalive_interval = args.keepalive_interval;
     config.keepalive_timeout = args.keepalive_timeout;
-    run(config, listener, shutdown_signal())
+    run_with_metrics(config, listener, metrics, shutdown_signal())
         .await
         .context("coordinator failed")
 }

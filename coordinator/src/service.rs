@@ -5,7 +5,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use fleetmark_core::{BenchResult, SweepSpec};
 use fleetmark_proto::{
-    convert::{parse_uuid, result_without_latencies, timestamp},
+    convert::{from_timestamp, parse_uuid, result_without_latencies, timestamp},
     v1::{self as pb, agent_service_server::AgentService, sweep_service_server::SweepService},
 };
 use futures::Stream;
@@ -236,12 +236,18 @@ impl AgentService for AgentApi {
             let notified = state.wakeup.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let started = std::time::Instant::now();
             if let Some(job) = state
                 .store
                 .claim_job(agent, &r.device, &kind, state.config.lease)
                 .await
                 .map_err(Status::from)?
             {
+                state
+                    .metrics
+                    .dispatch
+                    .with_label_values(&[kind.as_str()])
+                    .observe(started.elapsed().as_secs_f64());
                 info!(job_id = %job.id, agent_id = %agent, device = %r.device, attempt = job.attempt,
                       spec = %job.spec.label(), "job claimed");
                 state.sweep_events.job_changed(job.id, job.sweep_id);
@@ -327,6 +333,7 @@ impl AgentService for AgentApi {
                 info!(job_id = ?result.job_id, agent_id = %agent, images_per_sec = result.images_per_sec,
                       "result accepted");
                 self.0.sweep_events.job_finished(result.job_id);
+                self.0.metrics.results.with_label_values(&["agent"]).inc();
                 Ok(Response::new(pb::SubmitResultResponse {
                     result_id: id.to_string(),
                 }))
@@ -668,7 +675,7 @@ impl SweepService for SweepApi {
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         authorize(&self.0, &req, Permission::Read).await?;
-        let window = self.0.config.heartbeat_interval * 3 + Duration::from_secs(2);
+        let window = crate::online_window(&self.0.config);
         let agents = self
             .0
             .store
@@ -711,6 +718,7 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::CompareRequest>,
     ) -> Result<Response<pb::CompareResponse>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
         let r = req.into_inner();
         let precisions = r
             .precisions
@@ -730,24 +738,48 @@ impl SweepService for SweepApi {
                 .map(|b| (*b).min(i32::MAX as u32) as i32)
                 .collect(),
             image_size: r.image_size.map(|s| s.min(i32::MAX as u32) as i32),
+            sweep_id: match r.sweep_id.trim() {
+                "" => None,
+                id => Some(parse_uuid("sweep id", id).map_err(Status::from)?),
+            },
+            agent_name: match r.agent_name.as_str() {
+                "" => None,
+                name => {
+                    fleetmark_core::limits::check_text(
+                        "agent name",
+                        name,
+                        fleetmark_core::limits::MAX_NAME_CHARS + "imported/".len(),
+                    )
+                    .map_err(limit)?;
+                    Some(r.agent_name)
+                }
+            },
+            labels: parse_label_filters(&r.labels)?,
+            since: r.since.map(|t| from_timestamp(Some(t))),
+            until: r.until.map(|t| from_timestamp(Some(t))),
         };
         let cells = self.0.store.compare(&filter).await.map_err(Status::from)?;
         Ok(Response::new(pb::CompareResponse {
             cells: cells
                 .into_iter()
-                .map(|c| pb::CompareCell {
-                    model: c.model,
-                    precision: c.precision,
-                    batch_size: c.batch_size as u32,
-                    image_size: c.image_size as u32,
-                    hardware_kind: c.hardware_kind,
-                    path: c.path,
-                    results: c.results as u32,
-                    images_per_sec: c.images_per_sec,
-                    p50_ms: c.p50_ms,
-                    math: c.math,
-                    peak_memory_bytes: c.peak_memory_bytes.max(0) as u64,
-                    price_per_hour: c.price_per_hour,
+                .map(|c| {
+                    let ci = c.images_per_sec_ci95();
+                    pb::CompareCell {
+                        images_per_sec_ci95_low: ci.map(|c| c.0),
+                        images_per_sec_ci95_high: ci.map(|c| c.1),
+                        model: c.model,
+                        precision: c.precision,
+                        batch_size: c.batch_size as u32,
+                        image_size: c.image_size as u32,
+                        hardware_kind: c.hardware_kind,
+                        path: c.path,
+                        results: c.results as u32,
+                        images_per_sec: c.images_per_sec,
+                        p50_ms: c.p50_ms,
+                        math: c.math,
+                        peak_memory_bytes: c.peak_memory_bytes.max(0) as u64,
+                        price_per_hour: c.price_per_hour,
+                    }
                 })
                 .collect(),
         }))
@@ -778,6 +810,16 @@ impl SweepService for SweepApi {
             .import(&name, &importer, &results)
             .await
             .map_err(Status::from)?;
+        let stored = report
+            .outcomes
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    ImportOutcome::Imported { .. } | ImportOutcome::Attached { .. }
+                )
+            })
+            .count();
         let imported = report
             .outcomes
             .iter()
@@ -785,6 +827,11 @@ impl SweepService for SweepApi {
             .count();
         info!(sweep_id = ?report.sweep, records = results.len(), imported, importer = %importer,
               "results imported");
+        self.0
+            .metrics
+            .results
+            .with_label_values(&["import"])
+            .inc_by(stored as u64);
         if let (Some(sweep), Some(token)) = (report.sweep, caller.token_id()) {
             self.0
                 .store
@@ -803,6 +850,91 @@ impl SweepService for SweepApi {
                 .collect(),
         }))
     }
+
+    async fn find_sweeps(
+        &self,
+        req: Request<pb::FindSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
+        let r = req.into_inner();
+        let prefix = r.id_prefix.trim().to_ascii_lowercase();
+        if prefix.is_empty()
+            || prefix.len() > 36
+            || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        {
+            return Err(Status::invalid_argument(
+                "a sweep id prefix is 1 to 36 hex digits and dashes",
+            ));
+        }
+        let limit = match r.limit {
+            0 => 10,
+            n => n.min(100),
+        };
+        let sweeps = self
+            .0
+            .store
+            .find_sweeps(&prefix, limit as i64)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::ListSweepsResponse {
+            sweeps: sweeps.iter().map(summary).collect(),
+        }))
+    }
+
+    async fn prune_agents(
+        &self,
+        req: Request<pb::PruneAgentsRequest>,
+    ) -> Result<Response<pb::PruneAgentsResponse>, Status> {
+        // Retiring agents changes what every reader sees: an administrator's call.
+        authorize(&self.0, &req, Permission::Admin).await?;
+        let r = req.into_inner();
+        // An agent must have missed far more than a few heartbeats before it can be retired.
+        let floor = crate::online_window(&self.0.config).max(Duration::from_secs(60));
+        let offline_for = Duration::from_secs(r.offline_for_seconds);
+        if offline_for < floor {
+            return Err(Status::invalid_argument(format!(
+                "an agent can be pruned only after at least {} s offline",
+                floor.as_secs()
+            )));
+        }
+        let names = self
+            .0
+            .store
+            .prune_agents(offline_for, r.dry_run)
+            .await
+            .map_err(Status::from)?;
+        if !r.dry_run && !names.is_empty() {
+            info!(agents = ?names, "agents retired");
+        }
+        Ok(Response::new(pb::PruneAgentsResponse { names }))
+    }
+}
+
+/// "key=value" label filters as a map, bounded as labels are; INVALID_ARGUMENT for anything
+/// else.
+fn parse_label_filters(
+    labels: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, Status> {
+    fleetmark_core::limits::check_count(
+        "label filters",
+        labels.len(),
+        fleetmark_core::limits::MAX_LABELS,
+    )
+    .map_err(limit)?;
+    let map = labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(Status::invalid_argument(format!(
+                "label filter '{}' is not key=value",
+                fleetmark_core::limits::Excerpt::of(l)
+            ))),
+        })
+        .collect::<Result<std::collections::BTreeMap<_, _>, _>>()?;
+    fleetmark_core::limits::check_labels(map.iter()).map_err(limit)?;
+    Ok(map)
 }
 
 fn import_outcome_to_wire(index: usize, o: &ImportOutcome) -> pb::ImportOutcome {

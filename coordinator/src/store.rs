@@ -234,6 +234,16 @@ pub struct CompareFilter {
     pub precisions: Vec<String>,
     pub batch_sizes: Vec<i32>,
     pub image_size: Option<i32>,
+    /// Only this sweep's results.
+    pub sweep_id: Option<Uuid>,
+    /// Only results from the agent with this name (as the result records it).
+    pub agent_name: Option<String>,
+    /// Only results whose agent carried all of these labels.
+    pub labels: BTreeMap<String, String>,
+    /// Only results finished at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only results finished before this time.
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// One comparison cell, aggregated in SQL.
@@ -251,6 +261,28 @@ pub struct CompareCell {
     pub math: String,
     pub peak_memory_bytes: i64,
     pub price_per_hour: Option<f64>,
+    /// Mean and sample standard deviation of the cell's throughputs (0 for one result), for
+    /// the confidence interval across results.
+    pub images_per_sec_mean: f64,
+    pub images_per_sec_std: f64,
+    /// The 95% interval of the mean latency of one of the cell's results: the cell's interval
+    /// when it holds only that one.
+    pub ci95_low_ms: f64,
+    pub ci95_high_ms: f64,
+}
+
+impl CompareCell {
+    /// The 95% confidence interval of the cell's throughput (see
+    /// [`fleetmark_core::stats::throughput_ci95`]).
+    pub fn images_per_sec_ci95(&self) -> Option<(f64, f64)> {
+        fleetmark_core::stats::throughput_ci95(
+            self.results.max(0) as u64,
+            self.images_per_sec_mean,
+            self.images_per_sec_std,
+            self.batch_size.max(0) as u32,
+            (self.ci95_low_ms, self.ci95_high_ms),
+        )
+    }
 }
 
 /// What happened to a failed attempt.
@@ -397,6 +429,7 @@ impl Store {
                     a.last_seen_at, (a.last_seen_at > now() - $1 * interval '1 millisecond') AS online, \
                     coalesce(array_agg(j.id) FILTER (WHERE j.id IS NOT NULL), '{}') AS running \
              FROM agents a LEFT JOIN jobs j ON j.lease_agent_id = a.id AND j.state = 'running' \
+             WHERE a.retired_at IS NULL OR a.last_seen_at > a.retired_at \
              GROUP BY a.id ORDER BY a.name",
         )
         .bind(online_window.as_millis() as f64)
@@ -421,6 +454,39 @@ impl Store {
             })
             .collect::<sqlx::Result<_>>()
             .map_err(Into::into)
+    }
+
+    /// Retires registered agents silent for at least `offline_for` and holding no lease; with
+    /// `dry_run`, only names them. Returns their names.
+    pub async fn prune_agents(&self, offline_for: Duration, dry_run: bool) -> Result<Vec<String>> {
+        let sql = if dry_run {
+            "SELECT name FROM agents a \
+             WHERE origin = 'registered' AND last_seen_at < now() - $1 * interval '1 millisecond' \
+               AND (retired_at IS NULL OR last_seen_at > retired_at) \
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_agent_id = a.id) \
+             ORDER BY name"
+        } else {
+            "UPDATE agents a SET retired_at = now() \
+             WHERE origin = 'registered' AND last_seen_at < now() - $1 * interval '1 millisecond' \
+               AND (retired_at IS NULL OR last_seen_at > retired_at) \
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_agent_id = a.id) \
+             RETURNING name"
+        };
+        let mut names: Vec<String> = sqlx::query_scalar(sql)
+            .bind(offline_for.as_millis() as f64)
+            .fetch_all(&self.pool)
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Jobs per state, for metrics.
+    pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT state::text, count(*) FROM jobs GROUP BY state ORDER BY state")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     // ---- sweeps ----
@@ -489,6 +555,23 @@ impl Store {
              FROM sweeps s LEFT JOIN jobs j ON j.sweep_id = s.id \
              GROUP BY s.id ORDER BY s.created_at DESC LIMIT $1",
         )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Sweeps whose id starts with `prefix` (already checked to be hex digits and dashes),
+    /// newest first.
+    pub async fn find_sweeps(&self, prefix: &str, limit: i64) -> Result<Vec<SweepRow>> {
+        Ok(sqlx::query_as::<_, SweepRow>(
+            "SELECT s.id, s.name, s.spec_toml, s.state, s.created_at, \
+                    count(j.id) AS jobs, \
+                    count(j.id) FILTER (WHERE j.state IN ('succeeded', 'failed', 'cancelled')) AS finished \
+             FROM sweeps s LEFT JOIN jobs j ON j.sweep_id = s.id \
+             WHERE s.id::text LIKE $1 || '%' \
+             GROUP BY s.id ORDER BY s.created_at DESC LIMIT $2",
+        )
+        .bind(prefix)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
@@ -901,7 +984,7 @@ impl Store {
 
     /// Non-simulated results grouped by (model, precision, batch size, image size, hardware
     /// kind, path), with medians computed by the database: the answer grows with the number
-    /// of cells, never with the number of results.
+    /// of cells, never with the number of results. Every filter is applied in SQL.
     pub async fn compare(&self, f: &CompareFilter) -> Result<Vec<CompareCell>> {
         Ok(sqlx::query_as::<_, CompareCell>(
             "SELECT model, precision, batch_size, image_size, hardware_kind, path, \
@@ -910,12 +993,21 @@ impl Store {
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY p50_ms) AS p50_ms, \
                     string_agg(DISTINCT math, '+' ORDER BY math) AS math, \
                     max(peak_memory_bytes) AS peak_memory_bytes, \
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY price_per_hour) AS price_per_hour \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY price_per_hour) AS price_per_hour, \
+                    avg(images_per_sec) AS images_per_sec_mean, \
+                    coalesce(stddev_samp(images_per_sec), 0) AS images_per_sec_std, \
+                    min(ci95_low_ms) AS ci95_low_ms, \
+                    min(ci95_high_ms) AS ci95_high_ms \
              FROM results \
              WHERE NOT simulated AND model = $1 \
                AND (cardinality($2::text[]) = 0 OR precision = ANY($2)) \
                AND (cardinality($3::int[]) = 0 OR batch_size = ANY($3)) \
                AND ($4::int IS NULL OR image_size = $4) \
+               AND ($5::uuid IS NULL OR sweep_id = $5) \
+               AND ($6::text IS NULL OR record->>'agent_name' = $6) \
+               AND (coalesce(record->'agent_labels', '{}'::jsonb) @> $7::jsonb) \
+               AND ($8::timestamptz IS NULL OR finished_at >= $8) \
+               AND ($9::timestamptz IS NULL OR finished_at < $9) \
              GROUP BY model, precision, batch_size, image_size, hardware_kind, path \
              ORDER BY model, precision, batch_size, image_size, hardware_kind, path",
         )
@@ -923,6 +1015,11 @@ impl Store {
         .bind(&f.precisions)
         .bind(&f.batch_sizes)
         .bind(f.image_size)
+        .bind(f.sweep_id)
+        .bind(&f.agent_name)
+        .bind(json(&f.labels))
+        .bind(f.since)
+        .bind(f.until)
         .fetch_all(&self.pool)
         .await?)
     }

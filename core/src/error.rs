@@ -39,4 +39,7 @@ pub enum CoreError {
 
     #[error("invalid weights: {0}")]
     InvalidWeights(String),
+
+    #[error("unknown log format '{given}': use text or json")]
+    UnknownLogFormat { given: String },
 }

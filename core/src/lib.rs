@@ -10,6 +10,7 @@ pub mod inventory;
 pub mod job;
 pub mod limits;
 pub mod localpg;
+pub mod logging;
 pub mod precision;
 pub mod result;
 pub mod stats;

@@ -38,14 +38,7 @@ impl LatencyStats {
             0.0
         };
         let std = var.sqrt();
-        let half_width = if n > 1 {
-            let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
-                .map(|d| d.inverse_cdf(0.975))
-                .unwrap_or(1.96);
-            t * std / (n as f64).sqrt()
-        } else {
-            0.0
-        };
+        let half_width = ci95_half_width(n as u64, std);
         Some(LatencyStats {
             count: n as u64,
             mean_ms: mean,
@@ -77,6 +70,49 @@ impl LatencyStats {
             0.0
         }
     }
+}
+
+/// Half the width of the 95% confidence interval of a mean of `n` samples with sample standard
+/// deviation `std` (Student's t with n − 1 degrees of freedom); 0 below two samples.
+pub fn ci95_half_width(n: u64, std: f64) -> f64 {
+    if n < 2 {
+        return 0.0;
+    }
+    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
+        .map(|d| d.inverse_cdf(0.975))
+        .unwrap_or(1.96);
+    t * std / (n as f64).sqrt()
+}
+
+/// The 95% confidence interval of a comparison cell's throughput (images/s), as (low, high).
+///
+/// With several results (`n` ≥ 2) it is the interval of the mean of their throughputs, whose
+/// mean and sample standard deviation are given. With one result it is that result's own
+/// interval of the mean latency, `latency_ci95_ms`, turned into images/s at `batch`. `None`
+/// when there is nothing to go on, or the numbers do not make an interval.
+pub fn throughput_ci95(
+    n: u64,
+    mean_images_per_sec: f64,
+    std_images_per_sec: f64,
+    batch: u32,
+    latency_ci95_ms: (f64, f64),
+) -> Option<(f64, f64)> {
+    let ci = match n {
+        0 => return None,
+        1 => {
+            let (lo, hi) = latency_ci95_ms;
+            if !(lo > 0.0 && hi > 0.0) {
+                return None;
+            }
+            let b = batch as f64 * 1000.0;
+            (b / hi, b / lo)
+        }
+        n => {
+            let h = ci95_half_width(n, std_images_per_sec);
+            (mean_images_per_sec - h, mean_images_per_sec + h)
+        }
+    };
+    (ci.0.is_finite() && ci.1.is_finite() && ci.0 <= ci.1).then_some(ci)
 }
 
 /// Linear-interpolated percentile of already sorted samples, `q` in 0..=100.
@@ -112,6 +148,20 @@ mod tests {
         // t(0.975, 9) = 2.2622: half width = 2.2622 * 3.0277 / sqrt(10) = 2.1659.
         assert!((s.ci95_high_ms - s.mean_ms - 2.1659).abs() < 1e-3, "{s:?}");
         assert!((s.images_per_sec(8) - 8000.0 / 5.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn throughput_intervals_across_results_and_from_one_result() {
+        // Several results: the interval of their mean, as from_samples gives it.
+        let ips = [100.0, 110.0, 120.0];
+        let s = LatencyStats::from_samples(&ips).unwrap();
+        let (lo, hi) = throughput_ci95(3, s.mean_ms, s.std_ms, 8, (0.0, 0.0)).unwrap();
+        assert!((lo - s.ci95_low_ms).abs() < 1e-9 && (hi - s.ci95_high_ms).abs() < 1e-9);
+        // One result: its latency interval, 8 images per 40..50 ms.
+        let (lo, hi) = throughput_ci95(1, 180.0, 0.0, 8, (40.0, 50.0)).unwrap();
+        assert!((lo - 160.0).abs() < 1e-9 && (hi - 200.0).abs() < 1e-9);
+        assert_eq!(throughput_ci95(1, 180.0, 0.0, 8, (0.0, 50.0)), None);
+        assert_eq!(throughput_ci95(0, 0.0, 0.0, 8, (40.0, 50.0)), None);
     }
 
     #[test]

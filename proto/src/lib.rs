@@ -9,6 +9,9 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fleetmark_descriptor");
+
 pub mod client;
 pub mod codec;
 pub mod convert;

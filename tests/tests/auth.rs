@@ -5,7 +5,8 @@ use fleetmark_e2e::*;
 
 fn assert_refused(out: &std::process::Output, needle: &str) {
     let err = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{err}");
+    // 4: authentication failed or permission denied (`fleetmark --help`).
+    assert_eq!(out.status.code(), Some(4), "exit code; stderr:\n{err}");
     assert!(err.starts_with("error:"), "stderr:\n{err}");
     assert!(
         err.contains("token"),

@@ -231,8 +231,8 @@ async fn a_sweep_runs_on_two_cpu_agents_and_its_results_reach_the_cli_and_postgr
         assert_eq!(row["image_size"], 32);
     }
 
-    // The table renderings work too.
-    let out = cli(url, None, &["results", &sweep_s]).await;
+    // The table renderings work too (the agent column is among --wide's).
+    let out = cli(url, None, &["results", &sweep_s, "--wide"]).await;
     assert_success(&out, "fleetmark results (table)");
     assert!(stdout(&out).contains("e2e-cpu-"), "{}", stdout(&out));
 }
