@@ -29,12 +29,15 @@ enum Rpc {
     ListResults,
     ListAgents,
     ImportResults,
+    CompareResults,
+    FindSweeps,
+    PruneAgents,
     CreateToken,
     ListTokens,
     RevokeToken,
 }
 
-const ALL: [Rpc; 17] = [
+const ALL: [Rpc; 20] = [
     Rpc::Register,
     Rpc::Heartbeat,
     Rpc::ClaimJob,
@@ -49,6 +52,9 @@ const ALL: [Rpc; 17] = [
     Rpc::ListResults,
     Rpc::ListAgents,
     Rpc::ImportResults,
+    Rpc::CompareResults,
+    Rpc::FindSweeps,
+    Rpc::PruneAgents,
     Rpc::CreateToken,
     Rpc::ListTokens,
     Rpc::RevokeToken,
@@ -72,13 +78,17 @@ fn allowed(rpc: Rpc, cred: Cred) -> bool {
         Rpc::Heartbeat | Rpc::ClaimJob | Rpc::ReportProgress | Rpc::SubmitResult | Rpc::FailJob => {
             cred == AgentSecret
         }
-        Rpc::GetSweep | Rpc::WatchSweep | Rpc::ListSweeps | Rpc::ListResults | Rpc::ListAgents => {
-            matches!(cred, Reader | Submitter | Admin)
-        }
+        Rpc::GetSweep
+        | Rpc::WatchSweep
+        | Rpc::ListSweeps
+        | Rpc::ListResults
+        | Rpc::ListAgents
+        | Rpc::CompareResults
+        | Rpc::FindSweeps => matches!(cred, Reader | Submitter | Admin),
         Rpc::SubmitSweep | Rpc::CancelSweep | Rpc::ImportResults => {
             matches!(cred, Submitter | Admin)
         }
-        Rpc::CreateToken | Rpc::ListTokens | Rpc::RevokeToken => cred == Admin,
+        Rpc::CreateToken | Rpc::ListTokens | Rpc::RevokeToken | Rpc::PruneAgents => cred == Admin,
     }
 }
 
@@ -212,6 +222,42 @@ async fn call(channel: &Channel, rpc: Rpc, secret: &str, n: usize) -> Code {
         Rpc::ImportResults => code(
             sweeps
                 .import_results(bearer(pb::ImportResultsRequest::default(), secret))
+                .await
+                .map(drop),
+        ),
+        Rpc::CompareResults => code(
+            sweeps
+                .compare_results(bearer(
+                    pb::CompareRequest {
+                        model: "resnet18".into(),
+                        ..Default::default()
+                    },
+                    secret,
+                ))
+                .await
+                .map(drop),
+        ),
+        Rpc::FindSweeps => code(
+            sweeps
+                .find_sweeps(bearer(
+                    pb::FindSweepsRequest {
+                        id_prefix: "0".into(),
+                        limit: 1,
+                    },
+                    secret,
+                ))
+                .await
+                .map(drop),
+        ),
+        Rpc::PruneAgents => code(
+            sweeps
+                .prune_agents(bearer(
+                    pb::PruneAgentsRequest {
+                        offline_for_seconds: 7 * 24 * 3600,
+                        dry_run: true,
+                    },
+                    secret,
+                ))
                 .await
                 .map(drop),
         ),
