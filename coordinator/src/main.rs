@@ -116,6 +116,9 @@ struct Args {
     keepalive_interval: Duration,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     keepalive_timeout: Duration,
+    /// A connection that has not begun its TLS or HTTP/2 handshake within this long is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    preface_timeout: Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -230,6 +233,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         ("--claim-grace", args.claim_grace),
         ("--keepalive-interval", args.keepalive_interval),
         ("--keepalive-timeout", args.keepalive_timeout),
+        ("--preface-timeout", args.preface_timeout),
     ] {
         if d.is_zero() {
             anyhow::bail!("{flag} must be longer than zero");
@@ -265,6 +269,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.claim_grace = args.claim_grace;
     config.keepalive_interval = args.keepalive_interval;
     config.keepalive_timeout = args.keepalive_timeout;
+    config.preface_timeout = args.preface_timeout;
     run(config, listener, shutdown_signal())
         .await
         .context("coordinator failed")
