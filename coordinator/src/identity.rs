@@ -239,17 +239,6 @@ impl Store {
         })
     }
 
-    /// Pending jobs in active sweeps submitted with this token.
-    pub async fn pending_jobs_of(&self, token: Uuid) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
-             WHERE s.submitted_by = $1 AND s.state = 'active' AND j.state = 'pending'",
-        )
-        .bind(token)
-        .fetch_one(self.pool())
-        .await?)
-    }
-
     /// Records who submitted a sweep.
     pub async fn set_submitter(&self, sweep: Uuid, token: Uuid) -> Result<()> {
         sqlx::query("UPDATE sweeps SET submitted_by = $2 WHERE id = $1")

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod error;
+mod gate;
 pub mod identity;
 mod limits;
 pub mod metrics;
@@ -66,6 +67,11 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// TCP keepalive probes on every accepted socket, for peers that vanished without a FIN.
     pub tcp_keepalive: Duration,
+    /// A connection that has not started its TLS or HTTP/2 handshake within this long is
+    /// closed (see `gate`).
+    pub preface_timeout: Duration,
+    /// Connections allowed to wait for their handshake at once.
+    pub max_unstarted_connections: usize,
 }
 
 impl Config {
@@ -94,6 +100,8 @@ impl Config {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
             tcp_keepalive: Duration::from_secs(60),
+            preface_timeout: Duration::from_secs(10),
+            max_unstarted_connections: 1024,
         }
     }
 }
@@ -214,9 +222,14 @@ pub async fn run_with_metrics(
         .add_service(sweeps)
         .add_service(tokens)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(config.tcp_keepalive)),
+            gate::admit(
+                listener,
+                gate::GateConfig {
+                    preface_timeout: config.preface_timeout,
+                    max_unstarted: config.max_unstarted_connections,
+                    tcp_keepalive: config.tcp_keepalive,
+                },
+            ),
             async move {
                 shutdown.await;
                 // Long polls and watch streams end when this fires, so the server can drain.

@@ -126,6 +126,9 @@ struct Args {
     /// How long a pinged connection may take to answer before it is closed.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     keepalive_timeout: Duration,
+    /// A connection that has not begun its TLS or HTTP/2 handshake within this long is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    preface_timeout: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token: keep it private).
     #[arg(long, env = "FLEETMARK_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -247,6 +250,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         ("--claim-grace", args.claim_grace),
         ("--keepalive-interval", args.keepalive_interval),
         ("--keepalive-timeout", args.keepalive_timeout),
+        ("--preface-timeout", args.preface_timeout),
     ] {
         if d.is_zero() {
             anyhow::bail!("{flag} must be longer than zero");
@@ -290,6 +294,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.claim_grace = args.claim_grace;
     config.keepalive_interval = args.keepalive_interval;
     config.keepalive_timeout = args.keepalive_timeout;
+    config.preface_timeout = args.preface_timeout;
     run_with_metrics(config, listener, metrics, shutdown_signal())
         .await
         .context("coordinator failed")

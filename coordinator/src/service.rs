@@ -18,7 +18,7 @@ use crate::{
     error::CoordinatorError,
     store::{
         AgentDevice, AgentRegistration, CompareFilter, FailOutcome, ImportOutcome, JobRow,
-        ResultFilter, SweepRow,
+        ResultFilter, Submitter, SweepRow,
     },
     State,
 };
@@ -448,16 +448,14 @@ impl SweepService for SweepApi {
         let toml = req.into_inner().spec_toml;
         let spec = SweepSpec::from_toml(&toml).map_err(CoordinatorError::from)?;
         let planned = spec.expand().map_err(CoordinatorError::from)?;
-        check_pending_cap(&self.0, token, planned.len()).await?;
+        let submitter = Submitter {
+            token,
+            max_pending_jobs: self.0.config.max_pending_jobs,
+        };
         let (id, jobs) = self
             .0
             .store
-            .create_sweep(&spec, &toml)
-            .await
-            .map_err(Status::from)?;
-        self.0
-            .store
-            .set_submitter(id, token)
+            .create_sweep_for(&spec, &toml, Some(submitter))
             .await
             .map_err(Status::from)?;
         self.0.wakeup.notify_waiters();
@@ -964,20 +962,6 @@ fn import_outcome_to_wire(index: usize, o: &ImportOutcome) -> pb::ImportOutcome 
         }
     }
     w
-}
-
-/// Refuses a sweep that would take the submitter past its cap of pending jobs.
-async fn check_pending_cap(state: &State, token: Uuid, adding: usize) -> Result<(), Status> {
-    let cap = state.config.max_pending_jobs;
-    let pending = state.store.pending_jobs_of(token).await?.max(0) as u64;
-    if pending + adding as u64 > cap {
-        return Err(CoordinatorError::ResourceExhausted(format!(
-            "this token has {pending} pending jobs and the sweep adds {adding}, over the cap of \
-             {cap} pending jobs per submitter; wait for some to run or cancel a sweep"
-        ))
-        .into());
-    }
-    Ok(())
 }
 
 /// One warning per hardware target that no registered agent serves: those jobs will wait.

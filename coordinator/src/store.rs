@@ -491,8 +491,22 @@ impl Store {
 
     // ---- sweeps ----
 
-    /// Validates the sweep, then queues its jobs in one transaction: all or nothing.
+    /// Validates the sweep, then queues its jobs in one transaction: all or nothing. Nobody is
+    /// recorded as its submitter (tools and benches); the service uses `create_sweep_for`.
     pub async fn create_sweep(&self, spec: &SweepSpec, spec_toml: &str) -> Result<(Uuid, usize)> {
+        self.create_sweep_for(spec, spec_toml, None).await
+    }
+
+    /// Queues a sweep in one transaction, recording its submitter and, when there is one,
+    /// refusing it (RESOURCE_EXHAUSTED) if it would take that submitter past its cap of pending
+    /// jobs. The count and the insert are serialized per submitter by a transaction-scoped
+    /// advisory lock, so concurrent submits (through any coordinator) cannot overshoot the cap.
+    pub async fn create_sweep_for(
+        &self,
+        spec: &SweepSpec,
+        spec_toml: &str,
+        submitter: Option<Submitter>,
+    ) -> Result<(Uuid, usize)> {
         let jobs = spec.expand()?;
         let id = Uuid::new_v4();
         let name = spec
@@ -500,13 +514,19 @@ impl Store {
             .clone()
             .unwrap_or_else(|| format!("sweep-{}", &id.to_string()[..8]));
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO sweeps (id, name, spec, spec_toml) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(&name)
-            .bind(json(spec))
-            .bind(spec_toml)
-            .execute(&mut *tx)
-            .await?;
+        if let Some(submitter) = submitter {
+            check_pending_cap(&mut tx, submitter, jobs.len()).await?;
+        }
+        sqlx::query(
+            "INSERT INTO sweeps (id, name, spec, spec_toml, submitted_by) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(&name)
+        .bind(json(spec))
+        .bind(spec_toml)
+        .bind(submitter.map(|s| s.token))
+        .execute(&mut *tx)
+        .await?;
         // One statement for all jobs: a 10,000-job sweep is one round trip, not 10,000.
         let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::new_v4()).collect();
         let seqs: Vec<i32> = (0..jobs.len() as i32).collect();
@@ -1486,4 +1506,40 @@ fn json<T: Serialize>(v: &T) -> serde_json::Value {
 
 fn from_json<T: for<'de> Deserialize<'de> + Default>(v: serde_json::Value) -> T {
     serde_json::from_value(v).unwrap_or_default()
+}
+
+/// Who submits a sweep, and how many pending jobs they may have queued at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Submitter {
+    pub token: Uuid,
+    pub max_pending_jobs: u64,
+}
+
+/// Inside the submitting transaction: locks the submitter's advisory lock, counts its pending
+/// jobs, and refuses a sweep that would go past its cap.
+async fn check_pending_cap(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    submitter: Submitter,
+    adding: usize,
+) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
+        .bind(submitter.token)
+        .execute(&mut **tx)
+        .await?;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs j JOIN sweeps s ON s.id = j.sweep_id \
+         WHERE s.submitted_by = $1 AND s.state = 'active' AND j.state = 'pending'",
+    )
+    .bind(submitter.token)
+    .fetch_one(&mut **tx)
+    .await?;
+    let pending = pending.max(0) as u64;
+    let cap = submitter.max_pending_jobs;
+    if pending + adding as u64 > cap {
+        return Err(CoordinatorError::ResourceExhausted(format!(
+            "this token has {pending} pending jobs and the sweep adds {adding}, over the cap of \
+             {cap} pending jobs per submitter; wait for some to run or cancel a sweep"
+        )));
+    }
+    Ok(())
 }

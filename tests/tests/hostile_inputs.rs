@@ -789,3 +789,56 @@ async fn half_open_connections_are_closed() {
         "the server closed a connection that stopped answering pings"
     );
 }
+
+/// Reads until the server closes the connection; true if it did within `within`.
+async fn closed_by_server(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn silent_and_trickling_connections_are_closed_before_the_handshake() {
+    use tokio::io::AsyncWriteExt;
+    let mut p = Probe::start(vec!["--preface-timeout", "500ms"]).await;
+    // Connects and says nothing at all.
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", p.coord.port))
+        .await
+        .expect("connect");
+    // Sends three bytes of the HTTP/2 preface and stops.
+    let mut trickle = tokio::net::TcpStream::connect(("127.0.0.1", p.coord.port))
+        .await
+        .expect("connect");
+    trickle.write_all(b"PRI").await.expect("partial preface");
+    let started = Instant::now();
+    assert!(
+        closed_by_server(&mut silent, Duration::from_secs(10)).await,
+        "a connection that never spoke stayed open"
+    );
+    assert!(
+        closed_by_server(&mut trickle, Duration::from_secs(10)).await,
+        "a connection that sent part of its preface stayed open"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    // A real client that connects afterwards is served as usual.
+    Channel::from_shared(p.coord.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("a fresh connection after the silent ones");
+    let job = p.claimed_job().await;
+    assert!(!job.job_id.is_empty());
+}

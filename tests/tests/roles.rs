@@ -552,3 +552,46 @@ async fn rate_limits_the_pending_cap_and_the_unrunnable_warning() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("too many sweeps"), "{}", stderr(&out));
 }
+
+/// Concurrent submits by one submitter, sent at once over raw gRPC: the pending-job cap is
+/// checked and the sweep inserted in one transaction, so the cap is never overshot.
+#[tokio::test]
+async fn concurrent_submits_never_overshoot_the_pending_cap() {
+    let dir = scratch();
+    let db = TestDb::new().await;
+    let opts = CoordinatorOpts {
+        extra: ["--max-pending-jobs", "4"].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let coord = Coordinator::start("coordinator", dir.path(), &db.url, free_port(), &opts).await;
+    let submitter = create_token(&db.url, "submitter", &[]);
+    let channel = Channel::from_shared(coord.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Eight sweeps of two jobs each, all at once: only two fit under a cap of four.
+    let two_jobs = SMALL_SWEEP.replace("batch_sizes = [1]", "batch_sizes = [1, 2]");
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut sweeps = SweepServiceClient::new(channel.clone());
+        let req = bearer(
+            pb::SubmitSweepRequest {
+                spec_toml: two_jobs.clone(),
+            },
+            &submitter,
+        );
+        calls.spawn(async move { sweeps.submit_sweep(req).await.map(drop) });
+    }
+    let outcomes = calls.join_all().await;
+    let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    }
+    assert_eq!(accepted, 2, "{outcomes:?}");
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'pending'")
+        .fetch_one(&pool(&db.url).await)
+        .await
+        .unwrap();
+    assert_eq!(pending, 4, "exactly the cap is queued");
+}
