@@ -90,10 +90,10 @@ fi
 
 if has variants; then
   step "fused-path variants (one knob off at a time), batch 1 and 256, f16"
-  for v in "FLEETMARK_CUDA_GRAPH=0" "FLEETMARK_EPILOGUE=separate" "FLEETMARK_STEM_PAD=3" "FLEETMARK_ALGO_CANDIDATES=1"; do
+  for v in "--fused-cuda-graph=off" "--fused-epilogue=separate" "--fused-stem-channels=3" "--fused-algo-candidates=1"; do
     echo "--- $v"
-    env "$v" "$agent" run --sweep "$(sweep "var" fused "1,16,256" f16 "$MIN_ITERS")" \
-      --out "/tmp/var.jsonl" --device cuda:0 --name "variant $v" \
+    "$agent" run --sweep "$(sweep "var" fused "1,16,256" f16 "$MIN_ITERS")" \
+      --out "/tmp/var.jsonl" --device cuda:0 --name "variant $v" "$v" \
       && $PY - "$v" /tmp/var.jsonl >> "$out/variants.txt" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[2]):
@@ -106,8 +106,8 @@ fi
 
 if has profile; then
   step "per-layer profile of the fused plan (f16, batch 1 and 256)"
-  FLEETMARK_PROFILE=1 "$agent" run --sweep "$(sweep prof fused "1,256" f16,bf16 10)" \
-    --out /tmp/prof.jsonl --device cuda:0 --name profile
+  "$agent" run --sweep "$(sweep prof fused "1,256" f16,bf16 10)" \
+    --out /tmp/prof.jsonl --device cuda:0 --name profile --fused-profile
   $PY - /tmp/prof.jsonl <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):
