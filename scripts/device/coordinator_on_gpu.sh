@@ -6,7 +6,10 @@
 #
 #   scripts/device/coordinator_on_gpu.sh BIN_DIR OUTDIR [DEVICE]
 #
-# BIN_DIR holds fleetmark-agent.xz, fleetmark-coordinator.xz, fleetmark.xz and pg.tar.xz.
+# BIN_DIR holds fleetmark-agent-cuda.xz (or fleetmark-agent.xz), fleetmark-coordinator.xz,
+# fleetmark.xz and pg.tar.xz (from postgres-bundle.sh). Tokens are made with
+# `fleetmark-coordinator token create` straight in the database: admin for the CLI, agent for
+# the agent.
 # DEVICE defaults to cuda:all. Everything lands in OUTDIR (log.txt, db.txt).
 set -uo pipefail
 bin=${1:?usage: coordinator_on_gpu.sh BIN_DIR OUTDIR [DEVICE]}
@@ -19,9 +22,11 @@ mkdir -p "$out" /tmp/fm
 exec > >(tee -a "$out/log.txt") 2>&1
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 for b in fleetmark-agent fleetmark-coordinator fleetmark; do
-  xz -dc "$bin/$b.xz" > "/tmp/fm/$b" && chmod +x "/tmp/fm/$b"
+  f=$bin/$b.xz
+  [ "$b" = fleetmark-agent ] && [ -f "$bin/fleetmark-agent-cuda.xz" ] && f=$bin/fleetmark-agent-cuda.xz
+  xz -dc "$f" > "/tmp/fm/$b" && chmod +x "/tmp/fm/$b" || { echo "missing $f"; exit 1; }
 done
-port=5544; api=127.0.0.1:7171; token=issue12-token
+port=5544; api=127.0.0.1:7171
 url=http://$api; db=postgres://postgres@127.0.0.1:$port/postgres
 
 step "postgres, as an unprivileged user"
@@ -35,8 +40,14 @@ runuser -u pg -- env LD_LIBRARY_PATH=/tmp/pg/libs "$B/pg_ctl" -D /tmp/pgdata/d \
   -o "-p $port -k /tmp -c listen_addresses=127.0.0.1" -l /tmp/pgdata/log -w start || exit 1
 psql() { env LD_LIBRARY_PATH=/tmp/pg/libs "$B/psql" "$db" -X -q "$@"; }
 
+step "tokens (straight in the database): an admin for the CLI, an agent token for the agent"
+token=$(/tmp/fm/fleetmark-coordinator token create --role admin --name gpu-run --database-url "$db") \
+  || { echo "cannot create the admin token"; exit 1; }
+agent_token=$(/tmp/fm/fleetmark-coordinator token create --role agent --name gpu-node --database-url "$db") \
+  || { echo "cannot create the agent token"; exit 1; }
+
 step "coordinator"
-/tmp/fm/fleetmark-coordinator --listen "$api" --database-url "$db" --token "$token" \
+/tmp/fm/fleetmark-coordinator --listen "$api" --database-url "$db" \
   --lease 10s --heartbeat 500ms --reap-interval 500ms > /tmp/fm/coordinator.log 2>&1 &
 coord=$!
 cli() { /tmp/fm/fleetmark --coordinator "$url" --token "$token" "$@"; }
@@ -44,7 +55,7 @@ for _ in $(seq 100); do cli sweeps >/dev/null 2>&1 && break; sleep 0.2; done
 cli sweeps >/dev/null || { cat /tmp/fm/coordinator.log; exit 1; }
 
 start_agent() {
-  /tmp/fm/fleetmark-agent --coordinator "$url" --token "$token" --device "$device" \
+  /tmp/fm/fleetmark-agent --coordinator "$url" --token "$agent_token" --device "$device" \
     --name gpu-node >> "/tmp/fm/agent-$1.log" 2>&1 &
   agent=$!
   echo "agent $1 pid $agent"
