@@ -188,6 +188,7 @@ pub async fn run_with_devices(
             device: w.spec.to_string(),
             kind: w.kind.clone(),
             name: w.name.clone(),
+            precisions: w.precisions.iter().map(|p| p.as_str().into()).collect(),
         })
         .collect();
     let token = CancellationToken::new();

@@ -3,14 +3,20 @@
 //! (`inventory`).
 
 use std::{
+    num::NonZeroUsize,
     path::PathBuf,
     sync::{atomic::AtomicBool, Arc},
     time::Duration,
 };
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 use fleetmark_agent::{parse_labels, Config};
+use fleetmark_core::ComputeCapability;
+use fleetmark_engine::fused::{
+    options::{EpilogueChoice, PlanChoice, StemChannels},
+    FusedOptions,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +62,78 @@ struct DeviceArgs {
     /// For coordinator testing only: iteration time of the simulated device.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration, hide = true)]
     simulated_latency: Duration,
+    #[command(flatten)]
+    fused: FusedArgs,
+}
+
+/// The fused GPU path's knobs (docs/performance.md says what each one is worth). Every result
+/// records their values in `backend.details.fused_options`.
+#[derive(Debug, Args)]
+struct FusedArgs {
+    /// Fused path: capture the forward pass into one CUDA graph (on/off).
+    #[arg(long, default_value = "on", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    fused_cuda_graph: bool,
+    /// Fused path: bias/residual/ReLU epilogue: auto (time both), api (cuDNN's fused call) or
+    /// separate.
+    #[arg(long, default_value = "auto", value_parser = parse_with::<EpilogueChoice>)]
+    fused_epilogue: EpilogueChoice,
+    /// Fused path: channels the stem's input is padded to: auto (timed), 3, 4 or 8.
+    #[arg(long, default_value = "auto", value_parser = parse_with::<StemChannels>)]
+    fused_stem_channels: StemChannels,
+    /// Fused path: let f32 convolutions use TF32 tensor cores on sm_80 and newer (on/off).
+    #[arg(long, default_value = "on", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    fused_tf32: bool,
+    /// Fused path: how many of cuDNN's ranked algorithms are timed per layer (1 to 8).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=8))]
+    fused_algo_candidates: u16,
+    /// Fused path: largest workspace one convolution may keep, in bytes (default: a quarter of
+    /// the activation memory, at least 64 MiB).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    fused_workspace_limit: Option<u64>,
+    /// Fused path: plans compared as whole forward passes: both, timed or ranked.
+    #[arg(long, default_value = "both", value_parser = parse_with::<PlanChoice>)]
+    fused_plan: PlanChoice,
+    /// Fused path: time each layer on its own and record it in the result.
+    #[arg(long)]
+    fused_profile: bool,
+    /// For testing the per-generation rules on a newer card: treat every GPU as this compute
+    /// capability (such as 7.5 for a T4) when deciding what it can run. Results record it.
+    #[arg(long, hide = true, value_parser = parse_capability)]
+    assume_compute_capability: Option<ComputeCapability>,
+}
+
+fn parse_with<T: std::str::FromStr<Err = fleetmark_engine::EngineError>>(
+    s: &str,
+) -> Result<T, String> {
+    s.parse()
+        .map_err(|e: fleetmark_engine::EngineError| e.to_string())
+}
+
+fn parse_capability(s: &str) -> Result<ComputeCapability, String> {
+    let bad = || format!("'{s}' is not a compute capability such as 7.5 or 9.0");
+    let (major, minor) = s.split_once('.').ok_or_else(bad)?;
+    let major: u32 = major.parse().map_err(|_| bad())?;
+    let minor: u32 = minor.parse().map_err(|_| bad())?;
+    if !(3..=12).contains(&major) || minor > 9 {
+        return Err(bad());
+    }
+    Ok(ComputeCapability::new(major, minor))
+}
+
+impl FusedArgs {
+    fn options(&self) -> FusedOptions {
+        FusedOptions {
+            cuda_graph: self.fused_cuda_graph,
+            epilogue: self.fused_epilogue,
+            stem: self.fused_stem_channels,
+            tf32: self.fused_tf32,
+            algo_candidates: NonZeroUsize::new(self.fused_algo_candidates as usize)
+                .unwrap_or(NonZeroUsize::MIN),
+            workspace_limit: self.fused_workspace_limit.map(|b| b as usize),
+            plan: self.fused_plan,
+            profile: self.fused_profile,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +250,10 @@ fn config_from(
         }
         c.backend.weights_dir = Some(dir);
     }
+    c.backend.fused = d.fused.options();
+    c.backend.assume_capability = d.fused.assume_compute_capability;
+    // Checked once, here: a bad combination stops the agent before it registers.
+    c.backend.validate()?;
     Ok(c)
 }
 

@@ -101,14 +101,19 @@ pub fn run(
                     measurement: MeasurementSpec::default(),
                     repetition: 0,
                 };
-                let outcome = backend.prepare(&job, &weights).and_then(|mut p| {
-                    let info = p.info();
-                    let logits = p.logits()?;
-                    Ok((info, logits))
-                });
+                let outcome =
+                    fleetmark_core::capability::check_precision(backend.class(), precision)
+                        .map_err(fleetmark_engine::EngineError::Unsupported)
+                        .and_then(|()| backend.prepare(&job, &weights))
+                        .and_then(|mut p| {
+                            let info = p.info();
+                            let math = p.math();
+                            let logits = p.logits()?;
+                            Ok((info, math, logits))
+                        });
                 let (path, math, correctness, error) = match outcome {
-                    Ok((info, logits)) => {
-                        let bound = bound_for(&info.math, precision);
+                    Ok((info, math, logits)) => {
+                        let bound = bound_for(math);
                         (
                             info.path,
                             info.math,

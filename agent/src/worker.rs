@@ -7,7 +7,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use fleetmark_core::{BenchResult, JobSpec, WeightsSpec};
+use fleetmark_core::{BenchResult, JobSpec, Precision, WeightsSpec};
 use fleetmark_engine::{
     device::{open_backend, BackendOptions, DeviceSpec},
     run_job, AgentIdentity, EngineError, JobContext, ModelWeights, Progress,
@@ -30,6 +30,8 @@ pub struct DeviceWorker {
     pub kind: String,
     /// Full device name.
     pub name: String,
+    /// Precisions the device can run, declared at registration.
+    pub precisions: Vec<Precision>,
     tx: Option<mpsc::Sender<WorkItem>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -44,7 +46,9 @@ impl DeviceWorker {
             .spawn(move || {
                 let mut backend = match open_backend(spec, &opts) {
                     Ok(b) => {
-                        let _ = ready_tx.send(Ok(b.hardware()));
+                        let (kind, name) = b.hardware();
+                        let precisions = fleetmark_core::capability::precisions_for(b.class());
+                        let _ = ready_tx.send(Ok((kind, name, precisions)));
                         b
                     }
                     Err(e) => {
@@ -92,14 +96,15 @@ impl DeviceWorker {
                 }
             })
             .map_err(|e| EngineError::Setup(format!("cannot start a device thread: {e}")))?;
-        let (kind, name) = ready_rx.recv().map_err(|_| {
+        let (kind, name, precisions) = ready_rx.recv().map_err(|_| {
             EngineError::Setup(format!("the {spec} thread died while opening it"))
         })??;
-        info!(device = %spec, kind = %kind, name = %name, "device ready");
+        info!(device = %spec, kind = %kind, name = %name, ?precisions, "device ready");
         Ok(DeviceWorker {
             spec,
             kind,
             name,
+            precisions,
             tx: Some(tx),
             thread: Some(thread),
         })

@@ -81,6 +81,7 @@ async fn main() {
                     device: "cpu".into(),
                     kind: "cpu".into(),
                     name: "bench cpu".into(),
+                    precisions: None,
                 }],
             })
             .await

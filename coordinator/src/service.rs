@@ -60,6 +60,9 @@ fn limit(e: fleetmark_core::LimitError) -> Status {
 
 /// Bounds every field of a registration: the name (in characters, '/' reserved for imported
 /// agents), labels, devices, and every inventory string; no NUL anywhere.
+/// The most precisions one device may declare (there are three today; room for fp8 and int8).
+const MAX_DEVICE_PRECISIONS: usize = 16;
+
 fn validate_registration(r: &pb::RegisterRequest) -> Result<(), Status> {
     use fleetmark_core::limits::{self, MAX_DEVICES, MAX_TEXT_CHARS};
     limits::check_agent_name(r.name.trim()).map_err(limit)?;
@@ -69,6 +72,13 @@ fn validate_registration(r: &pb::RegisterRequest) -> Result<(), Status> {
         limits::check_name("a device", &d.device).map_err(limit)?;
         limits::check_name("a device kind", &d.kind).map_err(limit)?;
         limits::check_text("a device name", &d.name, MAX_TEXT_CHARS).map_err(limit)?;
+        // Each is parsed as a precision later; this bounds the list before anything is parsed.
+        limits::check_count(
+            "precisions of a device",
+            d.precisions.len(),
+            MAX_DEVICE_PRECISIONS,
+        )
+        .map_err(limit)?;
     }
     if let Some(inv) = &r.inventory {
         limits::check_inventory(&inv.clone().into()).map_err(limit)?;
@@ -130,20 +140,24 @@ impl AgentService for AgentApi {
                 return Err(Status::invalid_argument("price per hour must be >= 0"));
             }
         }
+        let devices = r
+            .devices
+            .into_iter()
+            .map(|d| {
+                Ok(AgentDevice {
+                    precisions: declared_precisions(&d.device, &d.precisions)?,
+                    device: d.device,
+                    kind: d.kind,
+                    name: d.name,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         let reg = AgentRegistration {
             name: name.clone(),
             labels: r.labels.into_iter().collect(),
             price_per_hour: r.price_per_hour,
             inventory: r.inventory.unwrap_or_default().into(),
-            devices: r
-                .devices
-                .into_iter()
-                .map(|d| AgentDevice {
-                    device: d.device,
-                    kind: d.kind,
-                    name: d.name,
-                })
-                .collect(),
+            devices,
         };
         let done = self
             .0
@@ -703,6 +717,7 @@ impl SweepService for SweepApi {
                             device: d.device,
                             kind: d.kind,
                             name: d.name,
+                            precisions: d.precisions.unwrap_or_default(),
                         })
                         .collect(),
                     last_seen_at: Some(timestamp(a.last_seen_at)),
@@ -1072,4 +1087,21 @@ impl pb::token_service_server::TokenService for TokenApi {
             None => Err(Status::not_found(format!("no token {id}"))),
         }
     }
+}
+
+/// The precisions a device declared at registration, checked; `None` when it declared none (an
+/// agent older than the field), which the claim query reads as "offer it every precision".
+fn declared_precisions(device: &str, given: &[String]) -> Result<Option<Vec<String>>, Status> {
+    if given.is_empty() {
+        return Ok(None);
+    }
+    given
+        .iter()
+        .map(|p| {
+            p.parse::<fleetmark_core::Precision>()
+                .map(|p| p.as_str().to_string())
+                .map_err(|e| Status::invalid_argument(format!("device {device}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }

@@ -29,6 +29,9 @@ pub struct AgentDevice {
     pub device: String,
     pub kind: String,
     pub name: String,
+    /// Precisions the device can run; `None` from agents that declare none (all offered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precisions: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -1147,15 +1150,27 @@ enum Release {
 /// `jobs_pending_by_target` and locked with SKIP LOCKED; of those few, the oldest whose last run
 /// was not on this very device (so a retry lands on another card when one is free), else the
 /// oldest. The claimed row comes back in `JobRow`'s shape, so no second query is needed.
+///
+/// A device that declared its precisions at registration (`devices[].precisions`) is offered
+/// only jobs of those precisions; the filter sits inside each probe, before its LIMIT, so jobs
+/// this device cannot run never hide the ones it can. A device that declared none (an agent
+/// older than the field) is offered every precision. `prec` is computed once per claim.
 const CLAIM_SQL: &str = "\
-    WITH c_any AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
+    WITH prec AS (SELECT (SELECT d->'precisions' \
+                  FROM agents a CROSS JOIN jsonb_array_elements(a.devices) d \
+                  WHERE a.id = $1 AND d->>'device' = $2 \
+                    AND jsonb_typeof(d->'precisions') = 'array' LIMIT 1) AS p), \
+         c_any AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
             WHERE state = 'pending' AND target = 'any' \
+              AND coalesce((SELECT p FROM prec) ? (spec->>'precision'), true) \
             ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
          c_kind AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
             WHERE state = 'pending' AND target = $3 \
+              AND coalesce((SELECT p FROM prec) ? (spec->>'precision'), true) \
             ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
          c_gpu AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
             WHERE state = 'pending' AND target = 'gpu' AND $3 <> 'cpu' \
+              AND coalesce((SELECT p FROM prec) ? (spec->>'precision'), true) \
             ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
          pick AS (SELECT id FROM (SELECT * FROM c_any UNION ALL SELECT * FROM c_kind \
                                   UNION ALL SELECT * FROM c_gpu) u \
@@ -1362,6 +1377,7 @@ async fn file_imported(
         device: r.device.clone(),
         kind: r.hardware_kind.clone(),
         name: r.hardware_name.clone(),
+        precisions: None,
     }];
     // Only ever an imported agent's row: a registered agent's is never borrowed.
     let agent: Option<Uuid> = sqlx::query_scalar(

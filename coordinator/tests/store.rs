@@ -29,6 +29,7 @@ async fn agent(store: &Store, name: &str, kind: &str) -> Uuid {
                 device: "cpu".into(),
                 kind: kind.into(),
                 name: format!("{kind} device"),
+                precisions: None,
             }],
         })
         .await
@@ -831,6 +832,7 @@ fn hardware_must_match_the_registration_down_to_the_gpu() {
         device: "cuda:0".into(),
         kind: "h100".into(),
         name: "NVIDIA H100 80GB HBM3".into(),
+        precisions: None,
     }];
     let registered = HostInventory {
         gpus: vec![gpu("GPU-aaaa")],

@@ -22,6 +22,10 @@ pub enum CoreError {
     #[error("image size {given} is out of range: it must be between {min} and {max}")]
     ImageSizeOutOfRange { given: u32, min: u32, max: u32 },
 
+    /// The sweep names a hardware kind that can never run one of its precisions.
+    #[error("unsupported precision: {0}")]
+    UnsupportedPrecision(String),
+
     #[error("invalid sweep: {0}")]
     InvalidSweep(String),
 

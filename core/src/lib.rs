@@ -4,6 +4,7 @@
 //! Everything here is plain data with validation. The wire format (protobuf) and the storage
 //! format (Postgres) both map to and from these types at their own edges, so the rules live once.
 
+pub mod capability;
 pub mod error;
 pub mod hardware;
 pub mod inventory;
@@ -16,6 +17,7 @@ pub mod result;
 pub mod stats;
 pub mod sweep;
 
+pub use capability::{ComputeCapability, DeviceClass, KernelCode, MathMode};
 pub use error::CoreError;
 pub use hardware::{HardwareKind, HardwareTarget};
 pub use inventory::{GpuInfo, HostInventory};

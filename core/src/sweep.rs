@@ -134,11 +134,28 @@ impl SweepSpec {
         }
         self.weights.validate()?;
         self.measurement.validate()?;
+        self.check_targets_can_run()?;
         let jobs = self.job_count();
         if jobs > MAX_JOBS_PER_SWEEP {
             return Err(CoreError::InvalidSweep(format!(
                 "the sweep expands to {jobs} jobs; at most {MAX_JOBS_PER_SWEEP} are allowed"
             )));
+        }
+        Ok(())
+    }
+
+    /// A kind that statically cannot run a precision (bf16 on a T4, V100 or CPU) would leave
+    /// its jobs pending forever: refuse the sweep instead, naming the pair.
+    fn check_targets_can_run(&self) -> Result<(), CoreError> {
+        for target in &self.gpus {
+            let HardwareTarget::Kind(kind) = target else {
+                continue;
+            };
+            for &p in &self.precisions {
+                if let Some(why) = crate::capability::kind_refusal(kind, p) {
+                    return Err(CoreError::UnsupportedPrecision(why));
+                }
+            }
         }
         Ok(())
     }
@@ -215,6 +232,32 @@ min_duration = "2s"
         assert_eq!(jobs[0].target.to_string(), "t4");
         assert_eq!(jobs[11].target.to_string(), "h100");
         assert_eq!(jobs[11].precision, Precision::F16);
+    }
+
+    #[test]
+    fn bf16_for_a_kind_that_cannot_run_it_is_refused_at_submit() {
+        for kind in ["t4", "v100", "cpu"] {
+            let text = format!(
+                "batch_sizes = [1]\nprecisions = [\"f16\", \"bf16\"]\ngpus = [\"h100\", \"{kind}\"]"
+            );
+            let err = SweepSpec::from_toml(&text).unwrap_err();
+            assert!(
+                matches!(err, CoreError::UnsupportedPrecision(_)),
+                "{kind}: {err:?}"
+            );
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("unsupported precision: {kind} cannot run bf16")),
+                "{err}"
+            );
+        }
+        // "gpu" and "any" may still find an Ampere card, and f16 runs everywhere.
+        SweepSpec::from_toml(
+            "batch_sizes = [1]\nprecisions = [\"bf16\"]\ngpus = [\"gpu\", \"any\", \"a100\"]",
+        )
+        .unwrap();
+        SweepSpec::from_toml("batch_sizes = [1]\nprecisions = [\"f16\"]\ngpus = [\"t4\", \"cpu\"]")
+            .unwrap();
     }
 
     #[test]

@@ -7,9 +7,66 @@
 
 use std::time::Duration;
 
-use fleetmark_core::{BackendInfo, JobSpec, Telemetry};
+use fleetmark_core::{BackendInfo, DeviceClass, JobSpec, MathMode, Telemetry};
 
 use crate::{EngineError, ModelWeights};
+
+/// Which implementation of the model ran: candle-nn's layers as they come, the optimised path,
+/// or the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecPath {
+    Stock,
+    Fused,
+    Simulated,
+}
+
+impl ExecPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecPath::Stock => "stock",
+            ExecPath::Fused => "fused",
+            ExecPath::Simulated => "simulated",
+        }
+    }
+}
+
+/// What a peak-memory number counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryScope {
+    /// Every allocation of this process on the device (weights, activations, workspaces).
+    DeviceAllocations,
+    /// The process's peak resident set on the host.
+    ProcessRss,
+    /// Nothing: the simulator allocates nothing.
+    Simulated,
+}
+
+impl MemoryScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryScope::DeviceAllocations => "device-allocations",
+            MemoryScope::ProcessRss => "process-rss",
+            MemoryScope::Simulated => "simulated",
+        }
+    }
+}
+
+/// The backend description a result records, built from typed parts: the strings appear only
+/// here, at the edge where the record is serialised.
+pub fn backend_info(
+    backend: &str,
+    path: ExecPath,
+    math: MathMode,
+    details: std::collections::BTreeMap<String, String>,
+) -> BackendInfo {
+    BackendInfo {
+        backend: backend.into(),
+        path: path.as_str().into(),
+        math: math.as_str().into(),
+        details,
+        simulated: path == ExecPath::Simulated,
+    }
+}
 
 pub trait Backend {
     /// "cpu", "cuda:0", "simulated".
@@ -17,6 +74,9 @@ pub trait Backend {
 
     /// The hardware kind jobs are matched against ("cpu", "h100") and its full name.
     fn hardware(&self) -> (String, String);
+
+    /// What generation of device this is, for the precisions it can run.
+    fn class(&self) -> DeviceClass;
 
     /// Loads `weights` for `job` and makes everything the timed loop needs.
     fn prepare(
@@ -39,6 +99,13 @@ pub trait Backend {
 pub trait Prepared {
     fn info(&self) -> BackendInfo;
 
+    /// The arithmetic this model runs in; it decides the correctness bound.
+    fn math(&self) -> MathMode;
+
+    /// Adds what the backend knows beyond the prepared model (kernel code, capability) to the
+    /// details the result records.
+    fn add_details(&mut self, _details: std::collections::BTreeMap<String, String>) {}
+
     /// One forward pass over the resident input batch, timed by the device: it returns only
     /// once the device has finished, with the device's measure of how long it took.
     fn timed_iteration(&mut self) -> Result<Duration, EngineError>;
@@ -56,7 +123,7 @@ pub trait Prepared {
     fn reset_peak_memory(&mut self) {}
 
     /// Peak memory since the last reset, and what it counts.
-    fn peak_memory(&mut self) -> (u64, &'static str);
+    fn peak_memory(&mut self) -> (u64, MemoryScope);
 }
 
 /// Starts telemetry samplers for one device.

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module};
 use candle_nn::VarBuilder;
-use fleetmark_core::{Correctness, Precision};
+use fleetmark_core::{Correctness, MathMode};
 
 use crate::{
     input::{input_batch, INPUT_SEED},
@@ -17,22 +17,11 @@ use crate::{
 /// dimension, few enough that the CPU reference stays quick.
 pub const GATE_IMAGES: usize = 2;
 
-/// The largest normalised error (max |out - ref| / max |ref|) each math mode may show. f32 on the
-/// GPU differs from the CPU only by summation order; TF32 keeps 10 mantissa bits, f16 has 10 and
-/// bf16 7, and errors grow through 18 layers. Measured on an H100 (docs/benchmarks.md): about
-/// 5e-7, 4e-4, 1e-3 and 7e-3. The bounds leave headroom over those but catch real bugs, which
-/// give errors of order one.
-pub fn bound_for(math: &str, precision: Precision) -> f64 {
-    match math {
-        "tf32" => 5e-3,
-        "f16" => 1e-2,
-        "bf16" => 5e-2,
-        _ => match precision {
-            Precision::F32 => 1e-4,
-            Precision::F16 => 1e-2,
-            Precision::Bf16 => 5e-2,
-        },
-    }
+/// The largest normalised error (max |out - ref| / max |ref|) output computed in `math` may show:
+/// the bound follows the arithmetic actually used, not the storage precision asked for (see
+/// [`MathMode::correctness_bound`]).
+pub fn bound_for(math: MathMode) -> f64 {
+    math.correctness_bound()
 }
 
 /// CPU f32 logits of the first `images` images of the deterministic input. The last answer is

@@ -4,10 +4,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use fleetmark_core::{BackendInfo, EnginePath, JobSpec, Precision};
+use fleetmark_core::{BackendInfo, DeviceClass, EnginePath, JobSpec, MathMode, Precision};
 
 use crate::{
-    backend::{Backend, Prepared},
+    backend::{backend_info, Backend, ExecPath, MemoryScope, Prepared},
     input::{input_batch, INPUT_SEED},
     resnet::ResNet18,
     EngineError, ModelWeights,
@@ -47,6 +47,10 @@ impl Backend for CpuBackend {
         ("cpu".into(), self.name.clone())
     }
 
+    fn class(&self) -> DeviceClass {
+        DeviceClass::Cpu
+    }
+
     fn prepare(
         &mut self,
         job: &JobSpec,
@@ -70,13 +74,17 @@ impl Backend for CpuBackend {
         Ok(Box::new(CpuPrepared {
             model,
             input,
-            info: BackendInfo {
-                backend: "candle-cpu".into(),
-                path: if fold { "fused" } else { "stock" }.into(),
-                math: job.precision.as_str().into(),
+            math: MathMode::plain(job.precision),
+            info: backend_info(
+                "candle-cpu",
+                if fold {
+                    ExecPath::Fused
+                } else {
+                    ExecPath::Stock
+                },
+                MathMode::plain(job.precision),
                 details,
-                simulated: false,
-            },
+            ),
         }))
     }
 }
@@ -84,12 +92,17 @@ impl Backend for CpuBackend {
 struct CpuPrepared {
     model: ResNet18,
     input: Tensor,
+    math: MathMode,
     info: BackendInfo,
 }
 
 impl Prepared for CpuPrepared {
     fn info(&self) -> BackendInfo {
         self.info.clone()
+    }
+
+    fn math(&self) -> MathMode {
+        self.math
     }
 
     fn timed_iteration(&mut self) -> Result<Duration, EngineError> {
@@ -111,8 +124,8 @@ impl Prepared for CpuPrepared {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
     }
 
-    fn peak_memory(&mut self) -> (u64, &'static str) {
-        (process_peak_rss().unwrap_or(0), "process-rss")
+    fn peak_memory(&mut self) -> (u64, MemoryScope) {
+        (process_peak_rss().unwrap_or(0), MemoryScope::ProcessRss)
     }
 }
 

@@ -4,7 +4,12 @@
 
 use std::time::Duration;
 
-use crate::{backend::Backend, cpu::CpuBackend, simulated::SimulatedBackend, EngineError};
+use fleetmark_core::ComputeCapability;
+
+use crate::{
+    backend::Backend, cpu::CpuBackend, fused::FusedOptions, simulated::SimulatedBackend,
+    EngineError,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -78,13 +83,18 @@ fn not_built_with_cuda() -> EngineError {
     )
 }
 
-/// Options that shape a backend.
+/// Options that shape a backend, parsed once from the agent's flags.
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
     /// Iteration time of the simulated backend at batch 1.
     pub simulated_latency: Duration,
     /// The only directory file weights may come from (`--weights-dir`); none: seeded only.
     pub weights_dir: Option<std::path::PathBuf>,
+    /// The fused GPU path's knobs.
+    pub fused: FusedOptions,
+    /// For testing the per-generation rules on a newer card: a GPU reports this compute
+    /// capability when deciding what it can run (a T4's 7.5 on an H100, say). Results say so.
+    pub assume_capability: Option<ComputeCapability>,
 }
 
 impl Default for BackendOptions {
@@ -92,7 +102,16 @@ impl Default for BackendOptions {
         BackendOptions {
             simulated_latency: Duration::from_millis(2),
             weights_dir: None,
+            fused: FusedOptions::default(),
+            assume_capability: None,
         }
+    }
+}
+
+impl BackendOptions {
+    /// Checks the options once, at start-up.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        self.fused.validate()
     }
 }
 
@@ -102,11 +121,12 @@ pub fn open_backend(
     spec: DeviceSpec,
     opts: &BackendOptions,
 ) -> Result<Box<dyn Backend>, EngineError> {
+    opts.validate()?;
     match spec {
         DeviceSpec::Cpu => Ok(Box::new(CpuBackend::new())),
         DeviceSpec::Simulated => Ok(Box::new(SimulatedBackend::new(opts.simulated_latency))),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => Ok(Box::new(crate::cuda::CudaBackend::open(i)?)),
+        DeviceSpec::Cuda(i) => Ok(Box::new(crate::cuda::CudaBackend::open(i, opts)?)),
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => Err(not_built_with_cuda()),
     }

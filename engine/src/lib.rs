@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod error;
+pub mod fused;
 pub mod gpucheck;
 pub mod gpuinfo;
 pub mod input;

@@ -85,6 +85,10 @@ pub fn run_job(
 ) -> Result<BenchResult, EngineError> {
     job.validate()
         .map_err(|e| EngineError::Unsupported(e.to_string()))?;
+    // A device that cannot run the precision refuses before touching it, in one line: this is
+    // deterministic, so the job fails permanently instead of being retried.
+    fleetmark_core::capability::check_precision(backend.class(), job.precision)
+        .map_err(EngineError::Unsupported)?;
     let started_at = Utc::now();
     let m = &job.measurement;
     on_progress(Progress {
@@ -114,7 +118,7 @@ pub fn run_job(
         let images = (job.batch_size as usize).min(GATE_IMAGES);
         let reference = reference_logits(weights, images, job.image_size as usize)?;
         let candidate = prepared.logits()?;
-        let bound = bound_for(&info.math, job.precision);
+        let bound = bound_for(prepared.math());
         let c = compare(&candidate, &reference, bound);
         if !c.passed {
             return Err(EngineError::Correctness(format!(
@@ -223,7 +227,7 @@ pub fn run_job(
         images_per_sec,
         input_copy: LatencyStats::from_samples(&copies),
         peak_memory_bytes,
-        memory_scope: memory_scope.into(),
+        memory_scope: memory_scope.as_str().into(),
         warmup_iterations,
         timed_seconds,
         telemetry,

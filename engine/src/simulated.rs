@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use fleetmark_core::{BackendInfo, JobSpec};
+use fleetmark_core::{BackendInfo, DeviceClass, JobSpec, MathMode, Precision};
 
 use crate::{
-    backend::{Backend, Prepared},
+    backend::{backend_info, Backend, ExecPath, MemoryScope, Prepared},
     EngineError, ModelWeights,
 };
 
@@ -31,6 +31,10 @@ impl Backend for SimulatedBackend {
         ("cpu".into(), "simulated device".into())
     }
 
+    fn class(&self) -> DeviceClass {
+        DeviceClass::Simulated
+    }
+
     fn prepare(
         &mut self,
         job: &JobSpec,
@@ -39,7 +43,7 @@ impl Backend for SimulatedBackend {
         Ok(Box::new(SimulatedPrepared {
             latency: self.base.mul_f64(1.0 + job.batch_size as f64 / 16.0),
             batch: job.batch_size as usize,
-            precision: job.precision.as_str().into(),
+            precision: job.precision,
         }))
     }
 }
@@ -47,18 +51,21 @@ impl Backend for SimulatedBackend {
 struct SimulatedPrepared {
     latency: Duration,
     batch: usize,
-    precision: String,
+    precision: Precision,
 }
 
 impl Prepared for SimulatedPrepared {
     fn info(&self) -> BackendInfo {
-        BackendInfo {
-            backend: "simulated".into(),
-            path: "simulated".into(),
-            math: self.precision.clone(),
-            details: Default::default(),
-            simulated: true,
-        }
+        backend_info(
+            "simulated",
+            ExecPath::Simulated,
+            self.math(),
+            Default::default(),
+        )
+    }
+
+    fn math(&self) -> MathMode {
+        MathMode::plain(self.precision)
     }
 
     fn timed_iteration(&mut self) -> Result<Duration, EngineError> {
@@ -71,7 +78,7 @@ impl Prepared for SimulatedPrepared {
         Ok(vec![0.0; self.batch * 1000])
     }
 
-    fn peak_memory(&mut self) -> (u64, &'static str) {
-        (0, "simulated")
+    fn peak_memory(&mut self) -> (u64, MemoryScope) {
+        (0, MemoryScope::Simulated)
     }
 }

@@ -114,3 +114,30 @@ fn a_cancelled_job_stops() {
         "{err}"
     );
 }
+
+#[test]
+fn a_cpu_refuses_bf16_in_one_line_and_permanently() {
+    // It used to accept the job, fail it three times and store a multi-screen backtrace.
+    let w = ModelWeights::seeded(0).unwrap();
+    let job: JobSpec = serde_json::from_value(serde_json::json!({
+        "model": "resnet18", "batch_size": 1, "precision": "bf16", "image_size": 32, "target": "any"
+    }))
+    .unwrap();
+    let err = run_job(
+        &mut CpuBackend::new(),
+        &w,
+        &job,
+        &AgentIdentity::default(),
+        &JobContext::default(),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(err.is_permanent(), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("unsupported: bf16 is not supported on the CPU"),
+        "{msg}"
+    );
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+}

@@ -388,6 +388,7 @@ async fn main() -> anyhow::Result<()> {
                     device: "cpu".into(),
                     kind: "cpu".into(),
                     name: "loadgen cpu".into(),
+                    precisions: vec![],
                 }],
                 ..Default::default()
             })

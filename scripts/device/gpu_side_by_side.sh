@@ -13,6 +13,10 @@
 #   MIN_TIME    [2]   seconds of timing per point, both sides
 #   MIN_ITERS   [50]
 #   PY          [python3]
+#   ARTICLE     [1]   also time the T4 article's time.time()-without-synchronize points (PyTorch)
+#   DEADLINE    [none] epoch seconds by which every phase must have ended: each phase runs
+#               under `timeout` with what is left, less RESERVE [20] seconds kept for the report
+#   FUSED_CAP, STOCK_CAP, PYTORCH_CAP [0: none]  at most this many seconds for that phase
 # Needs python3 with torch, torchvision, numpy, safetensors; the CUDA and cuDNN libraries on
 # LD_LIBRARY_PATH. No network.
 set -uo pipefail
@@ -25,10 +29,28 @@ PRECISIONS=${PRECISIONS:-f32,f16,bf16}
 MIN_TIME=${MIN_TIME:-2}
 MIN_ITERS=${MIN_ITERS:-50}
 PY=${PY:-python3}
+ARTICLE=${ARTICLE:-1}
+DEADLINE=${DEADLINE:-0}
+RESERVE=${RESERVE:-20}
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
 has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+# Runs "$@", under a timeout of what is left before DEADLINE (less `reserve` seconds, and at
+# most `cap` seconds when that is set) if DEADLINE is set.
+limit() {
+  [ "$DEADLINE" -gt 0 ] || { "$@"; return; }
+  local left=$((DEADLINE - $(date +%s) - ${reserve:-$RESERVE}))
+  [ "${cap:-0}" -gt 0 ] && [ "$cap" -lt "$left" ] && left=$cap
+  if [ "$left" -le 5 ]; then
+    echo "SKIPPED (time budget spent): $*"
+    return 124
+  fi
+  timeout -k 5 "$left" "$@"
+  local rc=$?
+  [ "$rc" -eq 124 ] && echo "STOPPED at the time budget: $*"
+  return "$rc"
+}
 
 agent=/tmp/fleetmark-agent
 case "$agent_in" in
@@ -44,16 +66,16 @@ date -u +"%Y-%m-%dT%H:%M:%SZ"
 
 if has inventory; then
   step "inventory and start-up checks"
-  "$agent" inventory --device cuda:0 > "$out/inventory.json"
+  limit "$agent" inventory --device cuda:0 > "$out/inventory.json"
   head -c 2000 "$out/inventory.json"; echo
 fi
 
 if has verify; then
   step "PyTorch golden logits and Candle against them"
-  "$agent" export --seed 0 --weights /tmp/w_seed0.safetensors --input /tmp/x.safetensors --batch 2 --image-size 224
-  $PY "$here/scripts/bench/pytorch_reference.py" golden --seed 0 --input /tmp/x.safetensors \
+  limit "$agent" export --seed 0 --weights /tmp/w_seed0.safetensors --input /tmp/x.safetensors --batch 2 --image-size 224
+  limit $PY "$here/scripts/bench/pytorch_reference.py" golden --seed 0 --input /tmp/x.safetensors \
     --weights-out /tmp/w_torch0.safetensors --golden-out "$out/golden_torch0.json" --device cuda
-  "$agent" verify --weights /tmp/w_torch0.safetensors --input /tmp/x.safetensors \
+  limit "$agent" verify --weights /tmp/w_torch0.safetensors --input /tmp/x.safetensors \
     --golden "$out/golden_torch0.json" --device cuda:0 --engine stock,fused | tee "$out/verify.txt"
 fi
 
@@ -75,25 +97,34 @@ TOML
   echo "/tmp/$1.toml"
 }
 
+if has pytorch; then
+  step "PyTorch, same card, same run"
+  article=(); [ "$ARTICLE" = 1 ] && article=(--article)
+  cap=${PYTORCH_CAP:-0} limit env PYTHONUNBUFFERED=1 $PY "$here/scripts/bench/pytorch_reference.py" bench --weights /tmp/w_torch0.safetensors \
+    --device cuda --batches "$BATCHES" --precisions "$PRECISIONS" --layouts nchw,channels_last \
+    --modes eager,graph --warmup-iters 10 --min-iters "$MIN_ITERS" --min-time "$MIN_TIME" \
+    --out "$out/pytorch.jsonl" "${article[@]}"
+fi
+
 if has candle; then
   step "Candle fused path, every point"
-  "$agent" run --sweep "$(sweep fused fused "$BATCHES" "$PRECISIONS" "$MIN_ITERS")" \
+  cap=${FUSED_CAP:-0} limit "$agent" run --sweep "$(sweep fused fused "$BATCHES" "$PRECISIONS" "$MIN_ITERS")" \
     --out "$out/candle.jsonl" --device cuda:0 --name h100-fused
 fi
 
 if has stock; then
   step "Candle stock path (candle-nn as it comes)"
-  "$agent" run --sweep "$(sweep stock stock "${STOCK_BATCHES:-$BATCHES}" "$PRECISIONS" 20)" \
+  cap=${STOCK_CAP:-0} limit "$agent" run --sweep "$(sweep stock stock "${STOCK_BATCHES:-$BATCHES}" "$PRECISIONS" 20)" \
     --out "$out/candle_stock.jsonl" --device cuda:0 --name h100-stock
-  cat "$out/candle_stock.jsonl" >> "$out/candle.jsonl"
+  cat "$out/candle_stock.jsonl" >> "$out/candle.jsonl" 2>/dev/null
 fi
 
 if has variants; then
   step "fused-path variants (one knob off at a time), batch 1 and 256, f16"
-  for v in "FLEETMARK_CUDA_GRAPH=0" "FLEETMARK_EPILOGUE=separate" "FLEETMARK_STEM_PAD=3" "FLEETMARK_ALGO_CANDIDATES=1"; do
+  for v in "--fused-cuda-graph=off" "--fused-epilogue=separate" "--fused-stem-channels=3" "--fused-algo-candidates=1"; do
     echo "--- $v"
-    env "$v" "$agent" run --sweep "$(sweep "var" fused "1,16,256" f16 "$MIN_ITERS")" \
-      --out "/tmp/var.jsonl" --device cuda:0 --name "variant $v" \
+    limit "$agent" run --sweep "$(sweep "var" fused "1,16,256" f16 "$MIN_ITERS")" \
+      --out "/tmp/var.jsonl" --device cuda:0 --name "variant $v" "$v" \
       && $PY - "$v" /tmp/var.jsonl >> "$out/variants.txt" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[2]):
@@ -106,8 +137,8 @@ fi
 
 if has profile; then
   step "per-layer profile of the fused plan (f16, batch 1 and 256)"
-  FLEETMARK_PROFILE=1 "$agent" run --sweep "$(sweep prof fused "1,256" f16,bf16 10)" \
-    --out /tmp/prof.jsonl --device cuda:0 --name profile
+  limit "$agent" run --sweep "$(sweep prof fused "1,256" f16,bf16 10)" \
+    --out /tmp/prof.jsonl --device cuda:0 --name profile --fused-profile
   $PY - /tmp/prof.jsonl <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):
@@ -118,18 +149,10 @@ for line in open(sys.argv[1]):
 PYEOF
 fi
 
-if has pytorch; then
-  step "PyTorch, same card, same run"
-  PYTHONUNBUFFERED=1 $PY "$here/scripts/bench/pytorch_reference.py" bench --weights /tmp/w_torch0.safetensors \
-    --device cuda --batches "$BATCHES" --precisions "$PRECISIONS" --layouts nchw,channels_last \
-    --modes eager,graph --warmup-iters 10 --min-iters "$MIN_ITERS" --min-time "$MIN_TIME" \
-    --out "$out/pytorch.jsonl" --article
-fi
-
 if has multigpu; then
   step "one agent, every GPU: jobs run in parallel, one per GPU"
   n=$(nvidia-smi -L | wc -l)
-  "$agent" run --sweep "$(sweep multi fused "64,128" f16 "$MIN_ITERS" 4)" \
+  limit "$agent" run --sweep "$(sweep multi fused "64,128" f16 "$MIN_ITERS" 4)" \
     --out /tmp/multigpu.jsonl --device cuda:all --name multi-gpu
   $PY - /tmp/multigpu.jsonl "$n" <<'PYEOF' | tee "$out/multigpu.txt"
 import json, sys
@@ -148,6 +171,6 @@ fi
 
 if has report; then
   step "report"
-  $PY "$here/scripts/bench/side_by_side.py" --candle "$out/candle.jsonl" --pytorch "$out/pytorch.jsonl" \
+  reserve=0 limit $PY "$here/scripts/bench/side_by_side.py" --candle "$out/candle.jsonl" --pytorch "$out/pytorch.jsonl" \
     --out "$out/report.md" && cat "$out/report.md"
 fi

@@ -824,6 +824,7 @@ pub async fn register_raw(
                     device: "cpu".into(),
                     kind: kind.into(),
                     name: format!("{kind} device"),
+                    precisions: vec![],
                 }],
                 inventory: Some(Default::default()),
                 ..Default::default()

@@ -181,6 +181,7 @@ fn registration(name: &str) -> pb::RegisterRequest {
             device: "cpu".into(),
             kind: "cpu".into(),
             name: CPU_NAME.into(),
+            precisions: vec![],
         }],
     }
 }
@@ -371,6 +372,7 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
             device: format!("cuda:{i}"),
             kind: "h100".into(),
             name: "x".into(),
+            precisions: vec![],
         })
         .collect();
     assert_code(

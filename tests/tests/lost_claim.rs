@@ -48,6 +48,7 @@ async fn an_unacknowledged_claim_returns_to_the_queue_within_the_grace() {
                 device: "cpu".into(),
                 kind: "cpu".into(),
                 name: "cpu device".into(),
+                precisions: vec![],
             }],
             ..Default::default()
         })

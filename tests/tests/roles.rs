@@ -112,6 +112,7 @@ async fn call(channel: &Channel, rpc: Rpc, secret: &str, n: usize) -> Code {
                             device: "cpu".into(),
                             kind: "cpu".into(),
                             name: "cpu".into(),
+                            precisions: vec![],
                         }],
                         inventory: Some(Default::default()),
                         ..Default::default()

@@ -236,6 +236,7 @@ async fn register_over(channel: &tonic::transport::Channel, token: &str) -> toni
                     device: "cpu".into(),
                     kind: "cpu".into(),
                     name: "cpu".into(),
+                    precisions: vec![],
                 }],
                 inventory: Some(Default::default()),
                 ..Default::default()

@@ -25,12 +25,17 @@ use candle_core::{
     DType, Device, Module, Tensor,
 };
 use candle_nn::VarBuilder;
-use fleetmark_core::{BackendInfo, EnginePath, HardwareKind, JobSpec};
+use fleetmark_core::{
+    BackendInfo, ComputeCapability, DeviceClass, EnginePath, HardwareKind, JobSpec, KernelCode,
+    MathMode,
+};
 use nvml_wrapper::Nvml;
 
 use crate::{
-    backend::{Backend, Prepared, TelemetrySource},
+    backend::{backend_info, Backend, ExecPath, MemoryScope, Prepared, TelemetrySource},
     cpu::dtype_of,
+    device::BackendOptions,
+    fused::FusedOptions,
     gpucheck::{check_driver, check_generation, check_ordinal, cuda_version_string},
     gpuinfo::NvmlTelemetry,
     input::{input_batch, INPUT_SEED},
@@ -105,6 +110,11 @@ pub struct CudaBackend {
     uuid: String,
     driver: i32,
     nvml: Option<Arc<Nvml>>,
+    /// The capability the card reports.
+    real_cc: ComputeCapability,
+    /// The capability it is treated as (`--assume-compute-capability` for testing, else real).
+    cc: ComputeCapability,
+    fused: FusedOptions,
 }
 
 fn format_uuid(u: &sys::CUuuid) -> String {
@@ -121,8 +131,9 @@ fn format_uuid(u: &sys::CUuuid) -> String {
 
 impl CudaBackend {
     /// Opens GPU `ordinal` on the calling thread, after the start-up checks.
-    pub fn open(ordinal: usize) -> Result<Self, EngineError> {
-        let (driver, _) = preflight(ordinal)?;
+    pub fn open(ordinal: usize, opts: &BackendOptions) -> Result<Self, EngineError> {
+        let (driver, (major, minor)) = preflight(ordinal)?;
+        let real_cc = ComputeCapability::new(major as u32, minor as u32);
         // A stream of our own (not the legacy default stream), so the fused path can capture it
         // into a CUDA graph.
         let device = Device::new_cuda_with_stream(ordinal)
@@ -178,7 +189,30 @@ impl CudaBackend {
             uuid,
             driver,
             nvml,
+            real_cc,
+            cc: opts.assume_capability.unwrap_or(real_cc),
+            fused: opts.fused,
         })
+    }
+
+    /// What a result records about how the kernels reached this card and what it was taken
+    /// for: an sm_75 build on an H200 runs through the driver's PTX compiler and says so.
+    fn generation_details(&self) -> BTreeMap<String, String> {
+        let mut d = BTreeMap::new();
+        let built = crate::versions::CUDA_COMPUTE_CAP
+            .parse::<u32>()
+            .map(ComputeCapability::from_sm);
+        if let Ok(built) = built {
+            d.insert(
+                "kernel_code".into(),
+                KernelCode::of(built, self.real_cc).to_string(),
+            );
+        }
+        d.insert("compute_capability".into(), self.real_cc.to_string());
+        if self.cc != self.real_cc {
+            d.insert("assumed_compute_capability".into(), self.cc.to_string());
+        }
+        d
     }
 
     fn timer(&self) -> Result<EventTimer, EngineError> {
@@ -265,28 +299,37 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn class(&self) -> DeviceClass {
+        DeviceClass::Cuda(self.cc)
+    }
+
     fn prepare(
         &mut self,
         job: &JobSpec,
         weights: &ModelWeights,
     ) -> Result<Box<dyn Prepared + '_>, EngineError> {
-        match job.engine {
-            EnginePath::Stock => Ok(Box::new(self.prepare_stock(job, weights)?)),
+        let mut prepared: Box<dyn Prepared + '_> = match job.engine {
+            EnginePath::Stock => Box::new(self.prepare_stock(job, weights)?),
             #[cfg(feature = "cudnn")]
-            EnginePath::Auto | EnginePath::Fused => Ok(Box::new(fused::FusedPrepared::new(
-                &self.device,
+            EnginePath::Auto | EnginePath::Fused => Box::new(fused::FusedPrepared::new(
                 &self.ctx,
                 &self.stream,
                 job,
                 weights,
-            )?)),
+                &self.fused,
+                self.cc,
+            )?),
             #[cfg(not(feature = "cudnn"))]
-            EnginePath::Auto => Ok(Box::new(self.prepare_stock(job, weights)?)),
+            EnginePath::Auto => Box::new(self.prepare_stock(job, weights)?),
             #[cfg(not(feature = "cudnn"))]
-            EnginePath::Fused => Err(EngineError::Unsupported(
-                "the fused GPU path needs an agent built with the cudnn feature".into(),
-            )),
-        }
+            EnginePath::Fused => {
+                return Err(EngineError::Unsupported(
+                    "the fused GPU path needs an agent built with the cudnn feature".into(),
+                ))
+            }
+        };
+        prepared.add_details(self.generation_details());
+        Ok(prepared)
     }
 
     fn telemetry_source(&self) -> Option<Box<dyn TelemetrySource>> {
@@ -332,20 +375,16 @@ impl CudaBackend {
             .into(),
         );
         details.insert("cuda_graph".into(), "false".into());
+        // Candle's own kernels compute f32 in f32; cuBLAS matmuls default to no TF32.
+        let math = MathMode::plain(job.precision);
         Ok(StockPrepared {
             model,
             input,
             host_input,
             timer: self.timer()?,
             peak: PoolPeak::new(&self.ctx),
-            info: BackendInfo {
-                backend: "candle-cuda".into(),
-                path: "stock".into(),
-                // Candle's own kernels compute f32 in f32; cuBLAS matmuls default to no TF32.
-                math: job.precision.as_str().into(),
-                details,
-                simulated: false,
-            },
+            math,
+            info: backend_info("candle-cuda", ExecPath::Stock, math, details),
         })
     }
 }
@@ -356,12 +395,21 @@ struct StockPrepared {
     host_input: Tensor,
     timer: EventTimer,
     peak: PoolPeak,
+    math: MathMode,
     info: BackendInfo,
 }
 
 impl Prepared for StockPrepared {
     fn info(&self) -> BackendInfo {
         self.info.clone()
+    }
+
+    fn math(&self) -> MathMode {
+        self.math
+    }
+
+    fn add_details(&mut self, details: BTreeMap<String, String>) {
+        self.info.details.extend(details);
     }
 
     fn timed_iteration(&mut self) -> Result<Duration, EngineError> {
@@ -396,7 +444,7 @@ impl Prepared for StockPrepared {
         self.peak.reset();
     }
 
-    fn peak_memory(&mut self) -> (u64, &'static str) {
-        (self.peak.peak(), "device-allocations")
+    fn peak_memory(&mut self) -> (u64, MemoryScope) {
+        (self.peak.peak(), MemoryScope::DeviceAllocations)
     }
 }

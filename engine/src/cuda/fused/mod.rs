@@ -1,0 +1,852 @@
+//! The fused path's executor: it turns a [`NetGraph`] into cuDNN calls on one stream, picks an
+//! algorithm and epilogue per convolution by measuring them on the real buffers (what it tries
+//! is decided by [`crate::fused::planner`] from the [`FusedOptions`]), and captures the whole
+//! forward pass into one CUDA graph.
+//!
+//! What the path does, and why (measured gains are in docs/performance.md):
+//! - Batch norm is folded into each convolution on the host, in f32, once ([`NetGraph`]).
+//! - Activations are NHWC and weights KRSC, the layout tensor cores read. The stem's 3 input
+//!   channels are padded with zeros (to 8 for f16/bf16, 4 for f32) so it can use them too.
+//! - Each convolution gets a plan once, at prepare time: cuDNN's `FindEx` ranks algorithms on
+//!   the real buffers, then the best few are timed together with the allowed epilogues and the
+//!   fastest correct combination is kept with its descriptors and one shared workspace.
+//! - The residual add and ReLU of each block ride in the second convolution's epilogue.
+//! - Activation memory is one slab laid out by liveness ([`NetGraph::memory_plan`]).
+//! - The forward pass is captured once into a CUDA graph and replayed.
+//!
+//! Ownership: every cuDNN object and device buffer is an RAII value in [`cudnn`]; addresses are
+//! borrowed from their buffers for the length of one call and never stored, except inside the
+//! captured CUDA graph, which is declared (and so dropped) before the buffers it points into.
+
+mod cudnn;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use candle_core::cuda_backend::cudarc::{
+    cudnn::sys as dnn,
+    driver::{sys, CudaContext, CudaGraph, CudaStream},
+};
+use fleetmark_core::{BackendInfo, ComputeCapability, JobSpec, MathMode};
+
+pub use cudnn::cudnn_version;
+use cudnn::{
+    check, drv, math_type, ActDesc, ConvDesc, ConvGeometry, DevPtr, DeviceBuffer, Elem, FilterDesc,
+    Handle, PoolDesc, PoolWindow, TensorDesc,
+};
+
+use super::{EventTimer, PoolPeak};
+use crate::{
+    backend::{backend_info, ExecPath, MemoryScope, Prepared},
+    fused::{
+        graph::{self, GraphConfig, NetGraph, Place, PoolKind, Shape},
+        planner::{self, Epilogue, PlanStrategy},
+        FusedOptions,
+    },
+    input::{input_batch, INPUT_SEED},
+    EngineError, ModelWeights,
+};
+
+/// A convolution's bias on the device, in the activation precision and in f32.
+struct BiasBuffers {
+    act: DeviceBuffer,
+    f32: DeviceBuffer,
+    act_desc: TensorDesc,
+    f32_desc: TensorDesc,
+}
+
+/// One planned convolution with its epilogue.
+struct ConvExec {
+    name: String,
+    x: usize,
+    y: usize,
+    residual: Option<usize>,
+    relu: bool,
+    weight: DeviceBuffer,
+    bias: Option<BiasBuffers>,
+    wd: FilterDesc,
+    cd: ConvDesc,
+    algo: dnn::cudnnConvolutionFwdAlgo_t,
+    epilogue: Epilogue,
+    /// Workspace bytes the algorithm needs.
+    ws: usize,
+}
+
+struct PoolExec {
+    name: &'static str,
+    x: usize,
+    y: usize,
+    pd: PoolDesc,
+}
+
+enum ExecStep {
+    Conv(Box<ConvExec>),
+    Pool(PoolExec),
+}
+
+impl ExecStep {
+    fn name(&self) -> &str {
+        match self {
+            ExecStep::Conv(c) => &c.name,
+            ExecStep::Pool(p) => p.name,
+        }
+    }
+}
+
+/// Every device buffer the forward pass touches.
+struct Buffers {
+    slab: DeviceBuffer,
+    /// Each activation's place and, for slab ones, its offset.
+    places: Vec<(Place, Option<usize>)>,
+    input: DeviceBuffer,
+    output: DeviceBuffer,
+    /// The search workspace while planning, then one just big enough for the plan.
+    workspace: DeviceBuffer,
+    /// Bytes of `workspace` a plan may use (0 once the plan needs none).
+    ws_size: usize,
+}
+
+impl Buffers {
+    fn act<'a>(&'a self, a: usize, stream: &CudaStream) -> DevPtr<'a> {
+        match self.places[a] {
+            (Place::Input, _) => self.input.ptr(stream),
+            (Place::Output, _) => self.output.ptr(stream),
+            (Place::Slab, offset) => self
+                .slab
+                .ptr(stream)
+                .offset(offset.expect("the memory plan places every slab activation")),
+        }
+    }
+}
+
+/// What a plan is made for.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    job: &'a JobSpec,
+    weights: &'a ModelWeights,
+    opts: &'a FusedOptions,
+    cc: ComputeCapability,
+}
+
+/// What the algorithm search of one plan works with.
+struct SearchConfig<'a> {
+    opts: &'a FusedOptions,
+    strategy: PlanStrategy,
+    math: MathMode,
+    ws_cap: usize,
+}
+
+pub struct FusedPrepared {
+    // Declared first, so dropped first: the graph holds the addresses of the buffers below.
+    graph: Option<CudaGraph>,
+    steps: Vec<ExecStep>,
+    descs: Vec<TensorDesc>,
+    relu: ActDesc,
+    handle: Handle,
+    bufs: Buffers,
+    stream: Arc<CudaStream>,
+    elem: Elem,
+    math: MathMode,
+    host_input: Vec<u8>,
+    timer: EventTimer,
+    peak: PoolPeak,
+    batch: usize,
+    info: BackendInfo,
+}
+
+/// 1.0 and 0.0 as cuDNN's host scaling factors (f32 for every data type used here).
+static ONE: f32 = 1.0;
+static ZERO: f32 = 0.0;
+
+fn scale(v: &'static f32) -> *const std::ffi::c_void {
+    v as *const f32 as *const std::ffi::c_void
+}
+
+impl FusedPrepared {
+    /// Plans the model for `job` on a GPU of capability `cc`. The stem's input padding and the
+    /// plan strategy are themselves chosen by timing: each candidate the planner allows is
+    /// built and timed as a whole forward pass, and the fastest is kept.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        job: &JobSpec,
+        weights: &ModelWeights,
+        opts: &FusedOptions,
+        cc: ComputeCapability,
+    ) -> Result<Self, EngineError> {
+        let target = Target {
+            job,
+            weights,
+            opts,
+            cc,
+        };
+        let mut best: Option<(f64, FusedPrepared)> = None;
+        let mut tried = Vec::new();
+        let mut first_error: Option<EngineError> = None;
+        for pad in planner::stem_candidates(opts, job.precision) {
+            for strategy in planner::strategies(opts) {
+                let tag = format!("{pad}/{}", strategy.as_str());
+                let timed = Self::build(ctx, stream, target, pad, strategy)
+                    .and_then(|c| Ok((c.median_forward_ms(10)?, c)));
+                match timed {
+                    Ok((t, candidate)) => {
+                        tried.push(format!("{tag}:{t:.3}ms"));
+                        if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
+                            // The loser is dropped here, before the next candidate is built.
+                            best = Some((t, candidate));
+                        }
+                    }
+                    Err(e) => {
+                        tried.push(format!("{tag}:failed"));
+                        tracing::debug!(pad, error = %e, "plan candidate failed");
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let Some((_, mut chosen)) = best else {
+            return Err(EngineError::Unsupported(format!(
+                "no stem padding could be planned ({}){}",
+                tried.join(", "),
+                first_error.map_or(String::new(), |e| format!(": {e}"))
+            )));
+        };
+        chosen
+            .info
+            .details
+            .insert("stem_search".into(), tried.join(" "));
+        if opts.profile {
+            let profile = chosen.profile(10)?;
+            chosen.info.details.insert("profile_ms".into(), profile);
+        }
+        Ok(chosen)
+    }
+
+    /// Median of `n` timed forward passes, for choosing between plans.
+    fn median_forward_ms(&self, n: usize) -> Result<f64, EngineError> {
+        let v = (0..n)
+            .map(|_| Ok(self.timer.time(|| self.forward())?.as_secs_f64() * 1e3))
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        planner::median(v).ok_or_else(|| EngineError::Setup("no forward pass was timed".into()))
+    }
+
+    /// Each step timed on its own (median of `n`), for docs/performance.md.
+    fn profile(&self, n: usize) -> Result<String, EngineError> {
+        let mut parts = Vec::new();
+        for s in &self.steps {
+            let v = (0..n)
+                .map(|_| Ok(self.timer.time(|| self.run_step(s))?.as_secs_f64() * 1e3))
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            let m = planner::median(v).unwrap_or(f64::NAN);
+            parts.push(format!("{}={m:.4}", s.name()));
+        }
+        Ok(parts.join(" "))
+    }
+
+    /// One complete plan for one stem padding and strategy.
+    fn build(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        target: Target<'_>,
+        stem_channels: usize,
+        strategy: PlanStrategy,
+    ) -> Result<Self, EngineError> {
+        let Target {
+            job,
+            weights,
+            opts,
+            cc,
+        } = target;
+        let elem = Elem::of(job.precision);
+        let batch = job.batch_size as usize;
+        let size = job.image_size as usize;
+        let net = NetGraph::resnet18(
+            weights,
+            GraphConfig {
+                batch,
+                image_size: size,
+                stem_channels,
+            },
+        )?;
+        let plan = net.memory_plan(elem.size());
+        drv("bind context", ctx.bind_to_thread())?;
+        let host_input = host_input(batch, size, stem_channels, elem)?;
+        let (free, _) = drv("mem info", ctx.mem_get_info())?;
+        let search_ws = planner::search_workspace(free);
+        let bufs = Buffers {
+            slab: DeviceBuffer::zeroed(stream, plan.slab_bytes)?,
+            places: net
+                .acts
+                .iter()
+                .zip(&plan.offsets)
+                .map(|(a, o)| (a.place, *o))
+                .collect(),
+            input: DeviceBuffer::upload(stream, &host_input)?,
+            output: DeviceBuffer::zeroed(stream, batch * 1000 * elem.size())?,
+            workspace: DeviceBuffer::zeroed(stream, search_ws)?,
+            ws_size: search_ws,
+        };
+        let math = planner::math(opts, job.precision, cc);
+        let mut me = FusedPrepared {
+            graph: None,
+            steps: Vec::new(),
+            descs: net
+                .acts
+                .iter()
+                .map(|a| TensorDesc::nhwc(&a.shape, elem))
+                .collect::<Result<Vec<_>, _>>()?,
+            relu: ActDesc::relu()?,
+            handle: Handle::on_stream(stream)?,
+            bufs,
+            stream: stream.clone(),
+            elem,
+            math,
+            host_input,
+            timer: EventTimer::new(ctx, stream.clone())?,
+            peak: PoolPeak::new(ctx),
+            batch,
+            info: BackendInfo::default(),
+        };
+        let search = SearchConfig {
+            opts,
+            strategy,
+            math,
+            ws_cap: planner::workspace_cap(opts, plan.slab_bytes, search_ws),
+        };
+        for step in &net.steps {
+            let exec = match step {
+                graph::Step::Pool(p) => ExecStep::Pool(me.pool_exec(p, &net.acts[p.x].shape)?),
+                graph::Step::Conv(c) => ExecStep::Conv(Box::new(me.plan_conv(c, &search)?)),
+            };
+            me.steps.push(exec);
+        }
+        me.shrink_workspace()?;
+        let graph_note = me.check_and_capture(opts.cuda_graph)?;
+        me.info = me.describe(opts, &search, stem_channels, plan.slab_bytes, graph_note);
+        Ok(me)
+    }
+
+    /// The plan is made: swap the search workspace for one just big enough.
+    fn shrink_workspace(&mut self) -> Result<(), EngineError> {
+        let needed = self
+            .steps
+            .iter()
+            .map(|s| match s {
+                ExecStep::Conv(c) => c.ws,
+                ExecStep::Pool(_) => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        // The search buffer is freed before the new one is taken, so peak memory never holds
+        // both.
+        self.bufs.workspace = DeviceBuffer::zeroed(&self.stream, 1)?;
+        self.bufs.workspace = DeviceBuffer::zeroed(&self.stream, needed)?;
+        self.bufs.ws_size = needed;
+        Ok(())
+    }
+
+    /// One eager pass to check every step runs, then (if asked) the CUDA graph. Returns what
+    /// the result says about the graph.
+    fn check_and_capture(&mut self, use_graph: bool) -> Result<String, EngineError> {
+        self.run_eager()?;
+        drv("synchronize", self.stream.synchronize())?;
+        if !use_graph {
+            return Ok("off".into());
+        }
+        Ok(match self.capture() {
+            Ok(g) => {
+                self.graph = Some(g);
+                "on".into()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cuda graph capture failed; running eagerly");
+                format!("failed: {e}")
+            }
+        })
+    }
+
+    fn describe(
+        &self,
+        opts: &FusedOptions,
+        search: &SearchConfig<'_>,
+        stem_channels: usize,
+        slab_bytes: usize,
+        graph_note: String,
+    ) -> BackendInfo {
+        let plan_notes: Vec<String> = self
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                ExecStep::Conv(c) => {
+                    Some(format!("{}:{}/{:?}", c.name, algo_name(c.algo), c.epilogue))
+                }
+                ExecStep::Pool(_) => None,
+            })
+            .collect();
+        let mut details = BTreeMap::new();
+        details.insert("layout".into(), "nhwc".into());
+        details.insert("batch_norm".into(), "folded".into());
+        details.insert("conv".into(), format!("cudnn {}", cudnn_version()));
+        details.insert("cuda_graph".into(), graph_note);
+        details.insert("stem_channels".into(), stem_channels.to_string());
+        details.insert("epilogue".into(), opts.epilogue.to_string());
+        details.insert("slab_bytes".into(), slab_bytes.to_string());
+        details.insert("workspace_bytes".into(), self.bufs.ws_size.to_string());
+        details.insert("workspace_cap_bytes".into(), search.ws_cap.to_string());
+        details.insert("plan".into(), plan_notes.join(" "));
+        details.insert("fused_options".into(), opts.summary());
+        backend_info("candle-cuda", ExecPath::Fused, self.math, details)
+    }
+
+    fn pool_exec(&self, p: &graph::PoolStep, x: &Shape) -> Result<PoolExec, EngineError> {
+        let window = match p.kind {
+            PoolKind::Max3x3Stride2 => PoolWindow {
+                max: true,
+                window: (3, 3),
+                pad: 1,
+                stride: (2, 2),
+            },
+            PoolKind::GlobalAverage => PoolWindow {
+                max: false,
+                window: (x.h, x.w),
+                pad: 0,
+                stride: (x.h, x.w),
+            },
+        };
+        Ok(PoolExec {
+            name: p.name,
+            x: p.x,
+            y: p.y,
+            pd: PoolDesc::new(&window)?,
+        })
+    }
+
+    /// Uploads one convolution's weights and bias and makes its descriptors.
+    fn conv_exec(&self, step: &graph::ConvStep, math: MathMode) -> Result<ConvExec, EngineError> {
+        let e = self.elem;
+        // KCRS -> KRSC, the layout the NHWC kernels read.
+        let (k, c, r, s) = step.weight.dims4()?;
+        let w = step.weight.permute((0, 2, 3, 1))?.contiguous()?;
+        let geometry = ConvGeometry {
+            k,
+            c,
+            r,
+            s,
+            stride: step.stride,
+            pad: step.pad,
+        };
+        let bias_shape = Shape {
+            n: 1,
+            h: 1,
+            w: 1,
+            c: k,
+        };
+        let bias = match &step.bias {
+            Some(b) => Some(BiasBuffers {
+                act: DeviceBuffer::upload(&self.stream, &e.bytes_of(b)?)?,
+                f32: DeviceBuffer::upload(&self.stream, &Elem::F32.bytes_of(b)?)?,
+                act_desc: TensorDesc::nhwc(&bias_shape, e)?,
+                f32_desc: TensorDesc::nhwc(&bias_shape, Elem::F32)?,
+            }),
+            None => None,
+        };
+        Ok(ConvExec {
+            name: step.name.clone(),
+            x: step.x,
+            y: step.y,
+            residual: step.residual,
+            relu: step.relu,
+            weight: DeviceBuffer::upload(&self.stream, &e.bytes_of(&w)?)?,
+            bias,
+            wd: FilterDesc::krsc(&geometry, e)?,
+            cd: ConvDesc::new(&geometry, math_type(math))?,
+            algo: dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            epilogue: Epilogue::Separate,
+            ws: 0,
+        })
+    }
+
+    /// cuDNN's ranking of algorithms for `exec`, run on the real buffers, keeping those that
+    /// succeeded within the workspace cap.
+    fn rank_algorithms(
+        &self,
+        exec: &ConvExec,
+        ws_cap: usize,
+    ) -> Result<Vec<dnn::cudnnConvolutionFwdAlgoPerf_t>, EngineError> {
+        const MAX_ALGOS: usize = crate::fused::options::MAX_ALGO_CANDIDATES;
+        // SAFETY: the perf struct is plain C data (integers, floats and enums whose 0 value is
+        // a valid variant), so all-zero bytes are a valid value of it.
+        let mut perf: [dnn::cudnnConvolutionFwdAlgoPerf_t; MAX_ALGOS] =
+            unsafe { std::mem::zeroed() };
+        let mut returned = 0i32;
+        let s = &self.stream;
+        let ws = self.bufs.workspace.ptr(s);
+        // SAFETY: the handle and descriptors are live and describe exactly the buffers passed:
+        // x and y are activations of the shapes in `self.descs`, placed inside the slab (or the
+        // input/output buffers) by the memory plan; the weight buffer holds K*R*S*C elements;
+        // the workspace holds `ws_size` bytes; `perf` has room for MAX_ALGOS results and cuDNN
+        // writes at most that many; `returned` is a live int. All buffers outlive the call,
+        // which FindEx completes synchronously.
+        check(&format!("find algorithm for {}", exec.name), unsafe {
+            dnn::cudnnFindConvolutionForwardAlgorithmEx(
+                self.handle.0,
+                self.descs[exec.x].0,
+                self.bufs.act(exec.x, s).src(),
+                exec.wd.0,
+                exec.weight.ptr(s).src(),
+                exec.cd.0,
+                self.descs[exec.y].0,
+                self.bufs.act(exec.y, s).dst(),
+                MAX_ALGOS as i32,
+                &mut returned,
+                perf.as_mut_ptr(),
+                ws.dst(),
+                self.bufs.ws_size,
+            )
+        })?;
+        let n = (returned.max(0) as usize).min(MAX_ALGOS);
+        Ok(perf[..n]
+            .iter()
+            .filter(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= ws_cap)
+            .copied()
+            .collect())
+    }
+
+    /// Times the best few algorithms with each allowed epilogue on the real buffers and keeps
+    /// the fastest that runs.
+    fn plan_conv(
+        &self,
+        step: &graph::ConvStep,
+        cfg: &SearchConfig<'_>,
+    ) -> Result<ConvExec, EngineError> {
+        let mut exec = self.conv_exec(step, cfg.math)?;
+        let ranked = self.rank_algorithms(&exec, cfg.ws_cap)?;
+        if ranked.is_empty() {
+            return Err(EngineError::Unsupported(format!(
+                "cuDNN has no algorithm for {} in {:?}",
+                exec.name, self.elem
+            )));
+        }
+        let epilogues = planner::epilogues(cfg.opts.epilogue, exec.relu);
+        let mut best: Option<(f32, dnn::cudnnConvolutionFwdAlgoPerf_t, Epilogue)> = None;
+        for cand in ranked.iter().take(cfg.opts.algo_candidates.get()) {
+            exec.cd.set_math(cand.mathType)?;
+            for &ep in &epilogues {
+                exec.algo = cand.algo;
+                exec.epilogue = ep;
+                exec.ws = cand.memory;
+                let Some(t) = self.time_conv(&exec) else {
+                    continue;
+                };
+                if best.as_ref().is_none_or(|(bt, _, _)| t < *bt) {
+                    best = Some((t, *cand, ep));
+                }
+                if cfg.strategy == PlanStrategy::Ranked {
+                    break;
+                }
+            }
+            if cfg.strategy == PlanStrategy::Ranked && best.is_some() {
+                break;
+            }
+        }
+        let (_, perf, ep) = best.ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "no cuDNN plan runs for {} in {:?} (every algorithm and epilogue failed)",
+                exec.name, self.elem
+            ))
+        })?;
+        exec.cd.set_math(perf.mathType)?;
+        exec.algo = perf.algo;
+        exec.epilogue = ep;
+        exec.ws = perf.memory;
+        Ok(exec)
+    }
+
+    /// The time of one convolution as configured, or `None` if it does not run.
+    fn time_conv(&self, exec: &ConvExec) -> Option<f32> {
+        let mut samples = Vec::with_capacity(4);
+        for _ in 0..4 {
+            match self.timer.time(|| self.run_conv(exec)) {
+                Ok(d) => samples.push(d.as_secs_f32()),
+                Err(_) => {
+                    // A cuDNN status failure leaves no sticky error; make sure nothing is
+                    // pending before the next candidate.
+                    let _ = self.stream.synchronize();
+                    return None;
+                }
+            }
+        }
+        planner::layer_time(&samples)
+    }
+
+    fn run_step(&self, s: &ExecStep) -> Result<(), EngineError> {
+        match s {
+            ExecStep::Conv(c) => self.run_conv(c),
+            ExecStep::Pool(p) => self.run_pool(p),
+        }
+    }
+
+    /// One convolution with its epilogue, enqueued on the stream.
+    fn run_conv(&self, st: &ConvExec) -> Result<(), EngineError> {
+        match st.epilogue {
+            Epilogue::Api | Epilogue::ApiF32Bias => self.run_conv_fused(st),
+            Epilogue::Separate => self.run_conv_separate(st),
+        }
+    }
+
+    fn run_conv_fused(&self, st: &ConvExec) -> Result<(), EngineError> {
+        let s = &self.stream;
+        let b = st.bias.as_ref().ok_or_else(|| {
+            EngineError::Setup(format!("{}: the fused epilogue needs a bias", st.name))
+        })?;
+        let (bias, bias_desc) = match st.epilogue {
+            Epilogue::Api => (b.act.ptr(s), &b.act_desc),
+            _ => (b.f32.ptr(s), &b.f32_desc),
+        };
+        let y = self.bufs.act(st.y, s);
+        // Without a residual, z is y scaled by 0: cuDNN reads it but it contributes nothing.
+        let (z, alpha2) = match st.residual {
+            Some(z) => (self.bufs.act(z, s), scale(&ONE)),
+            None => (y, scale(&ZERO)),
+        };
+        let yd = self.descs[st.y].0;
+        // SAFETY: every descriptor is live and describes the buffer passed beside it (x, y and
+        // z are planned activations of those shapes; the weight holds K*R*S*C elements; the
+        // bias K elements of the descriptor's type); the workspace holds at least `st.ws`
+        // bytes (the search buffer while planning, then one sized to the largest `ws`); the
+        // scaling factors are host f32 statics, as cuDNN expects for these data types. The
+        // call only enqueues work on our stream; every buffer lives in `self`, which outlives
+        // the stream's work because `logits`/`timer` synchronize before returning.
+        check("conv+bias+act", unsafe {
+            dnn::cudnnConvolutionBiasActivationForward(
+                self.handle.0,
+                scale(&ONE),
+                self.descs[st.x].0,
+                self.bufs.act(st.x, s).src(),
+                st.wd.0,
+                st.weight.ptr(s).src(),
+                st.cd.0,
+                st.algo,
+                self.bufs.workspace.ptr(s).dst(),
+                st.ws,
+                alpha2,
+                yd,
+                z.src(),
+                bias_desc.0,
+                bias.src(),
+                self.relu.0,
+                yd,
+                y.dst(),
+            )
+        })
+    }
+
+    fn run_conv_separate(&self, st: &ConvExec) -> Result<(), EngineError> {
+        let s = &self.stream;
+        let h = self.handle.0;
+        let y = self.bufs.act(st.y, s);
+        let yd = self.descs[st.y].0;
+        // SAFETY: as in `run_conv_fused`: live descriptors matching their buffers, a workspace
+        // of at least `st.ws` bytes, host f32 scaling factors, work enqueued on our stream over
+        // buffers that `self` owns.
+        check("conv", unsafe {
+            dnn::cudnnConvolutionForward(
+                h,
+                scale(&ONE),
+                self.descs[st.x].0,
+                self.bufs.act(st.x, s).src(),
+                st.wd.0,
+                st.weight.ptr(s).src(),
+                st.cd.0,
+                st.algo,
+                self.bufs.workspace.ptr(s).dst(),
+                st.ws,
+                scale(&ZERO),
+                yd,
+                y.dst(),
+            )
+        })?;
+        if let Some(b) = &st.bias {
+            // SAFETY: the bias descriptor (1x1x1xK) broadcasts over y's descriptor; both
+            // buffers are live and match their descriptors; y is updated in place, which
+            // cudnnAddTensor allows (C = alpha*A + beta*C).
+            check("add bias", unsafe {
+                dnn::cudnnAddTensor(
+                    h,
+                    scale(&ONE),
+                    b.act_desc.0,
+                    b.act.ptr(s).src(),
+                    scale(&ONE),
+                    yd,
+                    y.dst(),
+                )
+            })?;
+        }
+        if let Some(z) = st.residual {
+            // SAFETY: the residual has y's shape (the graph builds it so) and lives in a slab
+            // region the memory plan keeps apart from y while both are alive.
+            check("add residual", unsafe {
+                dnn::cudnnAddTensor(
+                    h,
+                    scale(&ONE),
+                    yd,
+                    self.bufs.act(z, s).src(),
+                    scale(&ONE),
+                    yd,
+                    y.dst(),
+                )
+            })?;
+        }
+        if st.relu {
+            // SAFETY: an in-place activation over y, which cuDNN allows when x and y share a
+            // descriptor; the ReLU descriptor is live.
+            check("relu", unsafe {
+                dnn::cudnnActivationForward(
+                    h,
+                    self.relu.0,
+                    scale(&ONE),
+                    yd,
+                    y.src(),
+                    scale(&ZERO),
+                    yd,
+                    y.dst(),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn run_pool(&self, p: &PoolExec) -> Result<(), EngineError> {
+        let s = &self.stream;
+        // SAFETY: the pooling descriptor is live and its window fits x's shape (planned by the
+        // graph); x and y are live planned activations matching their descriptors; the scaling
+        // factors are host f32 statics.
+        check(p.name, unsafe {
+            dnn::cudnnPoolingForward(
+                self.handle.0,
+                p.pd.0,
+                scale(&ONE),
+                self.descs[p.x].0,
+                self.bufs.act(p.x, s).src(),
+                scale(&ZERO),
+                self.descs[p.y].0,
+                self.bufs.act(p.y, s).dst(),
+            )
+        })
+    }
+
+    /// The forward pass, launch by launch.
+    fn run_eager(&self) -> Result<(), EngineError> {
+        self.steps.iter().try_for_each(|s| self.run_step(s))
+    }
+
+    fn capture(&self) -> Result<CudaGraph, EngineError> {
+        drv(
+            "begin capture",
+            self.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+        )?;
+        let run = self.run_eager();
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        run?;
+        let graph = drv("end capture", graph)?
+            .ok_or_else(|| EngineError::Setup("the captured graph is empty".into()))?;
+        drv("graph upload", graph.upload())?;
+        // Replay once and check it ran.
+        drv("graph launch", graph.launch())?;
+        drv("synchronize", self.stream.synchronize())?;
+        Ok(graph)
+    }
+
+    fn forward(&self) -> Result<(), EngineError> {
+        match &self.graph {
+            Some(g) => drv("graph launch", g.launch()),
+            None => self.run_eager(),
+        }
+    }
+}
+
+/// The input batch as the stem reads it: NHWC, channels zero-padded to `stem_channels`.
+fn host_input(
+    batch: usize,
+    size: usize,
+    stem_channels: usize,
+    elem: Elem,
+) -> Result<Vec<u8>, EngineError> {
+    let nhwc = input_batch(INPUT_SEED, batch, size)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .pad_with_zeros(3, 0, stem_channels.saturating_sub(3))?;
+    elem.bytes_of(&nhwc)
+}
+
+fn algo_name(a: dnn::cudnnConvolutionFwdAlgo_t) -> &'static str {
+    use dnn::cudnnConvolutionFwdAlgo_t::*;
+    match a {
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM => "implicit_gemm",
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM => "implicit_precomp_gemm",
+        CUDNN_CONVOLUTION_FWD_ALGO_GEMM => "gemm",
+        CUDNN_CONVOLUTION_FWD_ALGO_DIRECT => "direct",
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT => "fft",
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING => "fft_tiling",
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD => "winograd",
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED => "winograd_nonfused",
+        _ => "other",
+    }
+}
+
+impl Prepared for FusedPrepared {
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+
+    fn math(&self) -> MathMode {
+        self.math
+    }
+
+    fn add_details(&mut self, details: BTreeMap<String, String>) {
+        self.info.details.extend(details);
+    }
+
+    fn timed_iteration(&mut self) -> Result<Duration, EngineError> {
+        self.timer.time(|| self.forward())
+    }
+
+    fn timed_input_copy(&mut self) -> Result<Option<Duration>, EngineError> {
+        let FusedPrepared {
+            timer,
+            stream,
+            host_input,
+            bufs,
+            ..
+        } = self;
+        // Into the same buffer, so the captured graph reads the new batch.
+        timer
+            .time(|| {
+                drv(
+                    "copy input",
+                    stream.memcpy_htod(host_input.as_slice(), bufs.input.slice_mut()),
+                )
+            })
+            .map(Some)
+    }
+
+    fn logits(&mut self) -> Result<Vec<f32>, EngineError> {
+        self.forward()?;
+        let bytes = drv(
+            "copy logits",
+            self.stream.clone_dtoh(self.bufs.output.slice()),
+        )?;
+        drv("synchronize", self.stream.synchronize())?;
+        let v = self.elem.f32_from_bytes(&bytes);
+        debug_assert_eq!(v.len(), self.batch * 1000);
+        Ok(v)
+    }
+
+    fn reset_peak_memory(&mut self) {
+        self.peak.reset();
+    }
+
+    fn peak_memory(&mut self) -> (u64, MemoryScope) {
+        (self.peak.peak(), MemoryScope::DeviceAllocations)
+    }
+}

@@ -1,0 +1,252 @@
+//! The fused path's knobs as one typed, validated value. They used to be eight `FLEETMARK_*`
+//! environment variables read deep inside the executor, where a bad value was silently
+//! ignored; now the agent parses them once from its flags at start-up (a bad value stops it
+//! there), they travel inside [`crate::device::BackendOptions`], and every result records them.
+
+use std::{fmt, num::NonZeroUsize, str::FromStr};
+
+use crate::EngineError;
+
+/// How a convolution's bias, residual and ReLU are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EpilogueChoice {
+    /// Time both and keep the faster, per layer.
+    #[default]
+    Auto,
+    /// cuDNN's fused conv+bias+residual+ReLU call wherever the layer has a ReLU.
+    Api,
+    /// Convolution, then separate bias/residual adds and ReLU.
+    Separate,
+}
+
+/// Which plans are built and compared as whole forward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlanChoice {
+    /// Both strategies; the faster whole graph wins.
+    #[default]
+    Both,
+    /// Every ranked algorithm and epilogue timed layer by layer on the real buffers.
+    Timed,
+    /// cuDNN's own ranking, with the fused epilogue where it runs.
+    Ranked,
+}
+
+/// Channels the stem's 3-channel input is stored with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StemChannels {
+    /// Try 8, 4 and 3 (4 and 3 in f32), and keep the fastest whole forward pass.
+    #[default]
+    Auto,
+    Fixed(StemPad),
+}
+
+/// The stem paddings tensor cores and cuDNN accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StemPad {
+    C3,
+    C4,
+    C8,
+}
+
+impl StemPad {
+    pub fn channels(self) -> usize {
+        match self {
+            StemPad::C3 => 3,
+            StemPad::C4 => 4,
+            StemPad::C8 => 8,
+        }
+    }
+}
+
+/// Every knob of the fused GPU path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FusedOptions {
+    /// Capture the forward pass into one CUDA graph and replay it.
+    pub cuda_graph: bool,
+    pub epilogue: EpilogueChoice,
+    pub stem: StemChannels,
+    /// Let f32 convolutions use TF32 tensor cores where the GPU has them (sm_80 and up).
+    pub tf32: bool,
+    /// How many of cuDNN's ranked algorithms are timed per layer.
+    pub algo_candidates: NonZeroUsize,
+    /// Largest workspace one convolution may use, in bytes; `None`: a quarter of the
+    /// activation slab, at least 64 MiB.
+    pub workspace_limit: Option<usize>,
+    pub plan: PlanChoice,
+    /// Time each step on its own and record it in the result (for docs/performance.md).
+    pub profile: bool,
+}
+
+/// Most algorithms cuDNN ranks for one convolution.
+pub const MAX_ALGO_CANDIDATES: usize = 8;
+
+impl Default for FusedOptions {
+    fn default() -> Self {
+        FusedOptions {
+            cuda_graph: true,
+            epilogue: EpilogueChoice::Auto,
+            stem: StemChannels::Auto,
+            tf32: true,
+            algo_candidates: NonZeroUsize::new(MAX_ALGO_CANDIDATES).expect("nonzero"),
+            workspace_limit: None,
+            plan: PlanChoice::Both,
+            profile: false,
+        }
+    }
+}
+
+impl FusedOptions {
+    /// Checks the values together; the agent calls this once at start-up.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.algo_candidates.get() > MAX_ALGO_CANDIDATES {
+            return Err(EngineError::Setup(format!(
+                "fused algorithm candidates must be 1 to {MAX_ALGO_CANDIDATES}, not {}",
+                self.algo_candidates
+            )));
+        }
+        if self.workspace_limit == Some(0) {
+            return Err(EngineError::Setup(
+                "a fused workspace limit of 0 bytes leaves no algorithm for some layers; \
+                 leave it unset for the default"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One line for a result's details, so every number says how it was made.
+    pub fn summary(&self) -> String {
+        format!(
+            "cuda_graph={} epilogue={} stem={} tf32={} algo_candidates={} workspace_limit={} \
+             plan={} profile={}",
+            on_off(self.cuda_graph),
+            self.epilogue,
+            self.stem,
+            on_off(self.tf32),
+            self.algo_candidates,
+            self.workspace_limit
+                .map_or_else(|| "auto".to_string(), |b| b.to_string()),
+            self.plan,
+            on_off(self.profile),
+        )
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn bad(what: &str, given: &str, expected: &str) -> EngineError {
+    EngineError::Setup(format!("unknown {what} '{given}': expected {expected}"))
+}
+
+impl FromStr for EpilogueChoice {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(EpilogueChoice::Auto),
+            "api" => Ok(EpilogueChoice::Api),
+            "separate" => Ok(EpilogueChoice::Separate),
+            _ => Err(bad("epilogue", s, "auto, api or separate")),
+        }
+    }
+}
+
+impl fmt::Display for EpilogueChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EpilogueChoice::Auto => "auto",
+            EpilogueChoice::Api => "api",
+            EpilogueChoice::Separate => "separate",
+        })
+    }
+}
+
+impl FromStr for PlanChoice {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "both" => Ok(PlanChoice::Both),
+            "timed" => Ok(PlanChoice::Timed),
+            "ranked" => Ok(PlanChoice::Ranked),
+            _ => Err(bad("plan", s, "both, timed or ranked")),
+        }
+    }
+}
+
+impl fmt::Display for PlanChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PlanChoice::Both => "both",
+            PlanChoice::Timed => "timed",
+            PlanChoice::Ranked => "ranked",
+        })
+    }
+}
+
+impl FromStr for StemChannels {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(StemChannels::Auto),
+            "3" => Ok(StemChannels::Fixed(StemPad::C3)),
+            "4" => Ok(StemChannels::Fixed(StemPad::C4)),
+            "8" => Ok(StemChannels::Fixed(StemPad::C8)),
+            _ => Err(bad("stem channel count", s, "auto, 3, 4 or 8")),
+        }
+    }
+}
+
+impl fmt::Display for StemChannels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StemChannels::Auto => f.write_str("auto"),
+            StemChannels::Fixed(p) => write!(f, "{}", p.channels()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_errors_not_defaults() {
+        // These used to fall back silently: FLEETMARK_EPILOGUE=apii ran `auto`.
+        let e = "apii".parse::<EpilogueChoice>().unwrap_err().to_string();
+        assert!(e.contains("unknown epilogue 'apii'"), "{e}");
+        assert!("5".parse::<StemChannels>().is_err());
+        assert!("fast".parse::<PlanChoice>().is_err());
+        assert_eq!(
+            "8".parse::<StemChannels>().unwrap(),
+            StemChannels::Fixed(StemPad::C8)
+        );
+        let mut o = FusedOptions {
+            algo_candidates: NonZeroUsize::new(9).unwrap(),
+            ..Default::default()
+        };
+        assert!(o.validate().is_err());
+        o.algo_candidates = NonZeroUsize::new(1).unwrap();
+        o.workspace_limit = Some(0);
+        assert!(o.validate().is_err());
+        assert!(FusedOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn every_knob_appears_in_the_summary() {
+        let o = FusedOptions {
+            tf32: false,
+            stem: StemChannels::Fixed(StemPad::C4),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.summary(),
+            "cuda_graph=on epilogue=auto stem=4 tf32=off algo_candidates=8 \
+             workspace_limit=auto plan=both profile=off"
+        );
+    }
+}
