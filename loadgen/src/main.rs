@@ -65,6 +65,10 @@ struct Args {
     /// Soak mode: keep the queue fed for this long instead of completing `--jobs` once.
     #[arg(long, value_parser = humantime::parse_duration)]
     soak: Option<Duration>,
+    /// Stop after this long even if not every job is done (the rate is of those completed):
+    /// the rate with a long queue, without waiting for all of it to drain.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_time: Option<Duration>,
     /// Sample this process's resident memory (the coordinator) during the run.
     #[arg(long)]
     rss_pid: Option<u32>,
@@ -479,6 +483,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Some(_) => {}
             None if done >= args.jobs => break,
+            None if args.max_time.is_some_and(|d| start.elapsed() >= d) => break,
             None => {}
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
