@@ -59,6 +59,9 @@ fn check_body_id(id: Uuid, body_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// The hash of an agent secret and the agent id a request body names, if any.
+type SecretAndBodyId = ([u8; 32], Option<Uuid>);
+
 /// For the hot agent calls (progress, result) that can authenticate inside their own first
 /// statement: the caller's secret hash and the agent id of the body, if any. `None` when the
 /// credential is not an agent secret or the body's id is not a UUID: the call then takes the
@@ -69,7 +72,7 @@ fn one_statement_auth<T>(
     state: &State,
     req: &Request<T>,
     body_id: &str,
-) -> Result<Option<([u8; 32], Option<Uuid>)>, Status> {
+) -> Result<Option<SecretAndBodyId>, Status> {
     let Some(hash) = crate::auth::agent_secret_hash(state, req)? else {
         return Ok(None);
     };

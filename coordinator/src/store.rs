@@ -734,12 +734,7 @@ impl Store {
             .ok_or_else(|| CoordinatorError::InvalidArgument("the result has no job id".into()))?;
         let mut tx = self.pool.begin().await?;
         // The job and the agent's registration in one read.
-        let row: Option<(
-            Uuid,
-            serde_json::Value,
-            Option<serde_json::Value>,
-            Option<serde_json::Value>,
-        )> = sqlx::query_as(
+        let row: Option<JobAndAgentRow> = sqlx::query_as(
             "SELECT j.sweep_id, j.spec, a.devices, a.inventory \
                  FROM jobs j LEFT JOIN agents a ON a.id = $2 WHERE j.id = $1",
         )
@@ -779,13 +774,7 @@ impl Store {
         };
         let mut tx = self.pool.begin().await?;
         // The agent (authenticated), its registration and the job in one read.
-        let row: Option<(
-            Uuid,
-            serde_json::Value,
-            serde_json::Value,
-            Option<Uuid>,
-            Option<serde_json::Value>,
-        )> = sqlx::query_as(
+        let row: Option<AgentAndJobRow> = sqlx::query_as(
             "SELECT a.id, a.devices, a.inventory, j.sweep_id, j.spec \
                  FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
                       LEFT JOIN jobs j ON j.id = $2 \
@@ -1202,6 +1191,25 @@ fn device_kind_in(agent: Uuid, device: &str, devices: Option<serde_json::Value>)
             ))
         })
 }
+
+/// What `submit_result` reads first: the job's sweep and spec, the agent's devices and
+/// inventory (`None` for an unknown agent).
+type JobAndAgentRow = (
+    Uuid,
+    serde_json::Value,
+    Option<serde_json::Value>,
+    Option<serde_json::Value>,
+);
+
+/// What `submit_result_by_secret` reads first: the authenticated agent's id, devices and
+/// inventory, and the job's sweep and spec (`None` for an unknown job).
+type AgentAndJobRow = (
+    Uuid,
+    serde_json::Value,
+    serde_json::Value,
+    Option<Uuid>,
+    Option<serde_json::Value>,
+);
 
 /// What a result submission read first: the submitting agent's registration and the job.
 struct Submission {
