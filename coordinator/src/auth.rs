@@ -200,19 +200,8 @@ pub(crate) async fn authorize<T>(
     need: Permission,
 ) -> Result<Principal, Status> {
     let agent_call = matches!(need, Permission::Register | Permission::AgentSession);
-    if agent_call
-        && state
-            .config
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.client_ca_pem.is_some())
-        && req.peer_certs().is_none_or(|c| c.is_empty())
-    {
-        return Err(CoordinatorError::Unauthenticated(
-            "this coordinator requires agents to present a client certificate (--tls-cert/--tls-key)"
-                .into(),
-        )
-        .into());
+    if agent_call {
+        require_client_cert(state, req)?;
     }
     let secret = bearer(req)?;
     let principal = if secret.starts_with(AGENT_SECRET_PREFIX) {
@@ -220,13 +209,7 @@ pub(crate) async fn authorize<T>(
             .store
             .agent_by_secret(&hash_secret(secret))
             .await?
-            .ok_or_else(|| {
-                CoordinatorError::Unauthenticated(
-                    "unknown agent secret: the agent registered again elsewhere, or its token \
-                     was revoked"
-                        .into(),
-                )
-            })?;
+            .ok_or_else(unknown_agent_secret)?;
         Principal::Agent { id }
     } else if secret.starts_with(TOKEN_PREFIX) {
         state.store.token_by_hash(&hash_secret(secret)).await?
@@ -238,6 +221,48 @@ pub(crate) async fn authorize<T>(
     };
     permits(&principal, need)?;
     Ok(principal)
+}
+
+/// UNAUTHENTICATED when the coordinator requires agents to present a client certificate and
+/// this caller did not.
+fn require_client_cert<T>(state: &State, req: &Request<T>) -> Result<(), Status> {
+    if state
+        .config
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_pem.is_some())
+        && req.peer_certs().is_none_or(|c| c.is_empty())
+    {
+        return Err(CoordinatorError::Unauthenticated(
+            "this coordinator requires agents to present a client certificate (--tls-cert/--tls-key)"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// For an agent call whose first statement reads the agent's row anyway (a claim): the hash of
+/// the caller's agent secret, after the checks that need no database, so that statement can
+/// look the secret up itself. `None` when the credential is not an agent secret at all; the
+/// caller then goes through [`authorize`], which says precisely what is wrong.
+pub(crate) fn agent_secret_hash<T>(
+    state: &State,
+    req: &Request<T>,
+) -> Result<Option<[u8; 32]>, Status> {
+    require_client_cert(state, req)?;
+    let secret = bearer(req)?;
+    Ok(secret
+        .starts_with(AGENT_SECRET_PREFIX)
+        .then(|| hash_secret(secret)))
+}
+
+/// What an agent secret that matches no live agent is told.
+pub(crate) fn unknown_agent_secret() -> CoordinatorError {
+    CoordinatorError::Unauthenticated(
+        "unknown agent secret: the agent registered again elsewhere, or its token was revoked"
+            .into(),
+    )
 }
 
 fn bearer<T>(req: &Request<T>) -> Result<&str, CoordinatorError> {

@@ -44,13 +44,75 @@ async fn calling_agent<T>(state: &State, req: &Request<T>, body_id: &str) -> Res
             "agent calls take an agent secret",
         ));
     };
+    check_body_id(id, body_id)?;
+    Ok(id)
+}
+
+/// The agent id in a request body, if any, must be the caller's own.
+fn check_body_id(id: Uuid, body_id: &str) -> Result<(), Status> {
     if !body_id.is_empty() && parse_uuid("agent id", body_id).ok() != Some(id) {
         return Err(CoordinatorError::PermissionDenied(format!(
             "agent id {body_id} in the request is not the caller's own ({id})"
         ))
         .into());
     }
-    Ok(id)
+    Ok(())
+}
+
+/// The hash of an agent secret and the agent id a request body names, if any.
+type SecretAndBodyId = ([u8; 32], Option<Uuid>);
+
+/// For the hot agent calls (progress, result) that can authenticate inside their own first
+/// statement: the caller's secret hash and the agent id of the body, if any. `None` when the
+/// credential is not an agent secret or the body's id is not a UUID: the call then takes the
+/// full path ([`calling_agent`]), which says what is wrong. A one-statement attempt that
+/// updates nothing also falls back to the full path, so every error is the one the full path
+/// gives.
+fn one_statement_auth<T>(
+    state: &State,
+    req: &Request<T>,
+    body_id: &str,
+) -> Result<Option<SecretAndBodyId>, Status> {
+    let Some(hash) = crate::auth::agent_secret_hash(state, req)? else {
+        return Ok(None);
+    };
+    if body_id.is_empty() {
+        return Ok(Some((hash, None)));
+    }
+    Ok(parse_uuid("agent id", body_id)
+        .ok()
+        .map(|id| (hash, Some(id))))
+}
+
+/// The start of a claim: the calling agent (authenticated as [`calling_agent`] does) and the
+/// kind of the device it claims for, with the agent marked as seen. For an agent secret this
+/// is one statement (the lookup of the secret, the touch and the read of the devices).
+async fn claiming_agent(
+    state: &State,
+    req: &Request<pb::ClaimJobRequest>,
+) -> Result<(Uuid, String), Status> {
+    let r = req.get_ref();
+    match crate::auth::agent_secret_hash(state, req)? {
+        Some(hash) => {
+            let (agent, kind) = state
+                .store
+                .touch_device_kind_by_secret(&hash, &r.device)
+                .await
+                .map_err(Status::from)?
+                .ok_or_else(crate::auth::unknown_agent_secret)?;
+            check_body_id(agent, &r.agent_id)?;
+            Ok((agent, kind))
+        }
+        None => {
+            let agent = calling_agent(state, req, &r.agent_id).await?;
+            let kind = state
+                .store
+                .touch_device_kind(agent, &r.device)
+                .await
+                .map_err(Status::from)?;
+            Ok((agent, kind))
+        }
+    }
 }
 
 /// Maps a broken limit to INVALID_ARGUMENT.
@@ -184,14 +246,33 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
+        // Authentication and the touch in one statement for an agent secret.
+        let touched = match crate::auth::agent_secret_hash(&self.0, &req)? {
+            Some(hash) => self
+                .0
+                .store
+                .touch_agent_by_secret(&hash)
+                .await
+                .map_err(Status::from)?,
+            None => None,
+        };
+        let (agent, known) = match touched {
+            Some(agent) => {
+                check_body_id(agent, &req.get_ref().agent_id)?;
+                (agent, true)
+            }
+            None => {
+                let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
+                let known = self
+                    .0
+                    .store
+                    .touch_agent(agent)
+                    .await
+                    .map_err(Status::from)?;
+                (agent, known)
+            }
+        };
         let r = req.into_inner();
-        let known = self
-            .0
-            .store
-            .touch_agent(agent)
-            .await
-            .map_err(Status::from)?;
         if !known {
             return Ok(Response::new(pb::HeartbeatResponse {
                 stop: Vec::new(),
@@ -234,14 +315,9 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::ClaimJobRequest>,
     ) -> Result<Response<pb::ClaimJobResponse>, Status> {
-        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
+        let (agent, kind) = claiming_agent(&self.0, &req).await?;
         let r = req.into_inner();
         let state = &self.0;
-        let kind = state
-            .store
-            .touch_device_kind(agent, &r.device)
-            .await
-            .map_err(Status::from)?;
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(r.wait_ms as u64).min(MAX_CLAIM_WAIT);
         loop {
@@ -293,6 +369,42 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::ReportProgressRequest>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        // One statement when the caller holds the lease: authentication and the update.
+        let fast = one_statement_auth(&self.0, &req, &req.get_ref().agent_id)?;
+        if let Some((hash, body_agent)) = fast {
+            let r = req.get_ref();
+            let phase: String = r.phase.chars().take(32).collect();
+            if let (Ok(job), Ok(())) = (
+                parse_uuid("job id", &r.job_id),
+                fleetmark_core::limits::check_text("phase", &phase, 32),
+            ) {
+                let updated = self
+                    .0
+                    .store
+                    .report_progress_by_secret(
+                        &hash,
+                        body_agent,
+                        job,
+                        r.attempt as i32,
+                        &phase,
+                        r.iterations.min(i32::MAX as u32) as i32,
+                        if r.fraction.is_finite() {
+                            r.fraction
+                        } else {
+                            0.0
+                        },
+                        self.0.config.lease,
+                    )
+                    .await
+                    .map_err(Status::from)?;
+                if let Some((expires, sweep)) = updated {
+                    self.0.sweep_events.job_changed(job, sweep);
+                    return Ok(Response::new(pb::ReportProgressResponse {
+                        lease_expires_at: Some(timestamp(expires)),
+                    }));
+                }
+            }
+        }
         let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
         let r = req.into_inner();
         let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
@@ -335,16 +447,39 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::SubmitResultRequest>,
     ) -> Result<Response<pb::SubmitResultResponse>, Status> {
-        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
-        let r = req.into_inner();
-        let result: BenchResult = r
-            .result
-            .ok_or_else(|| Status::invalid_argument("missing result"))?
-            .try_into()
-            .map_err(|e: fleetmark_proto::convert::WireError| Status::from(e))?;
-        match self.0.store.submit_result(agent, &result).await {
+        // Authentication inside the transaction's first read when the credential is an agent
+        // secret; the full path (and its errors) otherwise.
+        let fast = one_statement_auth(&self.0, &req, &req.get_ref().agent_id)?;
+        let converted: Option<BenchResult> = match (&fast, &req.get_ref().result) {
+            (Some(_), Some(wire)) => wire.clone().try_into().ok(),
+            _ => None,
+        };
+        let stored = match (fast, &converted) {
+            (Some((hash, body_agent)), Some(result)) => self
+                .0
+                .store
+                .submit_result_by_secret(&hash, body_agent, result)
+                .await
+                .transpose(),
+            _ => None,
+        };
+        let (agent, result, stored) = match (stored, converted) {
+            (Some(stored), Some(result)) => (None, result, stored),
+            _ => {
+                let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
+                let r = req.into_inner();
+                let result: BenchResult = r
+                    .result
+                    .ok_or_else(|| Status::invalid_argument("missing result"))?
+                    .try_into()
+                    .map_err(|e: fleetmark_proto::convert::WireError| Status::from(e))?;
+                let stored = self.0.store.submit_result(agent, &result).await;
+                (Some(agent), result, stored)
+            }
+        };
+        match stored {
             Ok(id) => {
-                info!(job_id = ?result.job_id, agent_id = %agent, images_per_sec = result.images_per_sec,
+                info!(job_id = ?result.job_id, agent_id = ?agent, images_per_sec = result.images_per_sec,
                       "result accepted");
                 self.0.sweep_events.job_finished(result.job_id);
                 self.0.metrics.results.with_label_values(&["agent"]).inc();
@@ -354,7 +489,7 @@ impl AgentService for AgentApi {
             }
             Err(e) => {
                 if matches!(e, CoordinatorError::StaleLease(_)) {
-                    warn!(job_id = ?result.job_id, attempt = result.attempt, agent_id = %agent,
+                    warn!(job_id = ?result.job_id, attempt = result.attempt, agent_id = ?agent,
                           "stale result rejected");
                 }
                 Err(e.into())

@@ -381,15 +381,34 @@ impl Store {
 
     /// Marks the agent as seen; false when no such agent exists.
     /// An agent that is heard from is no longer stopping (a restarted one, say).
+    /// Committed without waiting for the WAL flush (see [`ASYNC_COMMIT`]).
     pub async fn touch_agent(&self, id: Uuid) -> Result<bool> {
         let n = sqlx::query(
-            "UPDATE agents SET last_seen_at = now(), stopping_since = NULL WHERE id = $1",
+            "UPDATE agents SET last_seen_at = now(), stopping_since = NULL \
+             WHERE id = $1 AND set_config('synchronous_commit', 'off', true) = 'off'",
         )
         .bind(id)
         .execute(&self.pool)
         .await?
         .rows_affected();
         Ok(n == 1)
+    }
+
+    /// [`Store::touch_agent`] for the agent whose current secret has this hash (see
+    /// `Store::agent_by_secret`), authenticating the caller in the same statement: its id, or
+    /// `None` for a secret that matches no live agent.
+    pub async fn touch_agent_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<Uuid>> {
+        Ok(sqlx::query_scalar(
+            "UPDATE agents a SET last_seen_at = now(), stopping_since = NULL \
+             WHERE a.secret_hash = $1 \
+               AND NOT EXISTS (SELECT 1 FROM api_tokens t \
+                               WHERE t.id = a.registered_by AND t.revoked_at IS NOT NULL) \
+               AND set_config('synchronous_commit', 'off', true) = 'off' \
+             RETURNING a.id",
+        )
+        .bind(&secret_hash[..])
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Records that an agent's operator is stopping it: leases it cannot hand back before it
@@ -403,16 +422,52 @@ impl Store {
     }
 
     /// Marks the agent as seen and returns the kind of one of its devices, in one statement
-    /// (the start of every claim).
+    /// (the start of every claim). The row is written only when the agent was last seen more
+    /// than a second ago (or was stopping): an agent claiming many short jobs in a row does not
+    /// rewrite its row for every claim, and `last_seen_at` is never more than a second behind.
+    /// Committed without waiting for the WAL flush (see [`ASYNC_COMMIT`]).
     pub async fn touch_device_kind(&self, agent: Uuid, device: &str) -> Result<String> {
         let devices: Option<serde_json::Value> = sqlx::query_scalar(
-            "UPDATE agents SET last_seen_at = now(), stopping_since = NULL WHERE id = $1 \
-             RETURNING devices",
+            "WITH seen AS (UPDATE agents SET last_seen_at = now(), stopping_since = NULL \
+                 WHERE id = $1 \
+                   AND (last_seen_at < now() - interval '1 second' OR stopping_since IS NOT NULL) \
+                   AND set_config('synchronous_commit', 'off', true) = 'off' \
+                 RETURNING 1) \
+             SELECT devices FROM agents WHERE id = $1",
         )
         .bind(agent)
         .fetch_optional(&self.pool)
         .await?;
         device_kind_in(agent, device, devices)
+    }
+
+    /// [`Store::touch_device_kind`] for the agent whose current secret has this hash (see
+    /// `Store::agent_by_secret`), authenticating the caller in the same statement: its id and
+    /// the device's kind, `None` for a secret that matches no live agent.
+    pub async fn touch_device_kind_by_secret(
+        &self,
+        secret_hash: &[u8; 32],
+        device: &str,
+    ) -> Result<Option<(Uuid, String)>> {
+        let row: Option<(Uuid, serde_json::Value)> = sqlx::query_as(
+            "WITH me AS (SELECT a.id, a.devices, a.last_seen_at, a.stopping_since \
+                 FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
+                 WHERE a.secret_hash = $1 AND t.revoked_at IS NULL), \
+             seen AS (UPDATE agents SET last_seen_at = now(), stopping_since = NULL FROM me \
+                 WHERE agents.id = me.id \
+                   AND (me.last_seen_at < now() - interval '1 second' \
+                        OR me.stopping_since IS NOT NULL) \
+                   AND set_config('synchronous_commit', 'off', true) = 'off' \
+                 RETURNING 1) \
+             SELECT id, devices FROM me",
+        )
+        .bind(&secret_hash[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some((id, devices)) => Ok(Some((id, device_kind_in(id, device, Some(devices))?))),
+            None => Ok(None),
+        }
     }
 
     /// The kind of one of an agent's devices, as it registered it.
@@ -707,7 +762,8 @@ impl Store {
 
     /// Records progress (which also acknowledges the claim) and extends the lease. Returns the
     /// new expiry and the job's sweep; `None` when the caller no longer holds the lease of this
-    /// attempt.
+    /// attempt. No indexed column changes, so the update is HOT; committed without waiting for
+    /// the WAL flush (see [`ASYNC_COMMIT`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn report_progress(
         &self,
@@ -723,6 +779,7 @@ impl Store {
             "UPDATE jobs SET phase = $4, iterations = $5, fraction = $6, \
                  lease_expires_at = now() + $7 * interval '1 millisecond', claim_ack_by = NULL \
              WHERE id = $2 AND attempt = $3 AND lease_agent_id = $1 AND state = 'running' \
+               AND set_config('synchronous_commit', 'off', true) = 'off' \
              RETURNING lease_expires_at, sweep_id",
         )
         .bind(agent)
@@ -736,6 +793,45 @@ impl Store {
         .await?)
     }
 
+    /// [`Store::report_progress`] for the agent whose current secret has this hash (see
+    /// `Store::agent_by_secret`), authenticating the caller in the same statement. `None` when
+    /// nothing was updated: the secret is not a live agent's, the agent is not `body_agent`
+    /// (when given), or it does not hold the lease of this attempt; the caller then takes the
+    /// full path, which says which.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn report_progress_by_secret(
+        &self,
+        secret_hash: &[u8; 32],
+        body_agent: Option<Uuid>,
+        job: Uuid,
+        attempt: i32,
+        phase: &str,
+        iterations: i32,
+        fraction: f64,
+        lease: Duration,
+    ) -> Result<Option<(DateTime<Utc>, Uuid)>> {
+        Ok(sqlx::query_as(
+            "UPDATE jobs j SET phase = $4, iterations = $5, fraction = $6, \
+                 lease_expires_at = now() + $7 * interval '1 millisecond', claim_ack_by = NULL \
+             FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
+             WHERE a.secret_hash = $1 AND t.revoked_at IS NULL \
+               AND ($8::uuid IS NULL OR a.id = $8) \
+               AND j.id = $2 AND j.attempt = $3 AND j.lease_agent_id = a.id AND j.state = 'running' \
+               AND set_config('synchronous_commit', 'off', true) = 'off' \
+             RETURNING j.lease_expires_at, j.sweep_id",
+        )
+        .bind(&secret_hash[..])
+        .bind(job)
+        .bind(attempt)
+        .bind(phase)
+        .bind(iterations)
+        .bind(fraction.clamp(0.0, 1.0))
+        .bind(lease.as_millis() as f64)
+        .bind(body_agent)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// Stores a result and finishes its job, atomically. The insert trigger refuses a result
     /// whose (job, attempt, agent) is not the running lease; that surfaces as `StaleLease`.
     pub async fn submit_result(&self, agent: Uuid, result: &BenchResult) -> Result<Uuid> {
@@ -743,13 +839,93 @@ impl Store {
             .job_id
             .ok_or_else(|| CoordinatorError::InvalidArgument("the result has no job id".into()))?;
         let mut tx = self.pool.begin().await?;
-        let row: Option<(Uuid, serde_json::Value)> =
-            sqlx::query_as("SELECT sweep_id, spec FROM jobs WHERE id = $1")
-                .bind(job)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (sweep, spec) =
+        // The job and the agent's registration in one read.
+        let row: Option<JobAndAgentRow> = sqlx::query_as(
+            "SELECT j.sweep_id, j.spec, a.devices, a.inventory \
+                 FROM jobs j LEFT JOIN agents a ON a.id = $2 WHERE j.id = $1",
+        )
+        .bind(job)
+        .bind(agent)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (sweep, spec, devices, inventory) =
             row.ok_or_else(|| CoordinatorError::NotFound(format!("no job {job}")))?;
+        let (Some(devices), Some(inventory)) = (devices, inventory) else {
+            return Err(CoordinatorError::NotFound(format!("unknown agent {agent}")));
+        };
+        let submission = Submission {
+            agent,
+            job,
+            sweep,
+            spec,
+            devices,
+            inventory,
+        };
+        self.store_result(tx, submission, result).await
+    }
+
+    /// [`Store::submit_result`] for the agent whose current secret has this hash (see
+    /// `Store::agent_by_secret`), authenticating the caller in the transaction's first read.
+    /// `None` when that read does not authenticate it as `body_agent` (when given), or the
+    /// result names no job: nothing is stored, and the caller takes the full path, which says
+    /// what is wrong.
+    pub async fn submit_result_by_secret(
+        &self,
+        secret_hash: &[u8; 32],
+        body_agent: Option<Uuid>,
+        result: &BenchResult,
+    ) -> Result<Option<Uuid>> {
+        let Some(job) = result.job_id else {
+            return Ok(None);
+        };
+        let mut tx = self.pool.begin().await?;
+        // The agent (authenticated), its registration and the job in one read.
+        let row: Option<AgentAndJobRow> = sqlx::query_as(
+            "SELECT a.id, a.devices, a.inventory, j.sweep_id, j.spec \
+                 FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
+                      LEFT JOIN jobs j ON j.id = $2 \
+                 WHERE a.secret_hash = $1 AND t.revoked_at IS NULL",
+        )
+        .bind(&secret_hash[..])
+        .bind(job)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((agent, devices, inventory, sweep, spec)) = row else {
+            return Ok(None);
+        };
+        if body_agent.is_some_and(|b| b != agent) {
+            return Ok(None);
+        }
+        let (Some(sweep), Some(spec)) = (sweep, spec) else {
+            return Err(CoordinatorError::NotFound(format!("no job {job}")));
+        };
+        let submission = Submission {
+            agent,
+            job,
+            sweep,
+            spec,
+            devices,
+            inventory,
+        };
+        self.store_result(tx, submission, result).await.map(Some)
+    }
+
+    /// The part of a result submission after the first read: checks, insert, finish, commit,
+    /// sweep completion.
+    async fn store_result(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        s: Submission,
+        result: &BenchResult,
+    ) -> Result<Uuid> {
+        let Submission {
+            agent,
+            job,
+            sweep,
+            spec,
+            devices,
+            inventory,
+        } = s;
         // The result must answer this job, on hardware the job allows.
         let spec: JobSpec = serde_json::from_value(spec)
             .map_err(|e| CoordinatorError::InvalidArgument(format!("stored job spec: {e}")))?;
@@ -767,7 +943,9 @@ impl Store {
                 fleetmark_core::limits::Excerpt::of(&result.hardware_kind)
             )));
         }
-        check_registered_hardware(&mut tx, agent, result).await?;
+        let devices: Vec<AgentDevice> = from_json(devices);
+        let inventory: HostInventory = from_json(inventory);
+        check_hardware(result, &devices, &inventory).map_err(CoordinatorError::InvalidArgument)?;
         let id = insert_result(&mut tx, sweep, job, agent, result, None).await?;
         let done = sqlx::query(
             "UPDATE jobs SET state = 'succeeded', lease_agent_id = NULL, lease_device = NULL, \
@@ -1134,6 +1312,35 @@ fn device_kind_in(agent: Uuid, device: &str, devices: Option<serde_json::Value>)
         })
 }
 
+/// What `submit_result` reads first: the job's sweep and spec, the agent's devices and
+/// inventory (`None` for an unknown agent).
+type JobAndAgentRow = (
+    Uuid,
+    serde_json::Value,
+    Option<serde_json::Value>,
+    Option<serde_json::Value>,
+);
+
+/// What `submit_result_by_secret` reads first: the authenticated agent's id, devices and
+/// inventory, and the job's sweep and spec (`None` for an unknown job).
+type AgentAndJobRow = (
+    Uuid,
+    serde_json::Value,
+    serde_json::Value,
+    Option<Uuid>,
+    Option<serde_json::Value>,
+);
+
+/// What a result submission read first: the submitting agent's registration and the job.
+struct Submission {
+    agent: Uuid,
+    job: Uuid,
+    sweep: Uuid,
+    spec: serde_json::Value,
+    devices: serde_json::Value,
+    inventory: serde_json::Value,
+}
+
 /// How a run that produced no result ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Release {
@@ -1144,6 +1351,28 @@ enum Release {
     /// Not the job's fault (the agent is stopping): no attempt is used.
     HandBack,
 }
+
+/// Transitions whose loss in a Postgres crash is harmless commit without waiting for the WAL
+/// flush: the claim, the progress report (the claim's acknowledgement and lease extension) and
+/// the agent's "last seen" mark. Each statement sets `synchronous_commit = off` for its own
+/// implicit transaction with `set_config('synchronous_commit', 'off', true)` in its `WHERE`
+/// clause, so it costs no extra round trip. What such a commit risks is being rolled back by a
+/// Postgres crash within a fraction of a second of it (never by a coordinator crash), and the
+/// WAL is replayed in order, so nothing later survives without it:
+///
+/// - a lost claim puts the job back to pending on its previous attempt; the agent that got it
+///   holds no lease in the database, so its reports are refused (it stops) and its result is
+///   refused by `results_check_lease`, unless the same agent claims that job again on the same
+///   attempt, in which case one of its runs delivers the one result (the job's row allows one);
+/// - a lost acknowledgement leaves `claim_ack_by` set: the claim returns to the queue after its
+///   grace as a hand-back, without costing an attempt; a lost lease extension shortens the lease
+///   to the one before it (the coordinator renews leases of agents heard from after an outage);
+/// - a lost "last seen" mark makes an agent look a second or two older.
+///
+/// Results (`SubmitResult`), failures, hand-backs, registrations, sweeps and cancellations
+/// commit synchronously: an agent is told its result is stored only once it is on disk, and the
+/// flush of that commit also flushes every earlier transition of the job.
+pub const ASYNC_COMMIT: &str = "set_config('synchronous_commit', 'off', true)";
 
 /// One claim, one statement: the two oldest pending jobs of each target this device can run
 /// (`any`, its own kind, and `gpu` unless it is a CPU), each found by a short probe of
@@ -1185,6 +1414,7 @@ const CLAIM_SQL: &str = "\
             started_at = coalesce(jobs.started_at, now()), \
             phase = 'assigned', iterations = 0, fraction = 0 \
           FROM pick WHERE jobs.id = pick.id \
+            AND set_config('synchronous_commit', 'off', true) = 'off' \
           RETURNING jobs.*) \
     SELECT c.id, c.sweep_id, c.seq, c.spec, c.state::text AS state, c.attempt, c.lease_expires_at, \
            NULL::text AS agent_name, c.lease_device AS device, c.phase, c.iterations, c.fraction, \

@@ -46,6 +46,10 @@ struct Args {
     /// The coordinator's database, for the Postgres cost per completion and queue waits.
     #[arg(long)]
     database_url: Option<String>,
+    /// An admin token (`fleetmark-coordinator token create --role admin`): agents register with
+    /// it and the sweeps are submitted with it; each agent then uses its own secret.
+    #[arg(long, env = "FLEETMARK_TOKEN")]
+    token: String,
     /// Simulated agents (one connection and one device each).
     #[arg(long, default_value_t = 100)]
     agents: usize,
@@ -61,6 +65,10 @@ struct Args {
     /// Soak mode: keep the queue fed for this long instead of completing `--jobs` once.
     #[arg(long, value_parser = humantime::parse_duration)]
     soak: Option<Duration>,
+    /// Stop after this long even if not every job is done (the rate is of those completed):
+    /// the rate with a long queue, without waiting for all of it to drain.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_time: Option<Duration>,
     /// Sample this process's resident memory (the coordinator) during the run.
     #[arg(long)]
     rss_pid: Option<u32>,
@@ -199,7 +207,7 @@ fn made_up(job: &pb::Job, agent: &str, spec: JobSpec) -> BenchResult {
         agent_labels: Default::default(),
         price_per_hour: None,
         hardware_kind: "cpu".into(),
-        hardware_name: "loadgen".into(),
+        hardware_name: "loadgen cpu".into(),
         device: "cpu".into(),
         images_per_sec: latency.images_per_sec(spec.batch_size),
         spec,
@@ -227,6 +235,18 @@ fn made_up(job: &pb::Job, agent: &str, spec: JobSpec) -> BenchResult {
     }
 }
 
+/// `msg` as a request carrying `secret` as its bearer credential.
+fn authed<T>(msg: T, secret: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {secret}")
+            .parse()
+            .expect("secrets are ASCII"),
+    );
+    req
+}
+
 struct Shared {
     done: AtomicU64,
     errors: AtomicU64,
@@ -240,16 +260,20 @@ struct Shared {
 async fn agent_loop(
     mut client: AgentServiceClient<Channel>,
     id: String,
+    secret: String,
     name: String,
     s: Arc<Shared>,
 ) {
     while !s.stop.load(Ordering::Relaxed) {
         let claim = client
-            .claim_job(pb::ClaimJobRequest {
-                agent_id: id.clone(),
-                device: "cpu".into(),
-                wait_ms: s.claim_wait.as_millis() as u32,
-            })
+            .claim_job(authed(
+                pb::ClaimJobRequest {
+                    agent_id: id.clone(),
+                    device: "cpu".into(),
+                    wait_ms: s.claim_wait.as_millis() as u32,
+                },
+                &secret,
+            ))
             .await;
         let job = match claim {
             Ok(r) => match r.into_inner().job {
@@ -263,14 +287,17 @@ async fn agent_loop(
             }
         };
         let ack = client
-            .report_progress(pb::ReportProgressRequest {
-                agent_id: id.clone(),
-                job_id: job.job_id.clone(),
-                attempt: job.attempt,
-                phase: "timing".into(),
-                iterations: 1,
-                fraction: 0.5,
-            })
+            .report_progress(authed(
+                pb::ReportProgressRequest {
+                    agent_id: id.clone(),
+                    job_id: job.job_id.clone(),
+                    attempt: job.attempt,
+                    phase: "timing".into(),
+                    iterations: 1,
+                    fraction: 0.5,
+                },
+                &secret,
+            ))
             .await;
         if ack.is_err() {
             s.errors.fetch_add(1, Ordering::Relaxed);
@@ -281,10 +308,13 @@ async fn agent_loop(
         };
         let result = made_up(&job, &name, spec);
         match client
-            .submit_result(pb::SubmitResultRequest {
-                agent_id: id.clone(),
-                result: Some((&result).into()),
-            })
+            .submit_result(authed(
+                pb::SubmitResultRequest {
+                    agent_id: id.clone(),
+                    result: Some((&result).into()),
+                },
+                &secret,
+            ))
             .await
         {
             Ok(_) => {
@@ -307,6 +337,7 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
 
 async fn submit(
     sweeps: &mut SweepServiceClient<Channel>,
+    token: &str,
     name: &str,
     n: usize,
     target: &str,
@@ -317,9 +348,12 @@ async fn submit(
     while left > 0 {
         let chunk = left.min(SWEEP_CHUNK);
         let r = sweeps
-            .submit_sweep(pb::SubmitSweepRequest {
-                spec_toml: sweep_toml(&format!("{name}-{k}"), chunk, target),
-            })
+            .submit_sweep(authed(
+                pb::SubmitSweepRequest {
+                    spec_toml: sweep_toml(&format!("{name}-{k}"), chunk, target),
+                },
+                token,
+            ))
             .await
             .context("submit a sweep")?
             .into_inner();
@@ -366,7 +400,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut sweeps = SweepServiceClient::new(connect(&args.coordinator).await?);
     if args.unmatched > 0 {
-        submit(&mut sweeps, "loadgen-unmatched", args.unmatched, "h100").await?;
+        submit(
+            &mut sweeps,
+            &args.token,
+            "loadgen-unmatched",
+            args.unmatched,
+            "h100",
+        )
+        .await?;
         eprintln!("queued {} jobs no agent here can run", args.unmatched);
     }
 
@@ -381,22 +422,30 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..args.agents {
         let mut client = AgentServiceClient::new(connect(&args.coordinator).await?);
         let name = format!("loadgen-{i}");
-        let id = client
-            .register(pb::RegisterRequest {
-                name: name.clone(),
-                devices: vec![pb::AgentDevice {
-                    device: "cpu".into(),
-                    kind: "cpu".into(),
-                    name: "loadgen cpu".into(),
-                    precisions: vec![],
-                }],
-                ..Default::default()
-            })
+        let registered = client
+            .register(authed(
+                pb::RegisterRequest {
+                    name: name.clone(),
+                    devices: vec![pb::AgentDevice {
+                        device: "cpu".into(),
+                        kind: "cpu".into(),
+                        name: "loadgen cpu".into(),
+                        precisions: vec![],
+                    }],
+                    ..Default::default()
+                },
+                &args.token,
+            ))
             .await
             .context("register")?
-            .into_inner()
-            .agent_id;
-        tasks.push(tokio::spawn(agent_loop(client, id, name, shared.clone())));
+            .into_inner();
+        tasks.push(tokio::spawn(agent_loop(
+            client,
+            registered.agent_id,
+            registered.agent_secret,
+            name,
+            shared.clone(),
+        )));
     }
     eprintln!("{} agents connected", args.agents);
 
@@ -406,7 +455,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let mut submitted = args.jobs;
-    let mut ids = submit(&mut sweeps, "loadgen", args.jobs, "any").await?;
+    let mut ids = submit(&mut sweeps, &args.token, "loadgen", args.jobs, "any").await?;
     let mut rss = Vec::new();
     let mut last_rss = Instant::now() - Duration::from_secs(60);
     loop {
@@ -421,11 +470,21 @@ async fn main() -> anyhow::Result<()> {
             Some(d) if start.elapsed() >= d => break,
             // Keep about a chunk queued.
             Some(_) if submitted - done < SWEEP_CHUNK / 2 => {
-                ids.extend(submit(&mut sweeps, "loadgen-soak", SWEEP_CHUNK / 2, "any").await?);
+                ids.extend(
+                    submit(
+                        &mut sweeps,
+                        &args.token,
+                        "loadgen-soak",
+                        SWEEP_CHUNK / 2,
+                        "any",
+                    )
+                    .await?,
+                );
                 submitted += SWEEP_CHUNK / 2;
             }
             Some(_) => {}
             None if done >= args.jobs => break,
+            None if args.max_time.is_some_and(|d| start.elapsed() >= d) => break,
             None => {}
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
