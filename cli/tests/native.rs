@@ -404,6 +404,7 @@ async fn agents_offline_for_good_are_pruned_and_come_back_if_they_return() {
             device: "cpu".into(),
             kind: "cpu".into(),
             name: "cpu".into(),
+            precisions: vec![],
         }],
         ..Default::default()
     };

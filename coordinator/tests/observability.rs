@@ -249,6 +249,7 @@ async fn health_reflection_and_metrics_answer_outsiders() {
                     device: "cpu".into(),
                     kind: "cpu".into(),
                     name: "probe cpu".into(),
+                    precisions: vec![],
                 }],
                 ..Default::default()
             },

@@ -25,34 +25,52 @@ fn device(device: &str, kind: &str, precisions: &[&str]) -> pb::AgentDevice {
     }
 }
 
-async fn register(
-    client: &mut AgentServiceClient<Channel>,
-    name: &str,
-    d: pb::AgentDevice,
-) -> String {
-    client
-        .register(pb::RegisterRequest {
-            name: name.into(),
-            devices: vec![d],
-            ..Default::default()
-        })
-        .await
-        .expect("register")
-        .into_inner()
-        .agent_id
+/// An agent as the wire sees it: its id and its own secret, returned by `Register`.
+struct Registered {
+    id: String,
+    secret: String,
 }
 
+/// Registers with the harness's agent token, as a node's operator would.
+async fn register(
+    client: &mut AgentServiceClient<Channel>,
+    url: &str,
+    name: &str,
+    d: pb::AgentDevice,
+) -> Registered {
+    let r = client
+        .register(bearer(
+            pb::RegisterRequest {
+                name: name.into(),
+                devices: vec![d],
+                ..Default::default()
+            },
+            &agent_token(url),
+        ))
+        .await
+        .expect("register")
+        .into_inner();
+    Registered {
+        id: r.agent_id,
+        secret: r.agent_secret,
+    }
+}
+
+/// Claims as that agent, with its own secret.
 async fn claim(
     client: &mut AgentServiceClient<Channel>,
-    agent: &str,
+    agent: &Registered,
     dev: &str,
 ) -> Option<pb::Job> {
     client
-        .claim_job(pb::ClaimJobRequest {
-            agent_id: agent.into(),
-            device: dev.into(),
-            wait_ms: 0,
-        })
+        .claim_job(bearer(
+            pb::ClaimJobRequest {
+                agent_id: agent.id.clone(),
+                device: dev.into(),
+                wait_ms: 0,
+            },
+            &agent.secret,
+        ))
         .await
         .expect("claim")
         .into_inner()
@@ -81,7 +99,13 @@ async fn a_device_only_claims_precisions_it_declared() {
     .await;
     let url = coord.url.as_str();
     let mut t4 = raw_agent(url).await;
-    let id = register(&mut t4, "t4-box", device("cuda:0", "t4", &["f32", "f16"])).await;
+    let id = register(
+        &mut t4,
+        url,
+        "t4-box",
+        device("cuda:0", "t4", &["f32", "f16"]),
+    )
+    .await;
 
     // bf16 for "gpu" may still find an Ampere card, so it is queued...
     let sweep_id = submit_file(
@@ -104,6 +128,7 @@ async fn a_device_only_claims_precisions_it_declared() {
     let mut a100 = raw_agent(url).await;
     let a = register(
         &mut a100,
+        url,
         "a100-box",
         device("cuda:0", "a100", &["f32", "f16", "bf16"]),
     )
@@ -134,7 +159,7 @@ async fn an_agent_that_declares_no_precisions_is_offered_every_one() {
     .await;
     let url = coord.url.as_str();
     let mut old = raw_agent(url).await;
-    let id = register(&mut old, "old-agent", device("cuda:0", "h100", &[])).await;
+    let id = register(&mut old, url, "old-agent", device("cuda:0", "h100", &[])).await;
     submit_file(
         url,
         None,
@@ -163,11 +188,14 @@ async fn bad_declarations_and_impossible_sweeps_are_refused() {
 
     let mut client = raw_agent(url).await;
     let err = client
-        .register(pb::RegisterRequest {
-            name: "liar".into(),
-            devices: vec![device("cuda:0", "t4", &["f16", "fp64"])],
-            ..Default::default()
-        })
+        .register(bearer(
+            pb::RegisterRequest {
+                name: "liar".into(),
+                devices: vec![device("cuda:0", "t4", &["f16", "fp64"])],
+                ..Default::default()
+            },
+            &agent_token(url),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
