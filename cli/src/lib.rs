@@ -91,7 +91,17 @@ impl CliError {
             }
             Code::Unavailable | Code::Unknown | Code::DeadlineExceeded => CliError::Unreachable {
                 url: url.to_string(),
-                detail: s.message().to_string(),
+                // A TLS handshake that fails (an untrusted certificate) surfaces as a transport
+                // error too, so say where to look.
+                detail: if url.starts_with("https://") {
+                    format!(
+                        "{} (over https this also means a certificate that is not trusted: pass \
+                         --ca-cert with the CA that signed it)",
+                        s.message()
+                    )
+                } else {
+                    s.message().to_string()
+                },
             },
             Code::Unauthenticated => CliError::Unauthenticated(s.message().to_string()),
             Code::PermissionDenied => CliError::PermissionDenied(s.message().to_string()),

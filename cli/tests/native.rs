@@ -161,7 +161,12 @@ async fn tables_fit_80_columns_and_number_repetitions() {
     let reps: Vec<&str> = table
         .lines()
         .filter(|l| l.contains("cpu"))
-        .map(|l| l.split('│').map(str::trim).nth(5).expect("the rep column"))
+        .map(|l| {
+            l.split(['│', '┆'])
+                .map(str::trim)
+                .nth(5)
+                .unwrap_or_else(|| panic!("no rep column in {l:?} of:\n{table}"))
+        })
         .collect();
     assert_eq!(reps, ["1", "2", "3"], "{table}");
     assert!(table.contains("*"), "p99 from 3 samples is marked: {table}");

@@ -203,7 +203,8 @@ async fn a_sweep_over_mutual_tls_with_a_private_ca() {
 
     // Without the CA, the server is not trusted: no call goes through.
     let out = cli(&url, Some(&admin), &["sweeps"]).await;
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--ca-cert"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"));
     let untrusted = Endpoint::from_shared(url.clone())
         .unwrap()
