@@ -2,12 +2,18 @@
 //! with a speed-up against a baseline and images per dollar where prices are known.
 //!
 //! Several results for one cell (repetitions, several agents of one kind) are summarised by the
-//! median throughput, and the count is shown. Simulated results never appear here.
+//! median throughput, with the count, the spread between them (± half the max-min range, in
+//! percent of the mean) and "(unstable)" when any of them was not found stable. Each speed-up
+//! carries its 95% interval from Welch's t-test on log per-window throughput, and "n.s." when
+//! the difference from the baseline is not significant. Simulated results never appear here.
 
 use std::{collections::BTreeMap, process::ExitCode};
 
 use clap::Args;
-use fleetmark_core::BenchResult;
+use fleetmark_core::{
+    significance::{pooled_window_throughputs, summarize_repetitions, welch_ratio},
+    BenchResult, RatioEstimate, RepetitionSummary,
+};
 use fleetmark_proto::v1 as pb;
 use serde::Serialize;
 
@@ -46,6 +52,21 @@ pub struct Cell {
     pub peak_memory_bytes: u64,
     pub speedup: Option<f64>,
     pub images_per_dollar: Option<f64>,
+    /// The cell's results aggregated: mean, spread between repetitions, how many were unstable.
+    pub repetitions: Option<RepetitionSummary>,
+    /// The ratio to the baseline with its 95% interval and significance (Welch's t-test on log
+    /// per-window throughput); `None` for the baseline itself or with too few windows.
+    pub speedup_ci95: Option<RatioEstimate>,
+    /// Per-window throughputs pooled over the cell's results (not serialised).
+    #[serde(skip)]
+    windows: Vec<f64>,
+}
+
+impl Cell {
+    /// Some result in the cell was not found stable.
+    pub fn unstable(&self) -> bool {
+        self.repetitions.is_some_and(|r| r.unstable > 0)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +104,11 @@ pub struct Summary {
     pub math: String,
     pub peak_memory_bytes: u64,
     pub price_per_hour: Option<f64>,
+    /// How the cell's results agree, when computed from records (not sent by the coordinator).
+    pub repetitions: Option<RepetitionSummary>,
+    /// Per-window throughputs pooled over the cell's results, when computed from records: the
+    /// speed-up's interval needs them.
+    pub windows: Vec<f64>,
 }
 
 impl From<pb::CompareCell> for Summary {
@@ -100,6 +126,8 @@ impl From<pb::CompareCell> for Summary {
             math: c.math,
             peak_memory_bytes: c.peak_memory_bytes,
             price_per_hour: c.price_per_hour,
+            repetitions: None,
+            windows: Vec::new(),
         }
     }
 }
@@ -141,6 +169,8 @@ pub fn summarise(results: &[BenchResult]) -> Vec<Summary> {
                     math: maths.join("+"),
                     peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
                     price_per_hour: (!priced.is_empty()).then(|| median(priced)),
+                    repetitions: summarize_repetitions(&rs),
+                    windows: pooled_window_throughputs(&rs),
                 }
             },
         )
@@ -231,14 +261,23 @@ pub fn build_from(
                             peak_memory_bytes: s.peak_memory_bytes,
                             speedup: None,
                             images_per_dollar,
+                            repetitions: s.repetitions,
+                            speedup_ci95: None,
+                            windows: s.windows.clone(),
                         },
                     )
                 })
                 .collect();
             if let Some(b) = &base {
-                if let Some(base_ips) = hardware.get(b).map(|c| c.images_per_sec) {
-                    for c in hardware.values_mut() {
+                if let Some((base_ips, base_windows)) = hardware
+                    .get(b)
+                    .map(|c| (c.images_per_sec, c.windows.clone()))
+                {
+                    for (col, c) in hardware.iter_mut() {
                         c.speedup = Some(c.images_per_sec / base_ips);
+                        if col != b {
+                            c.speedup_ci95 = welch_ratio(&c.windows, &base_windows);
+                        }
                     }
                 }
             }
@@ -287,17 +326,23 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
                         } else {
                             String::new()
                         };
-                        let n = if cell.results > 1 && !plain {
-                            format!(" n={}", cell.results)
+                        let n = match cell.repetitions {
+                            Some(rep) if cell.results > 1 && !plain => {
+                                format!(" n={} ±{:.1}%", cell.results, rep.spread * 50.0)
+                            }
+                            _ => String::new(),
+                        };
+                        let unstable = if cell.unstable() && !plain {
+                            " (unstable)"
                         } else {
-                            String::new()
+                            ""
                         };
                         row.push(if plain {
                             format!("{:.1}", cell.images_per_sec)
                         } else {
-                            format!("{}{math}{n}", throughput(cell.images_per_sec))
+                            format!("{}{math}{n}{unstable}", throughput(cell.images_per_sec))
                         });
-                        row.push(cell.speedup.map(|s| format!("{s:.2}")).unwrap_or_default());
+                        row.push(speedup_text(cell, plain));
                         row.push(
                             cell.images_per_dollar
                                 .map(|v| {
@@ -320,6 +365,23 @@ pub fn render(columns: &[String], rows: &[Row], format: Format) -> String {
     match format {
         Format::Csv => csv(&header_refs, body),
         _ => table(&header_refs, body, 2),
+    }
+}
+
+/// The speed-up with its 95% interval, marked "n.s." when the difference from the baseline is
+/// not significant. CSV gets the plain ratio.
+fn speedup_text(cell: &Cell, plain: bool) -> String {
+    let Some(s) = cell.speedup else {
+        return String::new();
+    };
+    match cell.speedup_ci95 {
+        Some(ci) if !plain => format!(
+            "{s:.2} [{:.2}–{:.2}]{}",
+            ci.ci95_low,
+            ci.ci95_high,
+            if ci.significant { "" } else { " n.s." }
+        ),
+        _ => format!("{s:.2}"),
     }
 }
 

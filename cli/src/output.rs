@@ -2,7 +2,7 @@
 //! text so that tests can check it and `main` prints it to stdout.
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
-use fleetmark_core::BenchResult;
+use fleetmark_core::{BenchResult, LatencyStats, Percentile};
 use fleetmark_proto::{convert::from_timestamp, v1 as pb};
 use serde_json::json;
 
@@ -90,6 +90,41 @@ pub fn thousands(v: f64) -> String {
     format!("{sign}{out}")
 }
 
+/// What a table shows for a percentile the samples cannot support at 95%.
+pub const NOT_ENOUGH_SAMPLES: &str = "not enough samples";
+
+/// A percentile for a table: its estimate when its 95% interval could be formed, "not enough
+/// samples" when it could not, and the plain sample percentile for records that predate the
+/// intervals.
+pub fn percentile_cell(l: &LatencyStats, p: Percentile, plain: f64) -> String {
+    match l.percentiles.get(p) {
+        Some(e) => ms(e.ms),
+        None if (l.count as usize) < p.min_samples() => NOT_ENOUGH_SAMPLES.into(),
+        None => ms(plain),
+    }
+}
+
+/// The same for CSV: a plain number, or empty.
+fn percentile_csv(l: &LatencyStats, p: Percentile) -> [String; 3] {
+    match l.percentiles.get(p) {
+        Some(e) => [
+            e.ms.to_string(),
+            e.ci95_low_ms.to_string(),
+            e.ci95_high_ms.to_string(),
+        ],
+        None => Default::default(),
+    }
+}
+
+/// Throughput with a marker when the result's timing was not found stable.
+pub fn throughput_marked(r: &BenchResult) -> String {
+    if r.is_unstable() {
+        format!("{} (unstable)", throughput(r.images_per_sec))
+    } else {
+        throughput(r.images_per_sec)
+    }
+}
+
 const RESULT_COLUMNS: &[&str] = &[
     "hardware",
     "agent",
@@ -126,11 +161,11 @@ fn result_row(r: &BenchResult) -> Vec<String> {
         r.backend.path.clone(),
         r.precision_label(),
         r.spec.batch_size.to_string(),
-        ms(r.latency.p50_ms),
-        ms(r.latency.p90_ms),
-        ms(r.latency.p99_ms),
+        percentile_cell(&r.latency, Percentile::P50, r.latency.p50_ms),
+        percentile_cell(&r.latency, Percentile::P90, r.latency.p90_ms),
+        percentile_cell(&r.latency, Percentile::P99, r.latency.p99_ms),
         format!("{} ± {}", ms(r.latency.mean_ms), ms(ci)),
-        throughput(r.images_per_sec),
+        throughput_marked(r),
         bytes(r.peak_memory_bytes),
         gate,
         throttled,
@@ -161,12 +196,24 @@ const RESULT_CSV_COLUMNS: &[&str] = &[
     "peak_memory_bytes",
     "max_rel_error",
     "throttled",
+    "stable",
+    "stop_reason",
+    "window_spread",
+    "p50_ci_ms",
+    "p50_ci95_low_ms",
+    "p50_ci95_high_ms",
+    "p90_ci_ms",
+    "p90_ci95_low_ms",
+    "p90_ci95_high_ms",
+    "p99_ci_ms",
+    "p99_ci95_low_ms",
+    "p99_ci95_high_ms",
 ];
 
 /// One result as plain numbers, for spreadsheets and scripts.
 fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
     let l = &r.latency;
-    vec![
+    let mut row = vec![
         id.to_string(),
         sweep.to_string(),
         r.hardware_kind.clone(),
@@ -196,7 +243,19 @@ fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
             .as_ref()
             .map(|t| t.throttled.to_string())
             .unwrap_or_default(),
-    ]
+    ];
+    let st = r.stability.as_ref();
+    row.push(st.map(|s| s.stable.to_string()).unwrap_or_default());
+    row.push(st.map(|s| s.stop_reason.to_string()).unwrap_or_default());
+    row.push(
+        st.and_then(|s| s.spread)
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+    );
+    for p in Percentile::ALL {
+        row.extend(percentile_csv(l, p));
+    }
+    row
 }
 
 /// A sweep's results. JSON carries the whole record, raw latencies included.
@@ -384,6 +443,31 @@ mod tests {
     fn csv_quotes_what_needs_quoting() {
         let out = csv(&["a", "b"], vec![vec!["x,y".into(), "say \"hi\"".into()]]);
         assert_eq!(out, "a,b\n\"x,y\",\"say \"\"hi\"\"\"\n");
+    }
+
+    #[test]
+    fn percentiles_without_enough_samples_say_so() {
+        let five = LatencyStats::from_samples(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert_eq!(
+            percentile_cell(&five, Percentile::P99, five.p99_ms),
+            NOT_ENOUGH_SAMPLES
+        );
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        let hundred = LatencyStats::from_samples(&xs).unwrap();
+        assert_eq!(
+            percentile_cell(&hundred, Percentile::P50, hundred.p50_ms),
+            "50.50"
+        );
+        assert_eq!(
+            percentile_cell(&hundred, Percentile::P99, hundred.p99_ms),
+            NOT_ENOUGH_SAMPLES
+        );
+        // A record from before the intervals existed keeps its plain percentile.
+        let old = LatencyStats {
+            percentiles: Default::default(),
+            ..hundred.clone()
+        };
+        assert_eq!(percentile_cell(&old, Percentile::P50, old.p50_ms), "50.50");
     }
 
     #[test]

@@ -374,6 +374,7 @@ fn record_line(batch: u32) -> String {
         started_at: now,
         finished_at: now,
         latencies_ms: latencies,
+        stability: None,
     };
     r.validate().expect("the made-up record is valid");
     serde_json::to_string(&r).expect("json")

@@ -1342,9 +1342,10 @@ async fn insert_result_hashed(
              image_size, hardware_kind, hardware_name, device, backend, path, math, simulated, \
              throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, ci95_high_ms, \
              images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, record, finished_at, \
-             content_sha256, imported_by) \
+             content_sha256, imported_by, stable, stop_reason, window_spread) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)",
+                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
+                 $33, CAST($34::text AS stop_reason), $35)",
     )
     .bind(id)
     .bind(job)
@@ -1378,6 +1379,9 @@ async fn insert_result_hashed(
     .bind(r.finished_at)
     .bind(hash)
     .bind(imported_by)
+    .bind(r.stability.as_ref().map(|s| s.stable))
+    .bind(r.stability.as_ref().map(|s| s.stop_reason.as_str()))
+    .bind(r.stability.as_ref().and_then(|s| s.spread))
     .execute(&mut *tx)
     .await?;
     Ok(id)

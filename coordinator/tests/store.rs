@@ -75,6 +75,7 @@ fn result_for(
         started_at: Utc::now(),
         finished_at: Utc::now(),
         latencies_ms: latencies,
+        stability: None,
     }
 }
 
