@@ -104,7 +104,7 @@ pub struct Summary {
     pub math: String,
     pub peak_memory_bytes: u64,
     pub price_per_hour: Option<f64>,
-    /// How the cell's results agree, when computed from records (not sent by the coordinator).
+    /// How the cell's results agree (from the coordinator's aggregate, or from records).
     pub repetitions: Option<RepetitionSummary>,
     /// Per-window throughputs pooled over the cell's results, when computed from records: the
     /// speed-up's interval needs them.
@@ -126,7 +126,22 @@ impl From<pb::CompareCell> for Summary {
             math: c.math,
             peak_memory_bytes: c.peak_memory_bytes,
             price_per_hour: c.price_per_hour,
-            repetitions: None,
+            repetitions: (c.results > 0).then(|| RepetitionSummary {
+                results: c.results as usize,
+                mean_images_per_sec: c.mean_images_per_sec,
+                std_images_per_sec: c.std_images_per_sec,
+                min_images_per_sec: c.min_images_per_sec,
+                max_images_per_sec: c.max_images_per_sec,
+                spread: if c.mean_images_per_sec > 0.0 {
+                    (c.max_images_per_sec - c.min_images_per_sec) / c.mean_images_per_sec
+                } else {
+                    0.0
+                },
+                unstable: c.unstable as usize,
+                unknown_stability: c.unknown_stability as usize,
+            }),
+            // Per-window samples stay in the database; the speed-up's interval is computed
+            // where the records themselves are at hand (`compare::build` over records).
             windows: Vec::new(),
         }
     }

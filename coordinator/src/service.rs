@@ -748,6 +748,12 @@ impl SweepService for SweepApi {
                     math: c.math,
                     peak_memory_bytes: c.peak_memory_bytes.max(0) as u64,
                     price_per_hour: c.price_per_hour,
+                    mean_images_per_sec: c.mean_images_per_sec,
+                    std_images_per_sec: c.std_images_per_sec,
+                    min_images_per_sec: c.min_images_per_sec,
+                    max_images_per_sec: c.max_images_per_sec,
+                    unstable: c.unstable.clamp(0, u32::MAX as i64) as u32,
+                    unknown_stability: c.unknown_stability.clamp(0, u32::MAX as i64) as u32,
                 })
                 .collect(),
         }))

@@ -251,6 +251,12 @@ pub struct CompareCell {
     pub math: String,
     pub peak_memory_bytes: i64,
     pub price_per_hour: Option<f64>,
+    pub mean_images_per_sec: f64,
+    pub std_images_per_sec: f64,
+    pub min_images_per_sec: f64,
+    pub max_images_per_sec: f64,
+    pub unstable: i64,
+    pub unknown_stability: i64,
 }
 
 /// What happened to a failed attempt.
@@ -910,7 +916,13 @@ impl Store {
                     percentile_cont(0.5) WITHIN GROUP (ORDER BY p50_ms) AS p50_ms, \
                     string_agg(DISTINCT math, '+' ORDER BY math) AS math, \
                     max(peak_memory_bytes) AS peak_memory_bytes, \
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY price_per_hour) AS price_per_hour \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY price_per_hour) AS price_per_hour, \
+                    avg(images_per_sec) AS mean_images_per_sec, \
+                    coalesce(stddev_samp(images_per_sec), 0) AS std_images_per_sec, \
+                    min(images_per_sec) AS min_images_per_sec, \
+                    max(images_per_sec) AS max_images_per_sec, \
+                    count(*) FILTER (WHERE stable IS FALSE) AS unstable, \
+                    count(*) FILTER (WHERE stable IS NULL) AS unknown_stability \
              FROM results \
              WHERE NOT simulated AND model = $1 \
                AND (cardinality($2::text[]) = 0 OR precision = ANY($2)) \
