@@ -371,73 +371,49 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         // One statement when the caller holds the lease: authentication and the update.
         let fast = one_statement_auth(&self.0, &req, &req.get_ref().agent_id)?;
-        if let Some((hash, body_agent)) = fast {
-            let r = req.get_ref();
-            let phase: String = r.phase.chars().take(32).collect();
-            if let (Ok(job), Ok(())) = (
-                parse_uuid("job id", &r.job_id),
-                fleetmark_core::limits::check_text("phase", &phase, 32),
-            ) {
-                let updated = self
-                    .0
-                    .store
-                    .report_progress_by_secret(
-                        &hash,
-                        body_agent,
-                        job,
-                        r.attempt as i32,
-                        &phase,
-                        r.iterations.min(i32::MAX as u32) as i32,
-                        if r.fraction.is_finite() {
-                            r.fraction
-                        } else {
-                            0.0
-                        },
-                        self.0.config.lease,
-                    )
-                    .await
-                    .map_err(Status::from)?;
-                if let Some((expires, sweep)) = updated {
-                    self.0.sweep_events.job_changed(job, sweep);
-                    return Ok(Response::new(pb::ReportProgressResponse {
-                        lease_expires_at: Some(timestamp(expires)),
-                    }));
-                }
+        // Parsed once; its errors are reported only after the caller is authenticated.
+        let update = ProgressUpdate::parse(req.get_ref());
+        if let (Some((hash, body_agent)), Ok(u)) = (fast, &update) {
+            let updated = self
+                .0
+                .store
+                .report_progress_by_secret(
+                    &hash,
+                    body_agent,
+                    u.job,
+                    u.attempt,
+                    &u.phase,
+                    u.iterations,
+                    u.fraction,
+                    self.0.config.lease,
+                )
+                .await
+                .map_err(Status::from)?;
+            if let Some((expires, sweep)) = updated {
+                return Ok(progressed(&self.0, u.job, expires, sweep));
             }
         }
         let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
-        let r = req.into_inner();
-        let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
-        let phase: String = r.phase.chars().take(32).collect();
-        fleetmark_core::limits::check_text("phase", &phase, 32).map_err(limit)?;
+        let u = update?;
         match self
             .0
             .store
             .report_progress(
                 agent,
-                job,
-                r.attempt as i32,
-                &phase,
-                r.iterations.min(i32::MAX as u32) as i32,
-                if r.fraction.is_finite() {
-                    r.fraction
-                } else {
-                    0.0
-                },
+                u.job,
+                u.attempt,
+                &u.phase,
+                u.iterations,
+                u.fraction,
                 self.0.config.lease,
             )
             .await
             .map_err(Status::from)?
         {
-            Some((expires, sweep)) => {
-                self.0.sweep_events.job_changed(job, sweep);
-                Ok(Response::new(pb::ReportProgressResponse {
-                    lease_expires_at: Some(timestamp(expires)),
-                }))
-            }
+            Some((expires, sweep)) => Ok(progressed(&self.0, u.job, expires, sweep)),
             None => Err(CoordinatorError::StaleLease(format!(
-                "job {job} attempt {} is no longer leased to this agent",
-                r.attempt
+                "job {} attempt {} is no longer leased to this agent",
+                u.job, u.attempt
             ))
             .into()),
         }
@@ -1239,4 +1215,45 @@ fn declared_precisions(device: &str, given: &[String]) -> Result<Option<Vec<Stri
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+/// A progress report, checked once for both the one-statement and the full path.
+struct ProgressUpdate {
+    job: Uuid,
+    attempt: i32,
+    phase: String,
+    iterations: i32,
+    fraction: f64,
+}
+
+impl ProgressUpdate {
+    fn parse(r: &pb::ReportProgressRequest) -> Result<Self, Status> {
+        let job = parse_uuid("job id", &r.job_id).map_err(Status::from)?;
+        let phase: String = r.phase.chars().take(32).collect();
+        fleetmark_core::limits::check_text("phase", &phase, 32).map_err(limit)?;
+        Ok(ProgressUpdate {
+            job,
+            attempt: r.attempt as i32,
+            phase,
+            iterations: r.iterations.min(i32::MAX as u32) as i32,
+            fraction: if r.fraction.is_finite() {
+                r.fraction
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
+/// The answer to a progress report that renewed the lease; watchers of its sweep are told.
+fn progressed(
+    state: &State,
+    job: Uuid,
+    expires: chrono::DateTime<chrono::Utc>,
+    sweep: Uuid,
+) -> Response<pb::ReportProgressResponse> {
+    state.sweep_events.job_changed(job, sweep);
+    Response::new(pb::ReportProgressResponse {
+        lease_expires_at: Some(timestamp(expires)),
+    })
 }

@@ -77,16 +77,8 @@ async fn claim(
         .job
 }
 
-fn sweep(precisions: &str, gpus: &str) -> String {
-    format!(
-        "batch_sizes = [1]\nprecisions = [{precisions}]\ngpus = [{gpus}]\nimage_size = 32\n\n\
-         [measurement]\nwarmup_iterations = 1\nwarmup_duration = \"0s\"\nmin_iterations = 1\n\
-         min_duration = \"0s\"\n"
-    )
-}
-
-#[tokio::test]
-async fn a_device_only_claims_precisions_it_declared() {
+/// A scratch folder, a fresh database and a coordinator with default options on it.
+async fn started() -> (tempfile::TempDir, TestDb, Coordinator) {
     let dir = scratch();
     let db = TestDb::new().await;
     let coord = Coordinator::start(
@@ -97,6 +89,20 @@ async fn a_device_only_claims_precisions_it_declared() {
         &CoordinatorOpts::default(),
     )
     .await;
+    (dir, db, coord)
+}
+
+fn sweep(precisions: &str, gpus: &str) -> String {
+    format!(
+        "batch_sizes = [1]\nprecisions = [{precisions}]\ngpus = [{gpus}]\nimage_size = 32\n\n\
+         [measurement]\nwarmup_iterations = 1\nwarmup_duration = \"0s\"\nmin_iterations = 1\n\
+         min_duration = \"0s\"\n"
+    )
+}
+
+#[tokio::test]
+async fn a_device_only_claims_precisions_it_declared() {
+    let (dir, db, coord) = started().await;
     let url = coord.url.as_str();
     let mut t4 = raw_agent(url).await;
     let id = register(
@@ -147,16 +153,7 @@ async fn a_device_only_claims_precisions_it_declared() {
 #[tokio::test]
 async fn an_agent_that_declares_no_precisions_is_offered_every_one() {
     // Agents older than the field declare nothing; they keep working as before.
-    let dir = scratch();
-    let db = TestDb::new().await;
-    let coord = Coordinator::start(
-        "coordinator",
-        dir.path(),
-        &db.url,
-        free_port(),
-        &CoordinatorOpts::default(),
-    )
-    .await;
+    let (dir, _db, coord) = started().await;
     let url = coord.url.as_str();
     let mut old = raw_agent(url).await;
     let id = register(&mut old, url, "old-agent", device("cuda:0", "h100", &[])).await;
@@ -174,16 +171,7 @@ async fn an_agent_that_declares_no_precisions_is_offered_every_one() {
 
 #[tokio::test]
 async fn bad_declarations_and_impossible_sweeps_are_refused() {
-    let dir = scratch();
-    let db = TestDb::new().await;
-    let coord = Coordinator::start(
-        "coordinator",
-        dir.path(),
-        &db.url,
-        free_port(),
-        &CoordinatorOpts::default(),
-    )
-    .await;
+    let (dir, db, coord) = started().await;
     let url = coord.url.as_str();
 
     let mut client = raw_agent(url).await;
@@ -223,16 +211,7 @@ async fn bad_declarations_and_impossible_sweeps_are_refused() {
 
 #[tokio::test]
 async fn a_cpu_agent_declares_it_cannot_run_bf16_and_never_claims_it() {
-    let dir = scratch();
-    let db = TestDb::new().await;
-    let coord = Coordinator::start(
-        "coordinator",
-        dir.path(),
-        &db.url,
-        free_port(),
-        &CoordinatorOpts::default(),
-    )
-    .await;
+    let (dir, db, coord) = started().await;
     let url = coord.url.as_str();
     let _agent = start_agent("cpu-agent", dir.path(), url, "cpu", &[]);
     let agents = wait_agents_online(&coord.client(), &["cpu-agent"]).await;
