@@ -2,13 +2,21 @@
 //! with a speed-up against a baseline and images per dollar where prices are known.
 //!
 //! Several results for one cell (repetitions, several agents of one kind) are summarised by the
-//! median throughput, and the count is shown. Simulated results never appear here.
+//! median throughput, with the count, the spread between them (± half the max-min range, in
+//! percent of the mean) and "(unstable)" when any of them was not found stable. Each speed-up
+//! carries its 95% interval from Welch's t-test on log per-window throughput, and "n.s." when
+//! the difference from the baseline is not significant. Simulated results never appear here.
 
 use std::{collections::BTreeMap, process::ExitCode};
 
 use chrono::{DateTime, Utc};
 use clap::Args;
-use fleetmark_core::BenchResult;
+use fleetmark_core::{
+    significance::{
+        pooled_window_throughputs, ratio_from_intervals, summarize_repetitions, welch_ratio,
+    },
+    BenchResult, RatioEstimate, RepetitionSummary,
+};
 use fleetmark_proto::{convert::timestamp, v1 as pb};
 use serde::Serialize;
 
@@ -26,6 +34,10 @@ pub struct CompareArgs {
     /// column name such as h100/stock). Defaults to cpu when present, else the first column.
     #[arg(long)]
     pub baseline: Option<String>,
+    /// Instead, show for each hardware kind how its nodes (distinct GPUs by UUID, or hosts)
+    /// differ at each point, flagging nodes more than 10% below the kind's median.
+    #[arg(long, conflicts_with = "baseline")]
+    pub by_node: bool,
     #[command(flatten)]
     pub view: View,
 }
@@ -81,6 +93,15 @@ impl Filters {
     /// The comparison cells these filters select, filtered and aggregated by the coordinator's
     /// database (`CompareResults`): the answer is one row per cell, however many results.
     pub async fn cells(&self, remote: &mut Remote) -> Result<Vec<Summary>, CliError> {
+        self.cells_split(remote, false).await
+    }
+
+    /// [`Filters::cells`], split by node when `by_node` (see [`crate::by_node`]).
+    pub async fn cells_split(
+        &self,
+        remote: &mut Remote,
+        by_node: bool,
+    ) -> Result<Vec<Summary>, CliError> {
         let precisions = self
             .precision
             .iter()
@@ -116,6 +137,7 @@ impl Filters {
                 labels: self.labels.clone(),
                 since: self.since.map(timestamp),
                 until: self.until.map(timestamp),
+                by_node,
             })
             .await
             .map_err(|s| remote.err(s))?
@@ -138,6 +160,21 @@ pub struct Cell {
     pub peak_memory_bytes: u64,
     pub speedup: Option<f64>,
     pub images_per_dollar: Option<f64>,
+    /// The cell's results aggregated: mean, spread between repetitions, how many were unstable.
+    pub repetitions: Option<RepetitionSummary>,
+    /// The ratio to the baseline with its 95% interval and significance (Welch's t-test on log
+    /// per-window throughput); `None` for the baseline itself or with too few windows.
+    pub speedup_ci95: Option<RatioEstimate>,
+    /// Per-window throughputs pooled over the cell's results (not serialised).
+    #[serde(skip)]
+    windows: Vec<f64>,
+}
+
+impl Cell {
+    /// Some result in the cell was not found stable.
+    pub fn unstable(&self) -> bool {
+        self.repetitions.is_some_and(|r| r.unstable > 0)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -178,6 +215,14 @@ pub struct Summary {
     /// 95% confidence interval of the throughput (see
     /// [`fleetmark_core::stats::throughput_ci95`]).
     pub images_per_sec_ci95: Option<(f64, f64)>,
+    /// How the cell's results agree (from the coordinator's aggregate, or from records).
+    pub repetitions: Option<RepetitionSummary>,
+    /// Per-window throughputs pooled over the cell's results, when computed from records: the
+    /// speed-up's interval needs them.
+    pub windows: Vec<f64>,
+    /// With `--by-node`: the node (GPU UUID, else host/device) and its agents; else empty.
+    pub node: String,
+    pub agents: String,
 }
 
 impl From<pb::CompareCell> for Summary {
@@ -196,6 +241,25 @@ impl From<pb::CompareCell> for Summary {
             peak_memory_bytes: c.peak_memory_bytes,
             price_per_hour: c.price_per_hour,
             images_per_sec_ci95: c.images_per_sec_ci95_low.zip(c.images_per_sec_ci95_high),
+            repetitions: (c.results > 0).then(|| RepetitionSummary {
+                results: c.results as usize,
+                mean_images_per_sec: c.mean_images_per_sec,
+                std_images_per_sec: c.std_images_per_sec,
+                min_images_per_sec: c.min_images_per_sec,
+                max_images_per_sec: c.max_images_per_sec,
+                spread: if c.mean_images_per_sec > 0.0 {
+                    (c.max_images_per_sec - c.min_images_per_sec) / c.mean_images_per_sec
+                } else {
+                    0.0
+                },
+                unstable: c.unstable as usize,
+                unknown_stability: c.unknown_stability as usize,
+            }),
+            // Per-window samples stay in the database; the speed-up's interval is computed
+            // where the records themselves are at hand (`compare::build` over records).
+            windows: Vec::new(),
+            node: c.node,
+            agents: c.agents,
         }
     }
 }
@@ -252,6 +316,10 @@ pub fn summarise(results: &[BenchResult]) -> Vec<Summary> {
                     peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
                     price_per_hour: (!priced.is_empty()).then(|| median(priced)),
                     images_per_sec_ci95: throughput_ci(&rs),
+                    repetitions: summarize_repetitions(&rs),
+                    windows: pooled_window_throughputs(&rs),
+                    node: String::new(),
+                    agents: String::new(),
                 }
             },
         )
@@ -343,14 +411,34 @@ pub fn build_from(
                             peak_memory_bytes: s.peak_memory_bytes,
                             speedup: None,
                             images_per_dollar,
+                            repetitions: s.repetitions,
+                            speedup_ci95: None,
+                            windows: s.windows.clone(),
                         },
                     )
                 })
                 .collect();
             if let Some(b) = &base {
-                if let Some(base_ips) = hardware.get(b).map(|c| c.images_per_sec) {
-                    for c in hardware.values_mut() {
+                if let Some((base_ips, base_windows, base_ci, base_n)) = hardware.get(b).map(|c| {
+                    (
+                        c.images_per_sec,
+                        c.windows.clone(),
+                        c.images_per_sec_ci95,
+                        c.results,
+                    )
+                }) {
+                    for (col, c) in hardware.iter_mut() {
                         c.speedup = Some(c.images_per_sec / base_ips);
+                        if col != b {
+                            // Per-window samples where the records are at hand; otherwise the
+                            // cells' own intervals (the coordinator's summary).
+                            c.speedup_ci95 = welch_ratio(&c.windows, &base_windows).or_else(|| {
+                                ratio_from_intervals(
+                                    (c.images_per_sec, c.images_per_sec_ci95?, c.results),
+                                    (base_ips, base_ci?, base_n),
+                                )
+                            });
+                        }
                     }
                 }
             }
@@ -402,10 +490,16 @@ pub fn render(columns: &[String], rows: &[Row], view: View) -> String {
                         } else {
                             String::new()
                         };
-                        let n = if cell.results > 1 && !plain {
-                            format!(" n={}", cell.results)
+                        let n = match cell.repetitions {
+                            Some(rep) if cell.results > 1 && !plain => {
+                                format!(" n={} ±{:.1}%", cell.results, rep.spread * 50.0)
+                            }
+                            _ => String::new(),
+                        };
+                        let unstable = if cell.unstable() && !plain {
+                            " (unstable)"
                         } else {
-                            String::new()
+                            ""
                         };
                         let ci = match cell.images_per_sec_ci95 {
                             Some((lo, hi)) if !plain => {
@@ -416,9 +510,9 @@ pub fn render(columns: &[String], rows: &[Row], view: View) -> String {
                         row.push(if plain {
                             format!("{:.1}", cell.images_per_sec)
                         } else {
-                            format!("{}{ci}{math}{n}", throughput(cell.images_per_sec))
+                            format!("{}{ci}{math}{n}{unstable}", throughput(cell.images_per_sec))
                         });
-                        row.push(cell.speedup.map(|s| format!("{s:.2}")).unwrap_or_default());
+                        row.push(speedup_text(cell, plain));
                         if !view.wide && format == Format::Table {
                             continue;
                         }
@@ -450,13 +544,37 @@ pub fn render(columns: &[String], rows: &[Row], view: View) -> String {
     }
 }
 
+/// The speed-up with its 95% interval, marked "n.s." when the difference from the baseline is
+/// not significant. CSV gets the plain ratio.
+fn speedup_text(cell: &Cell, plain: bool) -> String {
+    let Some(s) = cell.speedup else {
+        return String::new();
+    };
+    match cell.speedup_ci95 {
+        Some(ci) if !plain => format!(
+            "{s:.2} [{:.2}–{:.2}]{}",
+            ci.ci95_low,
+            ci.ci95_high,
+            if ci.significant { "" } else { " n.s." }
+        ),
+        _ => format!("{s:.2}"),
+    }
+}
+
 pub async fn run(remote: &mut Remote, args: CompareArgs) -> Result<ExitCode, CliError> {
-    let cells = args.filters.cells(remote).await?;
+    let cells = args.filters.cells_split(remote, args.by_node).await?;
     if cells.is_empty() {
         crate::note!("no results to compare for model {}", args.filters.model);
         if args.view.format == Format::Json {
             emit("[]\n")?;
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.by_node {
+        emit(&crate::by_node::render(
+            &crate::by_node::spreads(&cells),
+            args.view,
+        ))?;
         return Ok(ExitCode::SUCCESS);
     }
     let (columns, rows) = build_from(&cells, args.baseline.as_deref())?;

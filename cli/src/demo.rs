@@ -177,6 +177,13 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
             min_iterations: args.min_iterations,
             min_duration: args.min_duration,
             max_duration: Duration::from_secs(60),
+            // Two agents share this machine's cores, so allow perf_analyzer's 10% over
+            // half-second windows: the demo should finish in seconds, not at max_duration.
+            stability_windows: 3,
+            stability_window: Duration::from_millis(500),
+            stability_tolerance: 0.10,
+            max_iterations: fleetmark_core::job::MAX_ITERATIONS_LIMIT,
+            preset: None,
             repetitions: 1,
             engine: "auto".into(),
             seed: 0,

@@ -13,9 +13,11 @@ macro_rules! note {
     }};
 }
 
+pub mod by_node;
 pub mod compare;
 pub mod config;
 pub mod demo;
+pub mod history;
 pub mod output;
 pub mod plot;
 pub mod report;
@@ -27,7 +29,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use fleetmark_core::{
-    BenchResult, EnginePath, HardwareTarget, MeasurementSpec, Precision, SweepSpec, WeightsSpec,
+    BenchResult, EnginePath, Fraction, HardwareTarget, MeasurementSpec, Precision, SweepSpec,
+    WeightsSpec,
 };
 use fleetmark_proto::{
     client::{sweep_client_with, Deadlines, SweepClient},
@@ -298,6 +301,9 @@ pub enum Command {
     },
     /// Compare results across hardware for the same model, precision and batch size.
     Compare(compare::CompareArgs),
+    /// How one point (kind, precision, batch) moved across commits, drivers and dates, with
+    /// regressions and improvements larger than the 95% intervals flagged.
+    History(history::HistoryArgs),
     /// Draw throughput and latency against batch size, and speed-up bars, as PNG and SVG.
     Plot(plot::PlotArgs),
     /// Write one self-contained HTML page about a sweep: charts, results, correctness gate,
@@ -359,8 +365,12 @@ pub enum AgentsAction {
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// A sweep file (TOML). Flags below are ignored when a file is given.
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "preset")]
     pub file: Option<PathBuf>,
+    /// A named sweep: `t4-article` (ResNet18, batch 1-32, f32 and f16, on t4). Only --gpu and
+    /// --name change it; other sweep flags are ignored.
+    #[arg(long)]
+    pub preset: Option<String>,
     /// A name for the sweep, shown by `fleetmark sweeps`.
     #[arg(long)]
     pub name: Option<String>,
@@ -373,8 +383,8 @@ pub struct SubmitArgs {
     /// Precisions: f32, f16, bf16, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub precision: Vec<String>,
-    /// Hardware: any, gpu, cpu, or GPU kinds such as t4,h100.
-    #[arg(long, value_delimiter = ',', default_value = "any")]
+    /// Hardware: any, gpu, cpu, or GPU kinds such as t4,h100 [default: any; a preset's own].
+    #[arg(long, value_delimiter = ',')]
     pub gpu: Vec<String>,
     /// Input images are this many pixels square.
     #[arg(long, default_value_t = 224)]
@@ -394,6 +404,18 @@ pub struct SubmitArgs {
     /// Stop timing after this long even if --min-iterations is not reached.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub max_duration: Duration,
+    /// Timing may stop once this many recent windows agree...
+    #[arg(long, default_value_t = fleetmark_core::job::DEFAULT_STABILITY_WINDOWS)]
+    pub stability_windows: u32,
+    /// ...each window at least this long...
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub stability_window: Duration,
+    /// ...and their throughputs within this fraction (max/min - 1; 0.05 = 5%).
+    #[arg(long, default_value_t = fleetmark_core::job::DEFAULT_STABILITY_TOLERANCE)]
+    pub stability_tolerance: f64,
+    /// Stop timing after this many iterations whatever else holds.
+    #[arg(long, default_value_t = fleetmark_core::job::MAX_ITERATIONS_LIMIT)]
+    pub max_iterations: u32,
     /// Run each point this many times.
     #[arg(long, default_value_t = 1)]
     pub repetitions: u32,
@@ -422,16 +444,26 @@ impl SubmitArgs {
                 .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
             return Ok(text);
         }
-        let precisions = self
-            .precision
-            .iter()
-            .map(|p| p.parse::<Precision>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CliError::Input(e.to_string()))?;
         let gpus = self
             .gpu
             .iter()
             .map(|g| g.parse::<HardwareTarget>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        if let Some(preset) = &self.preset {
+            let mut spec = SweepSpec::preset(preset).map_err(|e| CliError::Input(e.to_string()))?;
+            if !gpus.is_empty() {
+                spec.gpus = gpus;
+            }
+            if self.name.is_some() {
+                spec.name = self.name.clone();
+            }
+            return to_toml(&spec);
+        }
+        let precisions = self
+            .precision
+            .iter()
+            .map(|p| p.parse::<Precision>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CliError::Input(e.to_string()))?;
         let spec = SweepSpec {
@@ -439,7 +471,11 @@ impl SubmitArgs {
             model: self.model.clone(),
             batch_sizes: self.batch.clone(),
             precisions,
-            gpus,
+            gpus: if gpus.is_empty() {
+                vec![HardwareTarget::Any]
+            } else {
+                gpus
+            },
             image_size: self.image_size,
             repetitions: self.repetitions,
             engine: self
@@ -454,12 +490,22 @@ impl SubmitArgs {
                 min_duration: self.min_duration,
                 max_duration: self.max_duration,
                 time_input_copy: self.time_input_copy,
+                stability_windows: self.stability_windows,
+                stability_window: self.stability_window,
+                stability_tolerance: Fraction(self.stability_tolerance),
+                max_iterations: self.max_iterations,
+                percentile_target: None,
             },
         };
-        spec.validate()
-            .map_err(|e| CliError::Input(e.to_string()))?;
-        toml::to_string(&spec).map_err(|e| CliError::Other(format!("cannot write the sweep: {e}")))
+        to_toml(&spec)
     }
+}
+
+/// A validated sweep as the TOML the coordinator takes.
+fn to_toml(spec: &SweepSpec) -> Result<String, CliError> {
+    spec.validate()
+        .map_err(|e| CliError::Input(e.to_string()))?;
+    toml::to_string(spec).map_err(|e| CliError::Other(format!("cannot write the sweep: {e}")))
 }
 
 /// A connected client and the URL it talks to, for error messages.
@@ -603,6 +649,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Compare(args) => {
             let mut remote = Remote::new(&cli.conn)?;
             compare::run(&mut remote, args).await
+        }
+        Command::History(args) => {
+            let mut remote = Remote::new(&cli.conn)?;
+            history::run(&mut remote, args).await
         }
         Command::Plot(args) => {
             let mut remote = Remote::new(&cli.conn)?;

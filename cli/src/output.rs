@@ -5,7 +5,7 @@
 //! wrapped to the terminal's width, or to [`PIPE_WIDTH`] columns when stdout is not a terminal.
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
-use fleetmark_core::BenchResult;
+use fleetmark_core::{BenchResult, LatencyStats, Percentile};
 use fleetmark_proto::{convert::from_timestamp, v1 as pb};
 use serde_json::json;
 
@@ -13,14 +13,16 @@ use crate::{Format, View};
 
 /// The width of a compact table when stdout is not a terminal.
 pub const PIPE_WIDTH: u16 = 80;
-/// Below this many timed iterations a p99 is marked as rough.
-pub const P99_MIN_SAMPLES: u64 = 100;
-/// Below this many timed iterations a p90 is marked as rough.
-pub const P90_MIN_SAMPLES: u64 = 10;
-/// The mark on a percentile from too few samples, explained by [`ROUGH_NOTE`].
-pub const ROUGH: &str = "*";
-pub const ROUGH_NOTE: &str =
-    "* rough: p99 from fewer than 100 timed iterations, p90 from fewer than 10\n";
+/// The note under a table that shows [`NOT_ENOUGH_SAMPLES`].
+fn too_few_note() -> String {
+    format!(
+        "{TOO_FEW} {NOT_ENOUGH_SAMPLES} for a 95% interval of that percentile\n   \
+         (p50 needs {}, p90 {}, p99 {} timed iterations)\n",
+        Percentile::P50.min_samples(),
+        Percentile::P90.min_samples(),
+        Percentile::P99.min_samples()
+    )
+}
 
 /// A compact table, fitted to the terminal (or 80 columns when stdout is not one).
 pub fn table(header: &[&str], rows: Vec<Vec<String>>, right_from: usize) -> String {
@@ -123,6 +125,43 @@ pub fn thousands(v: f64) -> String {
     format!("{sign}{out}")
 }
 
+/// What a table says of a percentile the samples cannot support at 95% (in its note).
+pub const NOT_ENOUGH_SAMPLES: &str = "not enough samples";
+/// The cell of such a percentile, explained by the note under the table.
+pub const TOO_FEW: &str = "n/a*";
+
+/// A percentile for a table: its estimate when its 95% interval could be formed, [`TOO_FEW`]
+/// ("not enough samples") when it could not, and the plain sample percentile for records that
+/// predate the intervals.
+pub fn percentile_cell(l: &LatencyStats, p: Percentile, plain: f64) -> String {
+    match l.percentiles.get(p) {
+        Some(e) => ms(e.ms),
+        None if (l.count as usize) < p.min_samples() => TOO_FEW.into(),
+        None => ms(plain),
+    }
+}
+
+/// The same for CSV: a plain number, or empty.
+fn percentile_csv(l: &LatencyStats, p: Percentile) -> [String; 3] {
+    match l.percentiles.get(p) {
+        Some(e) => [
+            e.ms.to_string(),
+            e.ci95_low_ms.to_string(),
+            e.ci95_high_ms.to_string(),
+        ],
+        None => Default::default(),
+    }
+}
+
+/// Throughput with a marker when the result's timing was not found stable.
+pub fn throughput_marked(r: &BenchResult) -> String {
+    if r.is_unstable() {
+        format!("{} (unstable)", throughput(r.images_per_sec))
+    } else {
+        throughput(r.images_per_sec)
+    }
+}
+
 /// Result table columns: (header, shown in the compact table).
 const RESULT_COLUMNS: &[(&str, bool)] = &[
     ("hardware", true),
@@ -143,19 +182,12 @@ const RESULT_COLUMNS: &[(&str, bool)] = &[
     ("throttled", false),
 ];
 
-/// A percentile, marked as rough when it rests on fewer than `min` samples.
-fn percentile(v: f64, count: u64, min: u64) -> String {
-    if count < min {
-        format!("{}{ROUGH}", ms(v))
-    } else {
-        ms(v)
-    }
-}
-
-/// Whether any of these results has a percentile that the table marks as rough.
-fn any_rough(results: &[(String, String, BenchResult)], wide: bool) -> bool {
+/// Whether a table of these results shows "not enough samples" for some percentile.
+fn any_too_few(results: &[(String, String, BenchResult)]) -> bool {
     results.iter().any(|(_, _, r)| {
-        r.latency.count < P99_MIN_SAMPLES || (wide && r.latency.count < P90_MIN_SAMPLES)
+        [Percentile::P50, Percentile::P90, Percentile::P99]
+            .into_iter()
+            .any(|p| percentile_cell(&r.latency, p, 0.0) == TOO_FEW)
     })
 }
 
@@ -186,11 +218,11 @@ fn result_row(r: &BenchResult, wide: bool) -> Vec<String> {
         r.spec.batch_size.to_string(),
         (r.spec.repetition + 1).to_string(),
         l.count.to_string(),
-        ms(l.p50_ms),
-        percentile(l.p90_ms, l.count, P90_MIN_SAMPLES),
-        percentile(l.p99_ms, l.count, P99_MIN_SAMPLES),
+        percentile_cell(l, Percentile::P50, l.p50_ms),
+        percentile_cell(l, Percentile::P90, l.p90_ms),
+        percentile_cell(l, Percentile::P99, l.p99_ms),
         format!("{} ± {}", ms(l.mean_ms), ms(ci)),
-        throughput(r.images_per_sec),
+        throughput_marked(r),
         bytes(r.peak_memory_bytes),
         gate,
         throttled,
@@ -227,12 +259,24 @@ const RESULT_CSV_COLUMNS: &[&str] = &[
     "peak_memory_bytes",
     "max_rel_error",
     "throttled",
+    "stable",
+    "stop_reason",
+    "window_spread",
+    "p50_ci_ms",
+    "p50_ci95_low_ms",
+    "p50_ci95_high_ms",
+    "p90_ci_ms",
+    "p90_ci95_low_ms",
+    "p90_ci95_high_ms",
+    "p99_ci_ms",
+    "p99_ci95_low_ms",
+    "p99_ci95_high_ms",
 ];
 
 /// One result as plain numbers, for spreadsheets and scripts.
 fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
     let l = &r.latency;
-    vec![
+    let mut row = vec![
         id.to_string(),
         sweep.to_string(),
         r.hardware_kind.clone(),
@@ -263,7 +307,19 @@ fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
             .as_ref()
             .map(|t| t.throttled.to_string())
             .unwrap_or_default(),
-    ]
+    ];
+    let st = r.stability.as_ref();
+    row.push(st.map(|s| s.stable.to_string()).unwrap_or_default());
+    row.push(st.map(|s| s.stop_reason.to_string()).unwrap_or_default());
+    row.push(
+        st.and_then(|s| s.spread)
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+    );
+    for p in Percentile::ALL {
+        row.extend(percentile_csv(l, p));
+    }
+    row
 }
 
 /// A sweep's results. JSON carries the whole record, raw latencies included. Repetitions are
@@ -300,8 +356,8 @@ pub fn results(results: &[(String, String, BenchResult)], view: View) -> String 
                 right_from,
                 view.wide,
             );
-            if any_rough(results, view.wide) {
-                out.push_str(ROUGH_NOTE);
+            if any_too_few(results) {
+                out.push_str(&too_few_note());
             }
             out
         }
@@ -504,6 +560,31 @@ mod tests {
     fn csv_quotes_what_needs_quoting() {
         let out = csv(&["a", "b"], vec![vec!["x,y".into(), "say \"hi\"".into()]]);
         assert_eq!(out, "a,b\n\"x,y\",\"say \"\"hi\"\"\"\n");
+    }
+
+    #[test]
+    fn percentiles_without_enough_samples_say_so() {
+        let five = LatencyStats::from_samples(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert_eq!(
+            percentile_cell(&five, Percentile::P99, five.p99_ms),
+            TOO_FEW
+        );
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        let hundred = LatencyStats::from_samples(&xs).unwrap();
+        assert_eq!(
+            percentile_cell(&hundred, Percentile::P50, hundred.p50_ms),
+            "50.50"
+        );
+        assert_eq!(
+            percentile_cell(&hundred, Percentile::P99, hundred.p99_ms),
+            TOO_FEW
+        );
+        // A record from before the intervals existed keeps its plain percentile.
+        let old = LatencyStats {
+            percentiles: Default::default(),
+            ..hundred.clone()
+        };
+        assert_eq!(percentile_cell(&old, Percentile::P50, old.p50_ms), "50.50");
     }
 
     #[test]

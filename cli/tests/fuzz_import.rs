@@ -42,6 +42,7 @@ fn record() -> String {
         started_at: now,
         finished_at: now,
         latencies_ms: latencies,
+        stability: None,
     };
     serde_json::to_string(&r).expect("json")
 }

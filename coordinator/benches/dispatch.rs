@@ -96,7 +96,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    let measurement = "[measurement]\nwarmup_iterations = 0\nwarmup_duration = \"0s\"\nmin_iterations = 1\nmin_duration = \"0s\"\n";
+    let measurement = "[measurement]\nwarmup_iterations = 0\nwarmup_duration = \"0s\"\nmin_iterations = 1\nmin_duration = \"0s\"\nstability_window = \"10ms\"\nstability_tolerance = 10.0\n";
 
     // 1. Throughput: one sweep of 1,000 jobs.
     let toml = format!(

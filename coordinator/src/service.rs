@@ -724,6 +724,12 @@ impl SweepService for SweepApi {
             fleetmark_core::limits::MAX_NAME_CHARS,
         )
         .map_err(limit)?;
+        fleetmark_core::limits::check_text(
+            "hardware kind",
+            &r.hardware_kind,
+            fleetmark_core::limits::MAX_NAME_CHARS,
+        )
+        .map_err(limit)?;
         let sweep_id = if r.sweep_id.is_empty() {
             None
         } else {
@@ -747,6 +753,7 @@ impl SweepService for SweepApi {
             model: Some(r.model).filter(|m| !m.is_empty()),
             precision,
             batch_size: (r.batch_size > 0).then_some(r.batch_size as i32),
+            hardware_kind: Some(r.hardware_kind.to_ascii_lowercase()).filter(|k| !k.is_empty()),
             include_simulated: r.include_simulated,
             omit_latencies: r.omit_latencies,
             after: page_after(&r.page_token)?,
@@ -881,6 +888,7 @@ impl SweepService for SweepApi {
             labels: parse_label_filters(&r.labels)?,
             since: r.since.map(|t| from_timestamp(Some(t))),
             until: r.until.map(|t| from_timestamp(Some(t))),
+            by_node: r.by_node,
         };
         let cells = self.0.store.compare(&filter).await.map_err(Status::from)?;
         Ok(Response::new(pb::CompareResponse {
@@ -903,6 +911,14 @@ impl SweepService for SweepApi {
                         math: c.math,
                         peak_memory_bytes: c.peak_memory_bytes.max(0) as u64,
                         price_per_hour: c.price_per_hour,
+                        mean_images_per_sec: c.images_per_sec_mean,
+                        std_images_per_sec: c.images_per_sec_std,
+                        min_images_per_sec: c.min_images_per_sec,
+                        max_images_per_sec: c.max_images_per_sec,
+                        unstable: c.unstable.clamp(0, u32::MAX as i64) as u32,
+                        unknown_stability: c.unknown_stability.clamp(0, u32::MAX as i64) as u32,
+                        node: c.node,
+                        agents: c.agents,
                     }
                 })
                 .collect(),

@@ -222,6 +222,8 @@ pub struct ResultFilter {
     pub model: Option<String>,
     pub precision: Option<String>,
     pub batch_size: Option<i32>,
+    /// Only this hardware kind.
+    pub hardware_kind: Option<String>,
     pub include_simulated: bool,
     pub omit_latencies: bool,
     /// Only results after this one in the listing order (paging).
@@ -247,6 +249,8 @@ pub struct CompareFilter {
     pub since: Option<DateTime<Utc>>,
     /// Only results finished before this time.
     pub until: Option<DateTime<Utc>>,
+    /// One cell per node (GPU UUID, else host/device) as well.
+    pub by_node: bool,
 }
 
 /// One comparison cell, aggregated in SQL.
@@ -272,6 +276,15 @@ pub struct CompareCell {
     /// when it holds only that one.
     pub ci95_low_ms: f64,
     pub ci95_high_ms: f64,
+    /// The slowest and fastest result of the cell.
+    pub min_images_per_sec: f64,
+    pub max_images_per_sec: f64,
+    /// Results whose timing was not found stable, and results with no stability record.
+    pub unstable: i64,
+    pub unknown_stability: i64,
+    /// With [`CompareFilter::by_node`]: the node and the agents that ran on it; else empty.
+    pub node: String,
+    pub agents: String,
 }
 
 impl CompareCell {
@@ -687,7 +700,7 @@ impl Store {
         let n = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', lease_agent_id = NULL, lease_device = NULL, \
                  lease_expires_at = NULL, finished_at = now(), error = 'cancelled by user' \
-             WHERE sweep_id = $1 AND state IN ('pending', 'running')",
+             WHERE sweep_id = $1 AND finished_at IS NULL",
         )
         .bind(sweep)
         .execute(&mut *tx)
@@ -714,7 +727,7 @@ impl Store {
         sqlx::query(
             "UPDATE sweeps SET state = 'completed', finished_at = now() \
              WHERE id = $1 AND state = 'active' AND NOT EXISTS \
-                 (SELECT 1 FROM jobs WHERE sweep_id = $1 AND state IN ('pending', 'running'))",
+                 (SELECT 1 FROM jobs WHERE sweep_id = $1 AND finished_at IS NULL)",
         )
         .bind(sweep)
         .execute(&self.pool)
@@ -728,7 +741,7 @@ impl Store {
         Ok(sqlx::query(
             "UPDATE sweeps s SET state = 'completed', finished_at = now() \
              WHERE s.state = 'active' AND NOT EXISTS \
-                 (SELECT 1 FROM jobs j WHERE j.sweep_id = s.id AND j.state IN ('pending', 'running'))",
+                 (SELECT 1 FROM jobs j WHERE j.sweep_id = s.id AND j.finished_at IS NULL)",
         )
         .execute(&self.pool)
         .await?
@@ -1153,6 +1166,7 @@ impl Store {
                AND ($3::text IS NULL OR precision = $3) \
                AND ($4::int IS NULL OR batch_size = $4) \
                AND ($5 OR NOT simulated) \
+               AND ($9::text IS NULL OR hardware_kind = $9) \
                AND ($7::uuid IS NULL OR (hardware_kind, model, precision, batch_size, finished_at, id) > \
                     (SELECT hardware_kind, model, precision, batch_size, finished_at, id \
                      FROM results WHERE id = $7)) \
@@ -1167,6 +1181,7 @@ impl Store {
         .bind(f.omit_latencies)
         .bind(f.after)
         .bind(f.limit)
+        .bind(&f.hardware_kind)
         .fetch_all(&self.pool)
         .await?;
         let mut listing = ResultListing::default();
@@ -1198,8 +1213,24 @@ impl Store {
                     avg(images_per_sec) AS images_per_sec_mean, \
                     coalesce(stddev_samp(images_per_sec), 0) AS images_per_sec_std, \
                     min(ci95_low_ms) AS ci95_low_ms, \
-                    min(ci95_high_ms) AS ci95_high_ms \
-             FROM results \
+                    min(ci95_high_ms) AS ci95_high_ms, \
+                    min(images_per_sec) AS min_images_per_sec, \
+                    max(images_per_sec) AS max_images_per_sec, \
+                    count(*) FILTER (WHERE stable IS FALSE) AS unstable, \
+                    count(*) FILTER (WHERE stable IS NULL) AS unknown_stability, \
+                    node, string_agg(DISTINCT agent, '+' ORDER BY agent) AS agents \
+             FROM (SELECT r.*, \
+                          CASE WHEN $10 THEN record->>'agent_name' ELSE '' END AS agent, \
+                          CASE WHEN $10 THEN coalesce( \
+                              (SELECT g->>'uuid' FROM jsonb_array_elements( \
+                                   CASE WHEN jsonb_typeof(record->'host'->'gpus') = 'array' \
+                                        THEN record->'host'->'gpus' ELSE '[]'::jsonb END) g \
+                               WHERE device = 'cuda:' || (g->>'index') \
+                                 AND coalesce(g->>'uuid', '') <> '' LIMIT 1), \
+                              nullif(record->'host'->>'hostname', '') || '/' || device, \
+                              (record->>'agent_name') || '/' || device) \
+                          ELSE '' END AS node \
+                   FROM results r) results \
              WHERE NOT simulated AND model = $1 \
                AND (cardinality($2::text[]) = 0 OR precision = ANY($2)) \
                AND (cardinality($3::int[]) = 0 OR batch_size = ANY($3)) \
@@ -1209,8 +1240,8 @@ impl Store {
                AND (coalesce(record->'agent_labels', '{}'::jsonb) @> $7::jsonb) \
                AND ($8::timestamptz IS NULL OR finished_at >= $8) \
                AND ($9::timestamptz IS NULL OR finished_at < $9) \
-             GROUP BY model, precision, batch_size, image_size, hardware_kind, path \
-             ORDER BY model, precision, batch_size, image_size, hardware_kind, path",
+             GROUP BY model, precision, batch_size, image_size, hardware_kind, path, node \
+             ORDER BY model, precision, batch_size, image_size, hardware_kind, path, node",
         )
         .bind(&f.model)
         .bind(&f.precisions)
@@ -1221,6 +1252,7 @@ impl Store {
         .bind(json(&f.labels))
         .bind(f.since)
         .bind(f.until)
+        .bind(f.by_node)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -1384,7 +1416,9 @@ pub const ASYNC_COMMIT: &str = "set_config('synchronous_commit', 'off', true)";
 /// only jobs of those precisions; the filter sits inside each probe, before its LIMIT, so jobs
 /// this device cannot run never hide the ones it can. A device that declared none (an agent
 /// older than the field) is offered every precision. `prec` is computed once per claim.
-const CLAIM_SQL: &str = "\
+///
+/// Public so that its plan can be checked (`EXPLAIN`) by tests and operators.
+pub const CLAIM_SQL: &str = "\
     WITH prec AS (SELECT (SELECT d->'precisions' \
                   FROM agents a CROSS JOIN jsonb_array_elements(a.devices) d \
                   WHERE a.id = $1 AND d->>'device' = $2 \
@@ -1705,9 +1739,10 @@ async fn insert_result_hashed(
              image_size, hardware_kind, hardware_name, device, backend, path, math, simulated, \
              throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, ci95_high_ms, \
              images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, record, finished_at, \
-             content_sha256, imported_by) \
+             content_sha256, imported_by, stable, stop_reason, window_spread) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)",
+                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
+                 $33, CAST($34::text AS stop_reason), $35)",
     )
     .bind(id)
     .bind(job)
@@ -1741,6 +1776,9 @@ async fn insert_result_hashed(
     .bind(r.finished_at)
     .bind(hash)
     .bind(imported_by)
+    .bind(r.stability.as_ref().map(|s| s.stable))
+    .bind(r.stability.as_ref().map(|s| s.stop_reason.as_str()))
+    .bind(r.stability.as_ref().and_then(|s| s.spread))
     .execute(&mut *tx)
     .await?;
     Ok(id)

@@ -76,6 +76,7 @@ fn result_for(
         started_at: Utc::now(),
         finished_at: Utc::now(),
         latencies_ms: latencies,
+        stability: None,
     }
 }
 
@@ -878,4 +879,62 @@ fn hardware_must_match_the_registration_down_to_the_gpu() {
     assert!(check_hardware(&r, &devices, &registered)
         .unwrap_err()
         .contains("did not register device 'cuda:1'"));
+}
+
+/// A big sweep queued onto a table of finished jobs whose statistics were taken while nothing
+/// was pending (a quiet table, then a large submission): the claim must still read the head of
+/// `jobs_pending_by_target`, not every unfinished job plus a sort. Before migration
+/// 20261203000012 the planner picked `jobs_unfinished` here, and a load run with 100,000
+/// finished jobs fell from 500 to 153 completions/s (docs/reliability.md).
+#[tokio::test]
+async fn the_claim_plan_survives_statistics_taken_before_a_big_sweep() {
+    let (db, store) = store().await;
+    let me = agent(&store, "planner-probe", "cpu").await;
+    let _ = &db;
+    let pg = store.pool().clone();
+    let old = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO sweeps (id, name, spec, spec_toml, state) \
+         VALUES ($1, 'finished work', '{}', '', 'imported')",
+    )
+    .bind(old)
+    .execute(&pg)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs (id, sweep_id, seq, spec, target, state, attempt, finished_at) \
+         SELECT gen_random_uuid(), $1, g, '{\"precision\": \"f32\"}', 'cpu', 'succeeded', 1, now() \
+         FROM generate_series(1, 100000) g",
+    )
+    .bind(old)
+    .execute(&pg)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE jobs").execute(&pg).await.unwrap();
+    let spec =
+        sweep("batch_sizes = [1]\nprecisions = [\"f32\"]\nimage_size = 32\nrepetitions = 100\n");
+    for _ in 0..20 {
+        store.create_sweep(&spec, "").await.unwrap();
+    }
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        fleetmark_coordinator::store::CLAIM_SQL
+    )))
+    .bind(me)
+    .bind("cpu")
+    .bind("cpu")
+    .bind(30_000.0_f64)
+    .bind(Some(5_000.0_f64))
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("jobs_pending_by_target"), "{plan}");
+    assert!(!plan.contains("jobs_unfinished"), "{plan}");
+    // And the claim itself works on that table.
+    let job = store
+        .claim_job(me, "cpu", "cpu", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(job.is_some());
 }

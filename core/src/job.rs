@@ -5,7 +5,7 @@ use std::{fmt, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CoreError, HardwareTarget, Precision};
+use crate::{CoreError, HardwareTarget, Percentile, Precision};
 
 /// Largest batch a job may ask for. ResNet18 at 224x224 needs about 0.6 MB of f32 input per
 /// image; 4096 is already past what any card in the fleet benefits from.
@@ -140,7 +140,9 @@ impl Default for WeightsSpec {
 }
 
 /// How a job is measured. Timing stops once both the iteration count and the duration minimum
-/// are met, or at the maximum duration, whichever comes first after the minimum count.
+/// are met **and** the stability rule holds (the last `stability_windows` windows agree within
+/// `stability_tolerance`, and the percentile target, if any, is met), or at `max_duration` or
+/// `max_iterations`, whichever comes first. See `docs/measurement.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeasurementSpec {
@@ -154,7 +156,30 @@ pub struct MeasurementSpec {
     pub max_duration: Duration,
     /// Time the host-to-device copy of each input batch separately.
     pub time_input_copy: bool,
+    /// How many of the most recent windows must agree before timing may stop (k).
+    pub stability_windows: u32,
+    /// The least timed (device) time in one window.
+    #[serde(with = "humantime_serde")]
+    pub stability_window: Duration,
+    /// How far the windows' throughputs may differ: max/min - 1 at most this (0.05 = 5%).
+    pub stability_tolerance: Fraction,
+    /// Timing stops after this many iterations whatever else holds.
+    pub max_iterations: u32,
+    /// Optionally, a percentile whose 95% interval must be this tight before timing stops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percentile_target: Option<PercentileTarget>,
 }
+
+/// Defaults of the stability rule: three windows of at least one second within 5%.
+pub const DEFAULT_STABILITY_WINDOWS: u32 = 3;
+pub const DEFAULT_STABILITY_WINDOW: Duration = Duration::from_secs(1);
+pub const DEFAULT_STABILITY_TOLERANCE: f64 = 0.05;
+/// 8 MB of raw latencies per result at most.
+pub const MAX_ITERATIONS_LIMIT: u32 = 1_000_000;
+/// Shortest window allowed: below this a window is one iteration of noise.
+pub const MIN_STABILITY_WINDOW: Duration = Duration::from_millis(10);
+/// Most windows one job may close (max_duration / stability_window): bounds the record size.
+pub const MAX_WINDOWS: u128 = 100_000;
 
 impl Default for MeasurementSpec {
     fn default() -> Self {
@@ -165,8 +190,42 @@ impl Default for MeasurementSpec {
             min_duration: Duration::from_secs(5),
             max_duration: Duration::from_secs(120),
             time_input_copy: false,
+            stability_windows: DEFAULT_STABILITY_WINDOWS,
+            stability_window: DEFAULT_STABILITY_WINDOW,
+            stability_tolerance: Fraction(DEFAULT_STABILITY_TOLERANCE),
+            max_iterations: MAX_ITERATIONS_LIMIT,
+            percentile_target: None,
         }
     }
+}
+
+/// A non-negative fraction (0.05 = 5%) that can live in `Eq + Hash` specs: compared by its bits.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fraction(pub f64);
+
+impl PartialEq for Fraction {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Fraction {}
+
+impl std::hash::Hash for Fraction {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
+/// "Run until the 95% interval of `percentile` is within `within` of its estimate", as
+/// LoadGen's early stopping runs until a percentile can be claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PercentileTarget {
+    pub percentile: Percentile,
+    /// Largest allowed relative half-width of the interval: 0.05 = within 5%.
+    pub within: Fraction,
 }
 
 impl MeasurementSpec {
@@ -199,6 +258,65 @@ impl MeasurementSpec {
             return Err(CoreError::InvalidSweep(
                 "max_duration is over an hour per job".into(),
             ));
+        }
+        self.validate_stability()
+    }
+
+    fn validate_stability(&self) -> Result<(), CoreError> {
+        let bad = |m: String| Err(CoreError::InvalidSweep(m));
+        if !(2..=100).contains(&self.stability_windows) {
+            return bad(format!(
+                "stability_windows must be between 2 and 100, not {}",
+                self.stability_windows
+            ));
+        }
+        if self.stability_window < MIN_STABILITY_WINDOW {
+            return bad(format!(
+                "stability_window ({}) is shorter than {}",
+                humantime::format_duration(self.stability_window),
+                humantime::format_duration(MIN_STABILITY_WINDOW)
+            ));
+        }
+        if !self.stability_window.subsec_nanos().is_multiple_of(1000) {
+            return bad("stability_window must be a whole number of microseconds".into());
+        }
+        if self.stability_window * self.stability_windows > self.max_duration {
+            return bad(format!(
+                "{} stability windows of {} do not fit in max_duration ({}): timing could never \
+                 be found stable",
+                self.stability_windows,
+                humantime::format_duration(self.stability_window),
+                humantime::format_duration(self.max_duration)
+            ));
+        }
+        if self.max_duration.as_nanos() / self.stability_window.as_nanos() > MAX_WINDOWS {
+            return bad(format!(
+                "max_duration / stability_window is over {MAX_WINDOWS} windows: use a longer \
+                 stability_window"
+            ));
+        }
+        let tol = self.stability_tolerance.0;
+        if !(tol.is_finite() && tol > 0.0 && tol <= 10.0) {
+            return bad(format!(
+                "stability_tolerance must be a fraction above 0 and at most 10 (0.05 = 5%), not \
+                 {tol}"
+            ));
+        }
+        if self.max_iterations < self.min_iterations || self.max_iterations > MAX_ITERATIONS_LIMIT {
+            return bad(format!(
+                "max_iterations must be between min_iterations ({}) and {MAX_ITERATIONS_LIMIT}, \
+                 not {}",
+                self.min_iterations, self.max_iterations
+            ));
+        }
+        if let Some(t) = &self.percentile_target {
+            let w = t.within.0;
+            if !(w.is_finite() && w > 0.0 && w <= 1.0) {
+                return bad(format!(
+                    "percentile_target.within must be a fraction above 0 and at most 1 (0.05 = \
+                     5%), not {w}"
+                ));
+            }
         }
         Ok(())
     }

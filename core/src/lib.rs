@@ -13,21 +13,32 @@ pub mod limits;
 pub mod localpg;
 pub mod logging;
 pub mod precision;
+pub mod quantile;
 pub mod result;
+pub mod significance;
+pub mod stability;
 pub mod stats;
 pub mod sweep;
+#[cfg(test)]
+mod testseries;
 
 pub use capability::{ComputeCapability, DeviceClass, KernelCode, MathMode};
 pub use error::CoreError;
 pub use hardware::{HardwareKind, HardwareTarget};
 pub use inventory::{GpuInfo, HostInventory};
-pub use job::{EnginePath, JobSpec, JobState, MeasurementSpec, WeightsRef, WeightsSpec};
+pub use job::{
+    EnginePath, Fraction, JobSpec, JobState, MeasurementSpec, PercentileTarget, WeightsRef,
+    WeightsSpec,
+};
 pub use limits::LimitError;
 pub use precision::Precision;
+pub use quantile::{Percentile, PercentileCis, PercentileEstimate};
 pub use result::{
     BackendInfo, BenchResult, Correctness, Fingerprint, MetricSummary, ResultError, Telemetry,
     WeightsInfo,
 };
+pub use significance::{RatioEstimate, RepetitionSummary};
+pub use stability::{StabilityReport, StopReason, Timing, Window};
 pub use stats::LatencyStats;
 pub use sweep::SweepSpec;
 

@@ -18,7 +18,7 @@ use crate::{
         check_count, check_inventory, check_labels, check_name, check_text, LimitError,
         MAX_DETAILS, MAX_LATENCY_SAMPLES, MAX_TEXT_CHARS, MAX_THROTTLE_REASONS,
     },
-    CoreError, HostInventory, JobSpec, LatencyStats,
+    CoreError, HostInventory, JobSpec, LatencyStats, StabilityReport,
 };
 
 /// Which implementation produced a number.
@@ -140,6 +140,10 @@ pub struct BenchResult {
     pub finished_at: DateTime<Utc>,
     /// Every timed iteration's latency, in order.
     pub latencies_ms: Vec<f64>,
+    /// Whether timing was found stable, its windows, and why it stopped. `None` in records
+    /// from agents that predate the stability rule.
+    #[serde(default)]
+    pub stability: Option<StabilityReport>,
 }
 
 /// Why a result record cannot be stored. Every check says which field broke which rule, and
@@ -174,6 +178,9 @@ pub enum ResultError {
     RawMismatch { field: &'static str },
     #[error("finished before it started")]
     FinishedBeforeStart,
+    /// The stability report or the percentile intervals do not hold together.
+    #[error("{0}")]
+    Measurement(String),
     #[error("{0}")]
     Limit(#[from] LimitError),
 }
@@ -307,7 +314,21 @@ impl BenchResult {
         if hi != self.latency.max_ms {
             return Err(ResultError::RawMismatch { field: "max" }.into());
         }
-        Ok(())
+        self.validate_measurement()
+    }
+
+    /// The stability report and percentile intervals (issue 11's additions) are sane.
+    fn validate_measurement(&self) -> Result<(), CoreError> {
+        self.latency
+            .percentiles
+            .validate()
+            .map_err(ResultError::Measurement)?;
+        match &self.stability {
+            Some(s) => s
+                .validate()
+                .map_err(|e| CoreError::from(ResultError::Measurement(e))),
+            None => Ok(()),
+        }
     }
 
     /// Every check that does not need the raw latencies: what a listing that omits them can
@@ -425,6 +446,12 @@ impl BenchResult {
             f64::INFINITY
         };
         (b / self.latency.ci95_high_ms, hi)
+    }
+
+    /// True when the result says its timing was not found stable (records without a stability
+    /// report are not called unstable: they are unknown).
+    pub fn is_unstable(&self) -> bool {
+        self.stability.as_ref().is_some_and(|s| !s.stable)
     }
 
     /// "f32 (tf32 math)" where the math differs from the storage precision.

@@ -7,6 +7,8 @@
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
+use crate::quantile::PercentileCis;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatencyStats {
     pub count: u64,
@@ -20,6 +22,11 @@ pub struct LatencyStats {
     /// 95% confidence interval of the mean.
     pub ci95_low_ms: f64,
     pub ci95_high_ms: f64,
+    /// p50, p90 and p99 with distribution-free 95% intervals; each `None` when the samples are
+    /// too few to support it (see [`crate::quantile`]). `p50_ms`..`p99_ms` above are the plain
+    /// sample percentiles, kept for continuity; claims should use these.
+    #[serde(default)]
+    pub percentiles: PercentileCis,
 }
 
 impl LatencyStats {
@@ -50,6 +57,7 @@ impl LatencyStats {
             p99_ms: percentile_sorted(&sorted, 99.0),
             ci95_low_ms: mean - half_width,
             ci95_high_ms: mean + half_width,
+            percentiles: PercentileCis::from_sorted(&sorted),
         })
     }
 

@@ -205,6 +205,34 @@ impl SweepSpec {
     }
 }
 
+/// Named sweeps that `fleetmark submit --preset NAME` queues.
+pub const PRESETS: &[&str] = &["t4-article"];
+
+impl SweepSpec {
+    /// A named sweep. `t4-article` is the experiment Fleetmark grew out of: ResNet18 at batch 1
+    /// to 32 in f32 and f16 on a T4, measured under the default rules.
+    pub fn preset(name: &str) -> Result<SweepSpec, CoreError> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "t4-article" => Ok(SweepSpec {
+                name: Some("t4-article".into()),
+                model: "resnet18".into(),
+                batch_sizes: vec![1, 2, 4, 8, 16, 32],
+                precisions: vec![Precision::F32, Precision::F16],
+                gpus: vec!["t4".parse()?],
+                image_size: 224,
+                repetitions: 1,
+                engine: EnginePath::Auto,
+                weights: WeightsSpec::default(),
+                measurement: MeasurementSpec::default(),
+            }),
+            _ => Err(CoreError::InvalidSweep(format!(
+                "unknown preset '{name}': known presets are {}",
+                PRESETS.join(", ")
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +323,88 @@ min_duration = "2s"
                 err.contains(&format!("batch size {b} is out of range")),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn the_t4_article_preset_is_the_articles_grid() {
+        let spec = SweepSpec::preset("t4-article").unwrap();
+        let jobs = spec.expand().unwrap();
+        assert_eq!(jobs.len(), 12, "6 batches x 2 precisions on one kind");
+        assert!(jobs.iter().all(|j| j.target.to_string() == "t4"));
+        let batches: BTreeSet<u32> = jobs.iter().map(|j| j.batch_size).collect();
+        assert_eq!(
+            batches.into_iter().collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32]
+        );
+        assert!(SweepSpec::preset("t5-article")
+            .unwrap_err()
+            .to_string()
+            .contains("known presets are t4-article"));
+        // It survives the trip through TOML that submit makes.
+        let text = toml::to_string(&spec).unwrap();
+        assert_eq!(SweepSpec::from_toml(&text).unwrap(), spec);
+    }
+
+    #[test]
+    fn stability_settings_parse_and_bad_ones_are_refused() {
+        let spec = SweepSpec::from_toml(
+            "batch_sizes=[1]\nprecisions=[\"f32\"]\n[measurement]\nstability_windows = 4\n\
+             stability_window = \"250ms\"\nstability_tolerance = 0.1\nmax_iterations = 500\n\
+             percentile_target = { percentile = \"p99\", within = 0.05 }\n",
+        )
+        .unwrap();
+        let m = &spec.measurement;
+        assert_eq!(m.stability_windows, 4);
+        assert_eq!(m.stability_window.as_millis(), 250);
+        assert_eq!(m.stability_tolerance.0, 0.1);
+        assert_eq!(m.max_iterations, 500);
+        assert_eq!(
+            m.percentile_target.unwrap().percentile,
+            crate::Percentile::P99
+        );
+        let text = toml::to_string(&spec).unwrap();
+        assert_eq!(SweepSpec::from_toml(&text).unwrap(), spec);
+
+        for (field, msg) in [
+            (
+                "stability_windows = 1",
+                "stability_windows must be between 2 and 100",
+            ),
+            ("stability_window = \"1ms\"", "shorter than 10ms"),
+            ("stability_window = \"50s\"", "do not fit in max_duration"),
+            (
+                "stability_tolerance = 0.0",
+                "stability_tolerance must be a fraction above 0",
+            ),
+            (
+                "stability_tolerance = -1.0",
+                "stability_tolerance must be a fraction above 0",
+            ),
+            (
+                "stability_tolerance = nan",
+                "stability_tolerance must be a fraction above 0",
+            ),
+            (
+                "max_iterations = 10",
+                "max_iterations must be between min_iterations (50)",
+            ),
+            ("max_iterations = 2000000", "max_iterations must be between"),
+            (
+                "percentile_target = { percentile = \"p95\", within = 0.05 }",
+                "unknown percentile 'p95'",
+            ),
+            (
+                "percentile_target = { percentile = \"p99\", within = 2.0 }",
+                "percentile_target.within must be",
+            ),
+        ] {
+            let err = SweepSpec::from_toml(&format!(
+                "batch_sizes=[1]\nprecisions=[\"f32\"]\n[measurement]\n{field}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(msg), "{field}: {err}");
         }
     }
 

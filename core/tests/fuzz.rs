@@ -120,6 +120,7 @@ fn good_result() -> BenchResult {
         started_at: now,
         finished_at: now,
         latencies_ms: latencies,
+        stability: None,
     }
 }
 

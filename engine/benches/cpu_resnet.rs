@@ -52,6 +52,7 @@ fn main() {
                     min_duration: Duration::from_secs_f64(min_duration),
                     max_duration: Duration::from_secs(600),
                     time_input_copy: false,
+                    ..Default::default()
                 },
                 repetition: 0,
             };

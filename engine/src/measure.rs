@@ -1,6 +1,7 @@
 //! The measurement loop: prepare, check the output against the reference, warm up, then time
-//! iterations until both a minimum count and a minimum duration are reached (or the maximum
-//! duration passes), sampling telemetry over exactly the timed window.
+//! iterations until the minimum count and duration are reached and the stability rule holds
+//! (or a maximum is reached), sampling telemetry over exactly the timed window. When to stop is
+//! decided by `fleetmark_core::stability::Timing`, pure logic tested on synthetic series.
 
 use std::{
     collections::BTreeMap,
@@ -9,7 +10,10 @@ use std::{
 };
 
 use chrono::Utc;
-use fleetmark_core::{BenchResult, HostInventory, JobSpec, LatencyStats, RESULT_SCHEMA_VERSION};
+use fleetmark_core::{
+    BenchResult, HostInventory, JobSpec, LatencyStats, MeasurementSpec, StopReason, Timing,
+    RESULT_SCHEMA_VERSION,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -163,44 +167,34 @@ pub fn run_job(
     });
     prepared.reset_peak_memory();
     let sampler = telemetry_source.as_ref().map(|t| t.start());
-    let mut latencies = Vec::with_capacity(m.min_iterations as usize * 2);
+    let mut timing = Timing::new(m, job.batch_size);
     let mut copies = Vec::new();
     let timing_start = Instant::now();
-    let outcome: Result<(), EngineError> = (|| loop {
+    let outcome: Result<StopReason, EngineError> = (|| loop {
         if m.time_input_copy {
             if let Some(d) = prepared.timed_input_copy()? {
                 copies.push(d.as_secs_f64() * 1e3);
             }
         }
         let d = prepared.timed_iteration()?;
-        latencies.push(d.as_secs_f64() * 1e3);
         let elapsed = timing_start.elapsed();
-        let n = latencies.len() as u32;
-        if n >= m.min_iterations && elapsed >= m.min_duration {
-            return Ok(());
-        }
-        // A result carries every sample; past this bound the coordinator would refuse it.
-        if elapsed >= m.max_duration
-            || latencies.len() >= fleetmark_core::limits::MAX_LATENCY_SAMPLES
-        {
-            return Ok(());
+        if let Some(reason) = timing.record(d.as_secs_f64() * 1e3, elapsed) {
+            return Ok(reason);
         }
         check_cancel(cancel)?;
         if last_report.elapsed() >= PROGRESS_EVERY {
             last_report = Instant::now();
-            let done = (n as f64 / m.min_iterations.max(1) as f64)
-                .min(elapsed.as_secs_f64() / m.min_duration.as_secs_f64().max(1e-9))
-                .min(1.0);
             on_progress(Progress {
                 phase: Phase::Timing,
-                iterations: n,
-                fraction: 0.1 + 0.9 * done,
+                iterations: timing.iterations(),
+                fraction: 0.1 + 0.9 * timing_fraction(m, &timing, elapsed),
             });
         }
     })();
     let timed_seconds = timing_start.elapsed().as_secs_f64();
     let telemetry = sampler.map(|s| s.stop());
-    outcome?;
+    let stop_reason = outcome?;
+    let (latencies, stability) = timing.finish(stop_reason);
     let (peak_memory_bytes, memory_scope) = prepared.peak_memory();
     drop(prepared);
 
@@ -237,5 +231,18 @@ pub fn run_job(
         started_at,
         finished_at: Utc::now(),
         latencies_ms: latencies,
+        stability: Some(stability),
     })
+}
+
+/// An estimate of how far timing is, 0..1: the minimums, then the stability windows (which
+/// may take until `max_duration`, so the estimate is only a guide for progress bars).
+fn timing_fraction(m: &MeasurementSpec, timing: &Timing, elapsed: Duration) -> f64 {
+    let minimums = (timing.iterations() as f64 / m.min_iterations.max(1) as f64)
+        .min(elapsed.as_secs_f64() / m.min_duration.as_secs_f64().max(1e-9))
+        .min(1.0);
+    let windows = timing.windows().len() as f64 / m.stability_windows.max(1) as f64;
+    let by_rule = minimums.min(windows.min(1.0));
+    let by_limit = elapsed.as_secs_f64() / m.max_duration.as_secs_f64().max(1e-9);
+    by_rule.max(by_limit).min(0.99)
 }

@@ -61,6 +61,9 @@ fn cpu_job_produces_a_consistent_record() {
             warmup_duration: std::time::Duration::ZERO,
             min_iterations: 5,
             min_duration: std::time::Duration::from_millis(50),
+            // This test is about the record, not the stability rule: accept any spread.
+            stability_window: std::time::Duration::from_millis(10),
+            stability_tolerance: fleetmark_core::Fraction(10.0),
             ..Default::default()
         },
         repetition: 0,
@@ -89,6 +92,45 @@ fn cpu_job_produces_a_consistent_record() {
     assert!(r.peak_memory_bytes > 0);
     assert_eq!(phases.first().map(|p| p.as_str()), Some("loading"));
     assert!(phases.iter().any(|p| p.as_str() == "timing"));
+    // The stability report answers the rule it ran under.
+    let s = r.stability.as_ref().expect("a stability report");
+    assert_eq!(s.stop_reason, fleetmark_core::StopReason::Stable, "{s:?}");
+    assert!(s.stable && s.windows.len() >= 3, "{s:?}");
+    let in_windows: u32 = s.windows.iter().map(|w| w.iterations).sum();
+    assert!(in_windows as usize <= r.latencies_ms.len());
+}
+
+#[test]
+fn the_loop_stops_at_max_iterations_and_says_why() {
+    let w = ModelWeights::seeded(0).unwrap();
+    let mut job: JobSpec = serde_json::from_value(serde_json::json!({
+        "model": "resnet18", "batch_size": 1, "precision": "f32", "image_size": 32, "target": "any"
+    }))
+    .unwrap();
+    let m = &mut job.measurement;
+    (m.warmup_iterations, m.warmup_duration) = (1, std::time::Duration::ZERO);
+    (m.min_iterations, m.max_iterations) = (4, 4);
+    m.min_duration = std::time::Duration::ZERO;
+    let r = run_job(
+        &mut CpuBackend::new(),
+        &w,
+        &job,
+        &AgentIdentity {
+            name: "test".into(),
+            ..Default::default()
+        },
+        &JobContext::default(),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    r.validate().unwrap();
+    assert_eq!(r.latencies_ms.len(), 4);
+    let s = r.stability.as_ref().unwrap();
+    assert_eq!(s.stop_reason, fleetmark_core::StopReason::MaxIterations);
+    assert!(!s.stable, "4 short iterations close no 1 s window: {s:?}");
+    // Four samples support no percentile interval.
+    assert_eq!(r.latency.percentiles, Default::default());
 }
 
 #[test]

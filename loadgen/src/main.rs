@@ -232,6 +232,7 @@ fn made_up(job: &pb::Job, agent: &str, spec: JobSpec) -> BenchResult {
         started_at: now,
         finished_at: now,
         latencies_ms: latencies,
+        stability: None,
     }
 }
 

@@ -70,6 +70,14 @@ impl From<&core::JobSpec> for pb::JobSpec {
                 min_duration_ms: m.min_duration.as_millis() as u64,
                 max_duration_ms: m.max_duration.as_millis() as u64,
                 time_input_copy: m.time_input_copy,
+                stability_windows: Some(m.stability_windows),
+                stability_window_us: Some(m.stability_window.as_micros() as u64),
+                stability_tolerance: Some(m.stability_tolerance.0),
+                max_iterations: Some(m.max_iterations),
+                percentile_target: m.percentile_target.map(|t| pb::PercentileTarget {
+                    percentile: percentile_to_wire(t.percentile) as i32,
+                    within: t.within.0,
+                }),
             }),
             repetition: s.repetition,
         }
@@ -80,6 +88,7 @@ impl TryFrom<pb::JobSpec> for core::JobSpec {
     type Error = WireError;
     fn try_from(s: pb::JobSpec) -> Result<Self, WireError> {
         let m = s.measurement.ok_or_else(|| missing("spec.measurement"))?;
+        let defaults = core::MeasurementSpec::default();
         let weights = match s.weights.and_then(|w| w.source) {
             Some(pb::weights::Source::Seed(seed)) => core::WeightsSpec::Seeded { seed },
             Some(pb::weights::Source::Path(path)) => core::WeightsSpec::File { path },
@@ -100,6 +109,25 @@ impl TryFrom<pb::JobSpec> for core::JobSpec {
                 min_duration: Duration::from_millis(m.min_duration_ms),
                 max_duration: Duration::from_millis(m.max_duration_ms),
                 time_input_copy: m.time_input_copy,
+                stability_windows: m.stability_windows.unwrap_or(defaults.stability_windows),
+                stability_window: m
+                    .stability_window_us
+                    .map(Duration::from_micros)
+                    .unwrap_or(defaults.stability_window),
+                stability_tolerance: m
+                    .stability_tolerance
+                    .map(core::Fraction)
+                    .unwrap_or(defaults.stability_tolerance),
+                max_iterations: m.max_iterations.unwrap_or(defaults.max_iterations),
+                percentile_target: m
+                    .percentile_target
+                    .map(|t| {
+                        Ok::<_, WireError>(core::PercentileTarget {
+                            percentile: percentile_from_wire(t.percentile)?,
+                            within: core::Fraction(t.within),
+                        })
+                    })
+                    .transpose()?,
             },
             repetition: s.repetition,
         };
@@ -197,8 +225,107 @@ impl From<&core::LatencyStats> for pb::LatencyStats {
             p99_ms: s.p99_ms,
             ci95_low_ms: s.ci95_low_ms,
             ci95_high_ms: s.ci95_high_ms,
+            p50_ci: s.percentiles.p50.map(estimate_to_wire),
+            p90_ci: s.percentiles.p90.map(estimate_to_wire),
+            p99_ci: s.percentiles.p99.map(estimate_to_wire),
         }
     }
+}
+
+fn estimate_to_wire(e: core::PercentileEstimate) -> pb::PercentileEstimate {
+    pb::PercentileEstimate {
+        ms: e.ms,
+        ci95_low_ms: e.ci95_low_ms,
+        ci95_high_ms: e.ci95_high_ms,
+    }
+}
+
+fn estimate_from_wire(e: pb::PercentileEstimate) -> core::PercentileEstimate {
+    core::PercentileEstimate {
+        ms: e.ms,
+        ci95_low_ms: e.ci95_low_ms,
+        ci95_high_ms: e.ci95_high_ms,
+    }
+}
+
+fn percentile_to_wire(p: core::Percentile) -> pb::Percentile {
+    match p {
+        core::Percentile::P50 => pb::Percentile::P50,
+        core::Percentile::P90 => pb::Percentile::P90,
+        core::Percentile::P99 => pb::Percentile::P99,
+    }
+}
+
+fn percentile_from_wire(p: i32) -> Result<core::Percentile, WireError> {
+    match pb::Percentile::try_from(p) {
+        Ok(pb::Percentile::P50) => Ok(core::Percentile::P50),
+        Ok(pb::Percentile::P90) => Ok(core::Percentile::P90),
+        Ok(pb::Percentile::P99) => Ok(core::Percentile::P99),
+        _ => Err(WireError(format!(
+            "spec.measurement.percentile_target.percentile {p} is not p50, p90 or p99"
+        ))),
+    }
+}
+
+fn stop_reason_to_wire(r: core::StopReason) -> pb::StopReason {
+    match r {
+        core::StopReason::Stable => pb::StopReason::Stable,
+        core::StopReason::MaxDuration => pb::StopReason::MaxDuration,
+        core::StopReason::MaxIterations => pb::StopReason::MaxIterations,
+    }
+}
+
+fn stop_reason_from_wire(r: i32) -> Result<core::StopReason, WireError> {
+    match pb::StopReason::try_from(r) {
+        Ok(pb::StopReason::Stable) => Ok(core::StopReason::Stable),
+        Ok(pb::StopReason::MaxDuration) => Ok(core::StopReason::MaxDuration),
+        Ok(pb::StopReason::MaxIterations) => Ok(core::StopReason::MaxIterations),
+        _ => Err(WireError(format!(
+            "result.stability.stop_reason {r} is not stable, max_duration or max_iterations"
+        ))),
+    }
+}
+
+fn stability_to_wire(s: &core::StabilityReport) -> pb::Stability {
+    pb::Stability {
+        stable: s.stable,
+        stop_reason: stop_reason_to_wire(s.stop_reason) as i32,
+        spread: s.spread,
+        windows: s
+            .windows
+            .iter()
+            .map(|w| pb::MeasurementWindow {
+                iterations: w.iterations,
+                seconds: w.seconds,
+                images_per_sec: w.images_per_sec,
+            })
+            .collect(),
+        required_windows: s.required_windows,
+        window_seconds: s.window_seconds,
+        tolerance: s.tolerance,
+        percentile_target_met: s.percentile_target_met,
+    }
+}
+
+fn stability_from_wire(s: pb::Stability) -> Result<core::StabilityReport, WireError> {
+    Ok(core::StabilityReport {
+        stable: s.stable,
+        stop_reason: stop_reason_from_wire(s.stop_reason)?,
+        spread: s.spread,
+        windows: s
+            .windows
+            .into_iter()
+            .map(|w| core::Window {
+                iterations: w.iterations,
+                seconds: w.seconds,
+                images_per_sec: w.images_per_sec,
+            })
+            .collect(),
+        required_windows: s.required_windows,
+        window_seconds: s.window_seconds,
+        tolerance: s.tolerance,
+        percentile_target_met: s.percentile_target_met,
+    })
 }
 
 impl From<pb::LatencyStats> for core::LatencyStats {
@@ -214,6 +341,11 @@ impl From<pb::LatencyStats> for core::LatencyStats {
             p99_ms: s.p99_ms,
             ci95_low_ms: s.ci95_low_ms,
             ci95_high_ms: s.ci95_high_ms,
+            percentiles: core::PercentileCis {
+                p50: s.p50_ci.map(estimate_from_wire),
+                p90: s.p90_ci.map(estimate_from_wire),
+                p99: s.p99_ci.map(estimate_from_wire),
+            },
         }
     }
 }
@@ -294,6 +426,7 @@ impl From<&core::BenchResult> for pb::BenchResult {
             started_at: Some(timestamp(r.started_at)),
             finished_at: Some(timestamp(r.finished_at)),
             latencies_ms: r.latencies_ms.clone(),
+            stability: r.stability.as_ref().map(stability_to_wire),
         }
     }
 }
@@ -381,6 +514,7 @@ pub fn result_without_latencies(r: pb::BenchResult) -> Result<core::BenchResult,
         started_at: from_timestamp(r.started_at),
         finished_at: from_timestamp(r.finished_at),
         latencies_ms: r.latencies_ms,
+        stability: r.stability.map(stability_from_wire).transpose()?,
     })
 }
 

@@ -51,6 +51,7 @@ fn valid_wire() -> pb::BenchResult {
         started_at: chrono::Utc::now(),
         finished_at: chrono::Utc::now(),
         latencies_ms: latencies,
+        stability: None,
     };
     r.validate().unwrap();
     (&r).into()

@@ -507,6 +507,10 @@ pub fn assert_success(o: &Output, what: &str) {
     );
 }
 
+/// The stability rule relaxed for tests that are not about it: 10 ms windows, any spread up to
+/// 11x accepted, so jobs stop right after their minimums on a loaded machine.
+pub const RELAXED_STABILITY: &str = "stability_window = \"10ms\"\nstability_tolerance = 10.0\n";
+
 /// A sweep file's text for ResNet18 at a small image size with a short measurement.
 pub fn sweep_toml(name: &str, batches: &[u32], image_size: u32, min_duration: &str) -> String {
     let batches: Vec<String> = batches.iter().map(u32::to_string).collect();
@@ -514,7 +518,7 @@ pub fn sweep_toml(name: &str, batches: &[u32], image_size: u32, min_duration: &s
         "name = \"{name}\"\nmodel = \"resnet18\"\nbatch_sizes = [{}]\nprecisions = [\"f32\"]\n\
          gpus = [\"any\"]\nimage_size = {image_size}\n\n[measurement]\nwarmup_iterations = 1\n\
          warmup_duration = \"0s\"\nmin_iterations = 3\nmin_duration = \"{min_duration}\"\n\
-         max_duration = \"60s\"\n",
+         max_duration = \"60s\"\n{RELAXED_STABILITY}",
         batches.join(", ")
     )
 }
@@ -799,6 +803,7 @@ pub fn made_up_result(
         started_at: now,
         finished_at: now,
         latencies_ms: latencies,
+        stability: None,
     }
 }
 

@@ -86,6 +86,10 @@ async fn a_sweep_runs_on_two_cpu_agents_and_its_results_reach_the_cli_and_postgr
             "3",
             "--min-duration",
             "100ms",
+            "--stability-window",
+            "10ms",
+            "--stability-tolerance",
+            "10",
         ],
     )
     .await;

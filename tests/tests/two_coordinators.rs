@@ -37,7 +37,8 @@ async fn two_coordinators_share_one_database_without_running_a_job_twice() {
     // 10 batch sizes x 4 repetitions, submitted to the first coordinator only.
     let toml = "name = \"shared\"\nbatch_sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\nprecisions = [\"f32\"]\n\
          image_size = 32\nrepetitions = 4\n\n[measurement]\nwarmup_iterations = 1\n\
-         warmup_duration = \"0s\"\nmin_iterations = 3\nmin_duration = \"50ms\"\n";
+         warmup_duration = \"0s\"\nmin_iterations = 3\nmin_duration = \"50ms\"\n\
+         stability_window = \"10ms\"\nstability_tolerance = 10.0\n";
     let sweep = submit_file(&c1.url, None, dir.path(), "shared", toml).await;
     wait_sweep_finished(&pool, sweep, SWEEP_TIMEOUT).await;
     let (jobs, stored) = assert_sweep_complete_once(&pool, sweep, JOBS).await;

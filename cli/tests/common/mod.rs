@@ -184,6 +184,7 @@ pub fn record(batch: u32, rep: u32, samples: usize) -> String {
         started_at: now,
         finished_at: now,
         latencies_ms: latencies,
+        stability: None,
     };
     r.validate().expect("the made-up record is valid");
     serde_json::to_string(&r).expect("json")
