@@ -108,6 +108,20 @@ for line in open(sys.argv[1]):
     print(f"b{r['spec']['batch_size']:<4} {r['spec']['precision']:<5} {b.get('path', '?'):<6} math {b.get('math', '?'):<5} "
           f"p50 {r['latency']['p50_ms']:.3f} ms {r['images_per_sec']:>9.0f} img/s peak {r['peak_memory_bytes']/2**20:.0f} MiB  "
           f"rel err {'-' if err is None else format(err, '.2e')}  stem={d.get('stem_channels')} graph={d.get('cuda_graph')}")
+    s = r.get("stability")
+    if s:
+        n = len(s.get("windows") or [])
+        more = n > s.get("required_windows", 0)
+        counts = globals().setdefault("counts", {"points": 0, "stable": 0, "longer": 0})
+        counts["points"] += 1; counts["stable"] += bool(s.get("stable")); counts["longer"] += more
+        spread = s.get("spread")
+        print(f"      stability: {s.get('stop_reason')} after {n} windows of {s.get('window_seconds')} s, "
+              f"spread {'-' if spread is None else format(spread, '.3f')}, timed {r.get('timed_seconds', 0):.2f} s"
+              f"{'  (more than the minimum)' if more else ''}")
+c = globals().get("counts")
+if c:
+    print(f"stability rule: {c['stable']} of {c['points']} points stable; "
+          f"{c['longer']} needed more than the minimum {''}windows")
 PYEOF
 }
 
