@@ -189,6 +189,8 @@ pub async fn run_with_devices(
             kind: w.kind.clone(),
             name: w.name.clone(),
             precisions: w.precisions.iter().map(|p| p.as_str().into()).collect(),
+            health: w.health.as_ref().map(Into::into),
+            health_flags: Vec::new(),
         })
         .collect();
     let token = CancellationToken::new();

@@ -62,6 +62,11 @@ struct DeviceArgs {
     /// For coordinator testing only: iteration time of the simulated device.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration, hide = true)]
     simulated_latency: Duration,
+    /// Run the node health check (GEMM per precision, memory and host-to-device bandwidth,
+    /// clocks under load, PCIe, power limit, ECC) on each device before the first job, and
+    /// report it at registration (on/off).
+    #[arg(long, env = "FLEETMARK_HEALTH_CHECK", default_value = "on", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    health_check: bool,
     #[command(flatten)]
     fused: FusedArgs,
 }
@@ -227,6 +232,13 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Run the node health check on each device now and print it as JSON (one object per
+    /// device: GEMM TFLOP/s per precision, memory and host-to-device GB/s, clocks, PCIe,
+    /// power limit, ECC).
+    Health {
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 fn config_from(
@@ -252,6 +264,7 @@ fn config_from(
     }
     c.backend.fused = d.fused.options();
     c.backend.assume_capability = d.fused.assume_compute_capability;
+    c.backend.health_check = d.health_check;
     // Checked once, here: a bad combination stops the agent before it registers.
     c.backend.validate()?;
     Ok(c)
@@ -412,6 +425,27 @@ fn real_main() -> anyhow::Result<()> {
             let workers = fleetmark_agent::open_devices(&device, &Default::default())?;
             for w in workers {
                 eprintln!("{}: ok ({} / {})", w.spec, w.kind, w.name);
+            }
+        }
+        Some(Command::Health { device }) => {
+            let opts = fleetmark_engine::device::BackendOptions {
+                health_check: true,
+                ..Default::default()
+            };
+            let workers = fleetmark_agent::open_devices(&device, &opts)?;
+            let reports: Vec<serde_json::Value> = workers
+                .iter()
+                .map(|w| {
+                    serde_json::json!({
+                        "device": w.spec.to_string(), "kind": w.kind, "name": w.name,
+                        "health": w.health,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+            if workers.iter().any(|w| w.health.is_none()) {
+                eprintln!("error: a device has no health check (see the log above)");
+                std::process::exit(1);
             }
         }
     }

@@ -7,8 +7,9 @@ use std::{
     thread::JoinHandle,
 };
 
-use fleetmark_core::{BenchResult, JobSpec, Precision, WeightsSpec};
+use fleetmark_core::{BenchResult, DeviceHealth, JobSpec, Precision, WeightsSpec};
 use fleetmark_engine::{
+    backend::Backend,
     device::{open_backend, BackendOptions, DeviceSpec},
     run_job, AgentIdentity, EngineError, JobContext, ModelWeights, Progress,
 };
@@ -32,6 +33,9 @@ pub struct DeviceWorker {
     pub name: String,
     /// Precisions the device can run, declared at registration.
     pub precisions: Vec<Precision>,
+    /// The health check run when the device opened (`--health-check`), declared at
+    /// registration; `None` when it was not asked for or the device has none.
+    pub health: Option<DeviceHealth>,
     tx: Option<mpsc::Sender<WorkItem>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -45,10 +49,15 @@ impl DeviceWorker {
             .name(format!("device-{spec}"))
             .spawn(move || {
                 let mut backend = match open_backend(spec, &opts) {
-                    Ok(b) => {
+                    Ok(mut b) => {
                         let (kind, name) = b.hardware();
                         let precisions = fleetmark_core::capability::precisions_for(b.class());
-                        let _ = ready_tx.send(Ok((kind, name, precisions)));
+                        let health = if opts.health_check {
+                            health_check(spec, b.as_mut())
+                        } else {
+                            None
+                        };
+                        let _ = ready_tx.send(Ok((kind, name, precisions, health)));
                         b
                     }
                     Err(e) => {
@@ -96,7 +105,7 @@ impl DeviceWorker {
                 }
             })
             .map_err(|e| EngineError::Setup(format!("cannot start a device thread: {e}")))?;
-        let (kind, name, precisions) = ready_rx.recv().map_err(|_| {
+        let (kind, name, precisions, health) = ready_rx.recv().map_err(|_| {
             EngineError::Setup(format!("the {spec} thread died while opening it"))
         })??;
         info!(device = %spec, kind = %kind, name = %name, ?precisions, "device ready");
@@ -105,6 +114,7 @@ impl DeviceWorker {
             kind,
             name,
             precisions,
+            health,
             tx: Some(tx),
             thread: Some(thread),
         })
@@ -136,6 +146,28 @@ impl DeviceWorker {
         rx.await.map_err(|_| {
             EngineError::Setup(format!("the {} thread died during a job", self.spec))
         })?
+    }
+}
+
+/// Runs the device's health check, logging what it found; a check that fails is logged and
+/// left out (the device still serves jobs: the check describes it, it does not gate it).
+fn health_check(spec: DeviceSpec, backend: &mut dyn Backend) -> Option<DeviceHealth> {
+    match backend.health_check()? {
+        Ok(h) => {
+            let gemm: Vec<String> = h
+                .gemm_tflops
+                .iter()
+                .map(|(p, t)| format!("{p}={t:.3}"))
+                .collect();
+            info!(device = %spec, gemm_tflops = %gemm.join(" "), memory_gbps = format!("{:.1}", h.memory_gbps),
+                  host_to_device_gbps = ?h.host_to_device_gbps, sm_clock_mhz = ?h.sm_clock_under_load_mhz,
+                  seconds = format!("{:.2}", h.seconds), "health check");
+            Some(h)
+        }
+        Err(e) => {
+            warn!(device = %spec, error = %e, "health check failed; the device serves jobs without one");
+            None
+        }
     }
 }
 

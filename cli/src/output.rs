@@ -397,6 +397,28 @@ fn agent_csv_row(a: &pb::AgentStatus) -> Vec<String> {
 /// Columns of the compact agents table (the rest appear with --wide).
 const AGENT_COMPACT: &[&str] = &["name", "state", "devices", "last seen", "running"];
 
+/// An agent's health column: "ok" when every checked device is within 10% of its kind's
+/// median, the flags otherwise (device: flag, ...), "-" when no device has a check.
+fn health_cell(a: &pb::AgentStatus) -> String {
+    if a.devices.iter().all(|d| d.health.is_none()) {
+        return "-".into();
+    }
+    let flags: Vec<String> = a
+        .devices
+        .iter()
+        .flat_map(|d| {
+            d.health_flags
+                .iter()
+                .map(move |f| format!("{}: {f}", d.device))
+        })
+        .collect();
+    if flags.is_empty() {
+        "ok".into()
+    } else {
+        flags.join(", ")
+    }
+}
+
 pub fn agents(agents: &[pb::AgentStatus], view: View) -> String {
     let format = view.format;
     let header = [
@@ -411,6 +433,7 @@ pub fn agents(agents: &[pb::AgentStatus], view: View) -> String {
         "labels",
         "last seen",
         "running",
+        "health",
     ];
     let rows: Vec<Vec<String>> = agents
         .iter()
@@ -444,6 +467,7 @@ pub fn agents(agents: &[pb::AgentStatus], view: View) -> String {
                     .format("%Y-%m-%d %H:%M:%S")
                     .to_string(),
                 a.running_jobs.len().to_string(),
+                health_cell(a),
             ]
         })
         .collect();
@@ -457,7 +481,11 @@ pub fn agents(agents: &[pb::AgentStatus], view: View) -> String {
                     json!({
                         "agent_id": a.agent_id, "name": a.name, "state": a.state,
                         "labels": a.labels, "price_per_hour": a.price_per_hour,
-                        "devices": a.devices.iter().map(|d| json!({"device": d.device, "kind": d.kind, "name": d.name})).collect::<Vec<_>>(),
+                        "devices": a.devices.iter().map(|d| json!({
+                            "device": d.device, "kind": d.kind, "name": d.name,
+                            "health": d.health.clone().and_then(|h| fleetmark_core::DeviceHealth::try_from(h).ok()),
+                            "health_flags": d.health_flags,
+                        })).collect::<Vec<_>>(),
                         "inventory": inv,
                         "last_seen_at": from_timestamp(a.last_seen_at),
                         "running_jobs": a.running_jobs,

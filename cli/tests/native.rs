@@ -413,6 +413,8 @@ async fn agents_offline_for_good_are_pruned_and_come_back_if_they_return() {
             kind: "cpu".into(),
             name: "cpu".into(),
             precisions: vec![],
+            health: None,
+            health_flags: vec![],
         }],
         ..Default::default()
     };

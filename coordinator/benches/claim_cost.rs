@@ -82,6 +82,7 @@ async fn main() {
                     kind: "cpu".into(),
                     name: "bench cpu".into(),
                     precisions: None,
+                    health: None,
                 }],
             })
             .await

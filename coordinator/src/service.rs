@@ -206,8 +206,14 @@ impl AgentService for AgentApi {
             .devices
             .into_iter()
             .map(|d| {
+                let health = d
+                    .health
+                    .map(fleetmark_core::DeviceHealth::try_from)
+                    .transpose()
+                    .map_err(|e| Status::invalid_argument(format!("device {}: {e}", d.device)))?;
                 Ok(AgentDevice {
                     precisions: declared_precisions(&d.device, &d.precisions)?,
+                    health,
                     device: d.device,
                     kind: d.kind,
                     name: d.name,
@@ -812,6 +818,7 @@ impl SweepService for SweepApi {
             .list_agents(window)
             .await
             .map_err(Status::from)?;
+        let flags = health_flags(&agents);
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents
                 .into_iter()
@@ -832,6 +839,11 @@ impl SweepService for SweepApi {
                         .devices
                         .into_iter()
                         .map(|d| pb::AgentDevice {
+                            health_flags: flags
+                                .get(&(a.id, d.device.clone()))
+                                .cloned()
+                                .unwrap_or_default(),
+                            health: d.health.as_ref().map(Into::into),
                             device: d.device,
                             kind: d.kind,
                             name: d.name,
@@ -1218,6 +1230,35 @@ impl pb::token_service_server::TokenService for TokenApi {
 
 /// The precisions a device declared at registration, checked; `None` when it declared none (an
 /// agent older than the field), which the claim query reads as "offer it every precision".
+/// For every (agent, device) with a health check, the metrics on which it is more than 10%
+/// below the median of the devices of its kind (`fleetmark_core::health::flags`), as text.
+fn health_flags(
+    agents: &[crate::store::AgentRow],
+) -> std::collections::HashMap<(Uuid, String), Vec<String>> {
+    let mut by_kind: std::collections::HashMap<&str, Vec<&fleetmark_core::DeviceHealth>> =
+        Default::default();
+    for a in agents {
+        for d in &a.devices {
+            if let Some(h) = &d.health {
+                by_kind.entry(d.kind.as_str()).or_default().push(h);
+            }
+        }
+    }
+    let mut out = std::collections::HashMap::new();
+    for a in agents {
+        for d in &a.devices {
+            if let Some(h) = &d.health {
+                let flags = fleetmark_core::health::flags(h, &by_kind[d.kind.as_str()]);
+                out.insert(
+                    (a.id, d.device.clone()),
+                    flags.iter().map(ToString::to_string).collect(),
+                );
+            }
+        }
+    }
+    out
+}
+
 fn declared_precisions(device: &str, given: &[String]) -> Result<Option<Vec<String>>, Status> {
     if given.is_empty() {
         return Ok(None);

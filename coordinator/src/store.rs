@@ -32,6 +32,9 @@ pub struct AgentDevice {
     /// Precisions the device can run; `None` from agents that declare none (all offered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precisions: Option<Vec<String>>,
+    /// The health check the agent ran before its first job, validated at registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<fleetmark_core::DeviceHealth>,
 }
 
 #[derive(Debug, Clone)]
@@ -1642,6 +1645,7 @@ async fn file_imported(
         kind: r.hardware_kind.clone(),
         name: r.hardware_name.clone(),
         precisions: None,
+        health: None,
     }];
     // Only ever an imported agent's row: a registered agent's is never borrowed.
     let agent: Option<Uuid> = sqlx::query_scalar(

@@ -250,6 +250,8 @@ async fn health_reflection_and_metrics_answer_outsiders() {
                     kind: "cpu".into(),
                     name: "probe cpu".into(),
                     precisions: vec![],
+                    health: None,
+                    health_flags: vec![],
                 }],
                 ..Default::default()
             },

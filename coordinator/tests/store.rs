@@ -30,6 +30,7 @@ async fn agent(store: &Store, name: &str, kind: &str) -> Uuid {
                 kind: kind.into(),
                 name: format!("{kind} device"),
                 precisions: None,
+                health: None,
             }],
         })
         .await
@@ -834,6 +835,7 @@ fn hardware_must_match_the_registration_down_to_the_gpu() {
         kind: "h100".into(),
         name: "NVIDIA H100 80GB HBM3".into(),
         precisions: None,
+        health: None,
     }];
     let registered = HostInventory {
         gpus: vec![gpu("GPU-aaaa")],

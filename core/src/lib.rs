@@ -7,6 +7,7 @@
 pub mod capability;
 pub mod error;
 pub mod hardware;
+pub mod health;
 pub mod inventory;
 pub mod job;
 pub mod limits;
@@ -25,6 +26,7 @@ mod testseries;
 pub use capability::{ComputeCapability, DeviceClass, KernelCode, MathMode};
 pub use error::CoreError;
 pub use hardware::{HardwareKind, HardwareTarget};
+pub use health::{DeviceHealth, HealthFlag};
 pub use inventory::{GpuInfo, HostInventory};
 pub use job::{
     EnginePath, Fraction, JobSpec, JobState, MeasurementSpec, PercentileTarget, WeightsRef,

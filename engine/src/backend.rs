@@ -94,6 +94,12 @@ pub trait Backend {
     fn driver_versions(&self) -> (String, String) {
         (String::new(), String::new())
     }
+
+    /// Runs the node health check on this device (see [`crate::health`]); `None` where there
+    /// is nothing real to check (the simulated device).
+    fn health_check(&mut self) -> Option<Result<fleetmark_core::DeviceHealth, EngineError>> {
+        None
+    }
 }
 
 pub trait Prepared {

@@ -87,6 +87,16 @@ impl Backend for CpuBackend {
             ),
         }))
     }
+
+    fn health_check(&mut self) -> Option<Result<fleetmark_core::DeviceHealth, EngineError>> {
+        Some(crate::health::check(
+            &Device::Cpu,
+            &[Precision::F32],
+            crate::health::HealthOptions::CPU,
+            crate::health::DeviceFacts::default(),
+            None,
+        ))
+    }
 }
 
 struct CpuPrepared {

@@ -95,6 +95,8 @@ pub struct BackendOptions {
     /// For testing the per-generation rules on a newer card: a GPU reports this compute
     /// capability when deciding what it can run (a T4's 7.5 on an H100, say). Results say so.
     pub assume_capability: Option<ComputeCapability>,
+    /// Run the node health check (`crate::health`) when the device opens, before any job.
+    pub health_check: bool,
 }
 
 impl Default for BackendOptions {
@@ -104,6 +106,7 @@ impl Default for BackendOptions {
             weights_dir: None,
             fused: FusedOptions::default(),
             assume_capability: None,
+            health_check: false,
         }
     }
 }

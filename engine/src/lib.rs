@@ -16,6 +16,7 @@ pub mod error;
 pub mod fused;
 pub mod gpucheck;
 pub mod gpuinfo;
+pub mod health;
 pub mod input;
 pub mod measure;
 pub mod memplan;

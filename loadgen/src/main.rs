@@ -432,6 +432,8 @@ async fn main() -> anyhow::Result<()> {
                         kind: "cpu".into(),
                         name: "loadgen cpu".into(),
                         precisions: vec![],
+                        health: None,
+                        health_flags: vec![],
                     }],
                     ..Default::default()
                 },

@@ -518,6 +518,64 @@ pub fn result_without_latencies(r: pb::BenchResult) -> Result<core::BenchResult,
     })
 }
 
+impl From<&fleetmark_core::DeviceHealth> for pb::DeviceHealth {
+    fn from(h: &fleetmark_core::DeviceHealth) -> Self {
+        pb::DeviceHealth {
+            measured_at: Some(timestamp(h.measured_at)),
+            gemm_tflops: h
+                .gemm_tflops
+                .iter()
+                .map(|(p, v)| (p.as_str().to_string(), *v))
+                .collect(),
+            gemm_n: h.gemm_n,
+            memory_gbps: h.memory_gbps,
+            host_to_device_gbps: h.host_to_device_gbps,
+            pcie_link_gen: h.pcie_link_gen,
+            pcie_link_width: h.pcie_link_width,
+            sm_clock_under_load_mhz: h.sm_clock_under_load_mhz,
+            power_limit_watts: h.power_limit_watts,
+            ecc_enabled: h.ecc_enabled,
+            seconds: h.seconds,
+        }
+    }
+}
+
+impl TryFrom<pb::DeviceHealth> for fleetmark_core::DeviceHealth {
+    type Error = fleetmark_core::health::HealthError;
+
+    /// The report as sent, then [`fleetmark_core::DeviceHealth::validate`]d.
+    fn try_from(h: pb::DeviceHealth) -> Result<Self, Self::Error> {
+        use fleetmark_core::health::HealthError;
+        if h.gemm_tflops.len() > 3 {
+            return Err(HealthError("more than three GEMM precisions".into()));
+        }
+        let gemm_tflops = h
+            .gemm_tflops
+            .into_iter()
+            .map(|(p, v)| {
+                p.parse::<fleetmark_core::Precision>()
+                    .map(|p| (p, v))
+                    .map_err(|_| HealthError("a GEMM of an unknown precision".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        let out = fleetmark_core::DeviceHealth {
+            measured_at: from_timestamp(h.measured_at),
+            gemm_tflops,
+            gemm_n: h.gemm_n,
+            memory_gbps: h.memory_gbps,
+            host_to_device_gbps: h.host_to_device_gbps,
+            pcie_link_gen: h.pcie_link_gen,
+            pcie_link_width: h.pcie_link_width,
+            sm_clock_under_load_mhz: h.sm_clock_under_load_mhz,
+            power_limit_watts: h.power_limit_watts,
+            ecc_enabled: h.ecc_enabled,
+            seconds: h.seconds,
+        };
+        out.validate()?;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

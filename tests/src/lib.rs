@@ -830,6 +830,8 @@ pub async fn register_raw(
                     kind: kind.into(),
                     name: format!("{kind} device"),
                     precisions: vec![],
+                    health: None,
+                    health_flags: vec![],
                 }],
                 inventory: Some(Default::default()),
                 ..Default::default()

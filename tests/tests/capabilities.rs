@@ -22,6 +22,8 @@ fn device(device: &str, kind: &str, precisions: &[&str]) -> pb::AgentDevice {
         kind: kind.into(),
         name: format!("simulated {kind}"),
         precisions: precisions.iter().map(|p| p.to_string()).collect(),
+        health: None,
+        health_flags: vec![],
     }
 }
 

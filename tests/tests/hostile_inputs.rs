@@ -182,8 +182,104 @@ fn registration(name: &str) -> pb::RegisterRequest {
             kind: "cpu".into(),
             name: CPU_NAME.into(),
             precisions: vec![],
+            health: None,
+            health_flags: vec![],
         }],
     }
+}
+
+/// A health report a real CPU could send, for a plain client to spoil.
+fn honest_health() -> pb::DeviceHealth {
+    pb::DeviceHealth {
+        measured_at: Some(fleetmark_proto::convert::timestamp(chrono::Utc::now())),
+        gemm_tflops: [("f32".to_string(), 0.05)].into(),
+        gemm_n: 512,
+        memory_gbps: 8.0,
+        seconds: 0.6,
+        ..Default::default()
+    }
+}
+
+/// Health reports that are not numbers, absurd, or of unknown precisions are refused at
+/// registration by INVALID_ARGUMENT, and no agent is stored; an honest one is kept, listed,
+/// and unflagged while it is the only one of its kind.
+#[tokio::test]
+async fn hostile_health_reports_are_refused_at_registration() {
+    let p = Probe::start(vec![]).await;
+    let before = p.count("agents").await;
+    let cases: Vec<(&str, pb::DeviceHealth)> = vec![
+        (
+            "NaN bandwidth",
+            pb::DeviceHealth {
+                memory_gbps: f64::NAN,
+                ..honest_health()
+            },
+        ),
+        (
+            "negative GEMM",
+            pb::DeviceHealth {
+                gemm_tflops: [("f32".to_string(), -1.0)].into(),
+                ..honest_health()
+            },
+        ),
+        (
+            "absurd GEMM",
+            pb::DeviceHealth {
+                gemm_tflops: [("f32".to_string(), 1e300)].into(),
+                ..honest_health()
+            },
+        ),
+        (
+            "unknown precision",
+            pb::DeviceHealth {
+                gemm_tflops: [("fp4".to_string(), 1.0)].into(),
+                ..honest_health()
+            },
+        ),
+        (
+            "no GEMM",
+            pb::DeviceHealth {
+                gemm_tflops: Default::default(),
+                ..honest_health()
+            },
+        ),
+        (
+            "zero PCIe lanes",
+            pb::DeviceHealth {
+                pcie_link_width: Some(0),
+                ..honest_health()
+            },
+        ),
+    ];
+    let mut registrar = p.registrar.clone();
+    for (what, health) in cases {
+        let mut r = registration("health-probe");
+        r.devices[0].health = Some(health);
+        let msg = assert_code(registrar.register(r).await, Code::InvalidArgument, what);
+        assert!(msg.contains("health check"), "{what}: {msg}");
+    }
+    assert_eq!(p.count("agents").await, before, "nothing stored");
+    let mut r = registration("health-honest");
+    r.devices[0].health = Some(honest_health());
+    registrar
+        .register(r)
+        .await
+        .expect("an honest report is accepted");
+    let listed = p
+        .sweeps
+        .clone()
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .expect("agents")
+        .into_inner()
+        .agents;
+    let honest = listed
+        .iter()
+        .find(|a| a.name == "health-honest")
+        .expect("listed");
+    let d = &honest.devices[0];
+    assert_eq!(d.health.as_ref().map(|h| h.gemm_n), Some(512));
+    assert!(d.health_flags.is_empty(), "{:?}", d.health_flags);
 }
 
 fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, what: &str) -> String {
@@ -373,6 +469,8 @@ async fn oversized_and_malformed_requests_are_refused_cheaply() {
             kind: "h100".into(),
             name: "x".into(),
             precisions: vec![],
+            health: None,
+            health_flags: vec![],
         })
         .collect();
     assert_code(

@@ -49,6 +49,8 @@ async fn an_unacknowledged_claim_returns_to_the_queue_within_the_grace() {
                 kind: "cpu".into(),
                 name: "cpu device".into(),
                 precisions: vec![],
+                health: None,
+                health_flags: vec![],
             }],
             ..Default::default()
         })

@@ -44,6 +44,25 @@ async fn results_show_stability_stop_reasons_and_percentile_intervals() {
     wait_agents_online(&coord.client(), &["measure-cpu"]).await;
     let pool = pool(&db.url).await;
 
+    // The agent ran its health check before its first job and declared it at registration.
+    let agents = json(
+        &cli(url, None, &["agents", "--format", "json"]).await,
+        "fleetmark agents --format json",
+    );
+    let health = &agents[0]["devices"][0]["health"];
+    assert!(
+        health["gemm_tflops"]["f32"].as_f64().unwrap_or(0.0) > 0.0,
+        "a GEMM measured: {agents:#}"
+    );
+    assert!(
+        health["memory_gbps"].as_f64().unwrap_or(0.0) > 0.0,
+        "{agents:#}"
+    );
+    assert_eq!(
+        agents[0]["devices"][0]["health_flags"],
+        serde_json::json!([])
+    );
+
     // 1. Windows of 50 ms: two repetitions, each stopped by the rule (or, on a machine too busy
     //    for three windows to agree within 50%, by max_duration, and then marked unstable).
     let windowed = submit_file(url, None, dir.path(), "windowed", &sweep("windowed", 2, "")).await;

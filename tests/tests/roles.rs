@@ -113,6 +113,8 @@ async fn call(channel: &Channel, rpc: Rpc, secret: &str, n: usize) -> Code {
                             kind: "cpu".into(),
                             name: "cpu".into(),
                             precisions: vec![],
+                            health: None,
+                            health_flags: vec![],
                         }],
                         inventory: Some(Default::default()),
                         ..Default::default()

@@ -238,6 +238,8 @@ async fn register_over(channel: &tonic::transport::Channel, token: &str) -> toni
                     kind: "cpu".into(),
                     name: "cpu".into(),
                     precisions: vec![],
+                    health: None,
+                    health_flags: vec![],
                 }],
                 inventory: Some(Default::default()),
                 ..Default::default()

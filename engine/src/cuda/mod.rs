@@ -332,6 +332,29 @@ impl Backend for CudaBackend {
         Ok(prepared)
     }
 
+    fn health_check(&mut self) -> Option<Result<fleetmark_core::DeviceHealth, EngineError>> {
+        let facts = self
+            .nvml
+            .as_ref()
+            .and_then(|n| n.device_by_uuid(self.uuid.as_str()).ok())
+            .map(|d| crate::health::DeviceFacts {
+                pcie_link_gen: d.current_pcie_link_gen().ok(),
+                pcie_link_width: d.current_pcie_link_width().ok(),
+                power_limit_watts: d.enforced_power_limit().ok().map(|mw| mw as f64 / 1000.0),
+                ecc_enabled: d.is_ecc_enabled().ok().map(|e| e.currently_enabled),
+            })
+            .unwrap_or_default();
+        let precisions = fleetmark_core::capability::precisions_for(self.class());
+        let telemetry = self.telemetry_source();
+        Some(crate::health::check(
+            &self.device,
+            &precisions,
+            crate::health::HealthOptions::GPU,
+            facts,
+            telemetry.as_deref(),
+        ))
+    }
+
     fn telemetry_source(&self) -> Option<Box<dyn TelemetrySource>> {
         let nvml = self.nvml.clone()?;
         Some(Box::new(NvmlTelemetry {
