@@ -10,6 +10,8 @@
 #         input); the fused sweep, the stock sweep and PyTorch (eager/graph, NCHW/channels_last)
 #         on the same card; report.md (scripts/bench/side_by_side.py)
 #   ptx   the sm_75 build (fleetmark-agent-sm75.xz) on this card through PTX
+#   health  `fleetmark-agent health --device cuda:0` twice, beside nvidia-smi's clocks, power
+#         limit, ECC and PCIe link
 #   i12   issue 12, the whole system on this machine (coordinator_on_gpu.sh; needs
 #         fleetmark-coordinator.xz, fleetmark.xz and pg.tar.xz in BIN as well)
 #
@@ -171,12 +173,23 @@ ptx)
   echo "exit code $?"
   summary "$OUT/ptx/as75.jsonl"
   ;;
+health)
+  step "health: the node health check on this card, twice, beside nvidia-smi's view"
+  mkdir -p "$OUT/health"; a=/tmp/agenth; unpack "$agent_xz" $a || continue
+  nvidia-smi --query-gpu=clocks.max.sm,power.limit,ecc.mode.current,pcie.link.gen.current,pcie.link.width.current,pcie.link.gen.max \
+    --format=csv | tee "$OUT/health/nvidia-smi.csv"
+  for i in 1 2; do
+    limit $a health --device cuda:0 > "$OUT/health/health-$i.json"
+    echo "exit code $?"
+    cat "$OUT/health/health-$i.json"
+  done
+  ;;
 i12)
   step "i12: coordinator, agent, CLI and PostgreSQL on this machine"
   limit "$here/scripts/device/coordinator_on_gpu.sh" "$BIN" "$OUT/i12" "${I12_DEVICE:-cuda:all}"
   ;;
 *)
-  echo "unknown mode '$mode' (as75, sbs, ptx, i12)"
+  echo "unknown mode '$mode' (as75, sbs, ptx, health, i12)"
   ;;
 esac
 done
