@@ -27,6 +27,7 @@ if [ -n "${BIN_DIR:-}" ]; then
 else
   cargo build --quiet --profile "$PROFILE" -p fleetmark-coordinator -p fleetmark-loadgen >&2
 fi
+echo "postgres autovacuum: $(psql -At "$PGURL/postgres" -c 'SHOW autovacuum') (a soak needs it on)" >&2
 psql -q "$PGURL/postgres" -c "CREATE DATABASE $DB" >&2
 psql -q "$PGURL/postgres" -c "ALTER DATABASE $DB SET track_functions = 'all'" >&2
 # One admin token: agents register with it and sweeps are submitted with it.
