@@ -147,6 +147,9 @@ pub async fn run_with_metrics(
         .await?
         .with_claim_grace(config.claim_grace);
     store.migrate().await?;
+    if !store.autovacuum_on().await? {
+        warn!("postgres autovacuum is off: finished jobs' dead rows are never reclaimed and dispatch slows as they pile up; turn it on (ALTER SYSTEM SET autovacuum = on)");
+    }
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, lease_ms = config.lease.as_millis() as u64, tls = config.tls.is_some(),
           "coordinator listening");

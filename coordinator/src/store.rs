@@ -371,6 +371,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the server runs autovacuum. Without it every job transition leaves a dead row
+    /// that nothing reclaims, and dispatch slows as they pile up (a 10-minute soak fell by 65%:
+    /// docs/reliability.md).
+    pub async fn autovacuum_on(&self) -> Result<bool> {
+        let v: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v == "on")
+    }
+
     // ---- agents ----
 
     /// Registers an agent, or updates the one with the same name (a restarted agent keeps its

@@ -940,3 +940,14 @@ async fn the_claim_plan_survives_statistics_taken_before_a_big_sweep() {
         .unwrap();
     assert!(job.is_some());
 }
+
+/// The start-up check for autovacuum reads the server's real setting.
+#[tokio::test]
+async fn autovacuum_is_read_from_the_server() {
+    let (_db, store) = store().await;
+    let shown: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(store.autovacuum_on().await.unwrap(), shown == "on");
+}
