@@ -56,16 +56,6 @@ pub struct NodeSpread {
     pub node_cells: Vec<NodeCell>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => 0.0,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// Groups per-node cells (from `CompareResults` with `by_node`) into one spread per point.
 pub fn spreads(cells: &[Summary]) -> Vec<NodeSpread> {
     type Key = (String, String, u32, u32, String, String);
@@ -86,7 +76,7 @@ pub fn spreads(cells: &[Summary]) -> Vec<NodeSpread> {
         .map(
             |((model, precision, batch_size, image_size, kind, path), nodes)| {
                 let ips: Vec<f64> = nodes.iter().map(|n| n.images_per_sec).collect();
-                let mid = median(ips.clone());
+                let mid = fleetmark_core::stats::median(&ips).unwrap_or(0.0);
                 let min = ips.iter().copied().fold(f64::INFINITY, f64::min);
                 let max = ips.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let node_cells = nodes

@@ -186,16 +186,6 @@ pub struct Row {
     pub hardware: BTreeMap<String, Cell>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// One cell's summary before columns and speed-ups are known: what the coordinator's
 /// `CompareResults` returns, or what [`build`] computes from records.
 #[derive(Debug, Clone)]
@@ -264,8 +254,14 @@ impl From<pb::CompareCell> for Summary {
     }
 }
 
+/// The median of `f` over a cell's results (never empty).
+fn median_of(rs: &[&BenchResult], f: impl Fn(&BenchResult) -> f64) -> f64 {
+    let values: Vec<f64> = rs.iter().map(|r| f(r)).collect();
+    fleetmark_core::stats::median(&values).unwrap_or(0.0)
+}
+
 /// The 95% confidence interval of a cell's throughput, as the coordinator computes it.
-fn throughput_ci(rs: &[&BenchResult]) -> Option<(f64, f64)> {
+pub(crate) fn throughput_ci(rs: &[&BenchResult]) -> Option<(f64, f64)> {
     let ips: Vec<f64> = rs.iter().map(|r| r.images_per_sec).collect();
     let spread = fleetmark_core::LatencyStats::from_samples(&ips)?;
     let first = rs.first()?;
@@ -310,11 +306,11 @@ pub fn summarise(results: &[BenchResult]) -> Vec<Summary> {
                     hardware_kind: kind,
                     path,
                     results: rs.len(),
-                    images_per_sec: median(rs.iter().map(|r| r.images_per_sec).collect()),
-                    p50_ms: median(rs.iter().map(|r| r.latency.p50_ms).collect()),
+                    images_per_sec: median_of(&rs, |r| r.images_per_sec),
+                    p50_ms: median_of(&rs, |r| r.latency.p50_ms),
                     math: maths.join("+"),
                     peak_memory_bytes: rs.iter().map(|r| r.peak_memory_bytes).max().unwrap_or(0),
-                    price_per_hour: (!priced.is_empty()).then(|| median(priced)),
+                    price_per_hour: fleetmark_core::stats::median(&priced),
                     images_per_sec_ci95: throughput_ci(&rs),
                     repetitions: summarize_repetitions(&rs),
                     windows: pooled_window_throughputs(&rs),

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 use clap::Args;
-use fleetmark_core::{stats::throughput_ci95, BenchResult, LatencyStats};
+use fleetmark_core::{BenchResult, GpuInfo};
 use fleetmark_proto::v1 as pb;
 use serde::Serialize;
 
@@ -62,16 +62,16 @@ pub struct Software {
     pub cudnn_version: String,
 }
 
+/// The inventory entry of the GPU a result ran on (`cuda:N`), if any.
+fn gpu_of(r: &BenchResult) -> Option<&GpuInfo> {
+    let index: u32 = r.device.strip_prefix("cuda:")?.parse().ok()?;
+    r.host.gpus.iter().find(|g| g.index == index)
+}
+
 /// The node a result ran on, named as the coordinator's `compare --by-node` names it: the GPU's
 /// UUID, else host/device, else agent/device.
 pub fn node_of(r: &BenchResult) -> String {
-    let gpu = r
-        .device
-        .strip_prefix("cuda:")
-        .and_then(|i| i.parse::<u32>().ok())
-        .and_then(|i| r.host.gpus.iter().find(|g| g.index == i))
-        .map(|g| g.uuid.clone())
-        .filter(|u| !u.is_empty());
+    let gpu = gpu_of(r).map(|g| g.uuid.clone()).filter(|u| !u.is_empty());
     gpu.unwrap_or_else(|| {
         if r.host.hostname.is_empty() {
             format!("{}/{}", r.agent_name, r.device)
@@ -83,11 +83,7 @@ pub fn node_of(r: &BenchResult) -> String {
 
 impl Software {
     fn of(r: &BenchResult) -> Self {
-        let driver = r
-            .device
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse::<u32>().ok())
-            .and_then(|i| r.host.gpus.iter().find(|g| g.index == i))
+        let driver = gpu_of(r)
             .map(|g| g.driver_version.clone())
             .unwrap_or_default();
         Software {
@@ -127,23 +123,14 @@ pub struct Record {
 
 /// The record of a run of results: mean throughput and its interval.
 fn record(software: Software, rs: &[&BenchResult]) -> Record {
-    let ips: Vec<f64> = rs.iter().map(|r| r.images_per_sec).collect();
-    let spread = LatencyStats::from_samples(&ips);
-    let (mean, std) = spread.map(|s| (s.mean_ms, s.std_ms)).unwrap_or((0.0, 0.0));
-    let first = rs[0];
+    let mean = rs.iter().map(|r| r.images_per_sec).sum::<f64>() / rs.len() as f64;
     Record {
         software,
-        first: first.finished_at,
+        first: rs[0].finished_at,
         last: rs[rs.len() - 1].finished_at,
         results: rs.len(),
         images_per_sec: mean,
-        ci95: throughput_ci95(
-            rs.len() as u64,
-            mean,
-            std,
-            first.spec.batch_size,
-            (first.latency.ci95_low_ms, first.latency.ci95_high_ms),
-        ),
+        ci95: crate::compare::throughput_ci(rs),
         change: None,
         vs_previous: None,
     }
@@ -307,7 +294,7 @@ pub async fn run(remote: &mut Remote, args: HistoryArgs) -> Result<ExitCode, Cli
 
 #[cfg(test)]
 mod tests {
-    use fleetmark_core::{BackendInfo, Fingerprint, JobSpec, SweepSpec};
+    use fleetmark_core::{BackendInfo, Fingerprint, JobSpec, LatencyStats, SweepSpec};
 
     use super::*;
 

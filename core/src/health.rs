@@ -152,31 +152,23 @@ impl fmt::Display for HealthFlag {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
 /// The metrics on which `me` is more than [`SLOW_FRACTION`] below the median of `kind` (the
 /// health of every device of its kind, `me` included), and ECC off where most of its kind have
 /// it on. A metric that fewer than two devices report is not compared.
 pub fn flags(me: &DeviceHealth, kind: &[&DeviceHealth]) -> Vec<HealthFlag> {
+    let kind_metrics: Vec<Vec<(String, f64)>> = kind.iter().map(|h| h.metrics()).collect();
     let mut out = Vec::new();
     for (name, value) in me.metrics() {
-        let peers: Vec<f64> = kind
+        let peers: Vec<f64> = kind_metrics
             .iter()
-            .filter_map(|h| h.metrics().into_iter().find(|(n, _)| *n == name))
-            .map(|(_, v)| v)
+            .filter_map(|m| m.iter().find(|(n, _)| *n == name).map(|(_, v)| *v))
             .collect();
         if peers.len() < 2 {
             continue;
         }
-        let Some(mid) = median(peers) else { continue };
+        let Some(mid) = crate::stats::median(&peers) else {
+            continue;
+        };
         if mid > 0.0 && value < mid * (1.0 - SLOW_FRACTION) {
             out.push(HealthFlag {
                 metric: name,

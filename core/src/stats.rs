@@ -123,6 +123,16 @@ pub fn throughput_ci95(
     (ci.0.is_finite() && ci.1.is_finite() && ci.0 <= ci.1).then_some(ci)
 }
 
+/// The median of `values` (the mean of the two middle ones for an even count); `None` for none.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some(percentile_sorted(&sorted, 50.0))
+}
+
 /// Linear-interpolated percentile of already sorted samples, `q` in 0..=100.
 pub fn percentile_sorted(sorted: &[f64], q: f64) -> f64 {
     match sorted.len() {
