@@ -34,6 +34,8 @@ pub struct NodeCell {
     /// images_per_sec / the point's median - 1.
     pub vs_median: f64,
     pub slow: bool,
+    /// Some of its results came from a device whose health check in force was flagged.
+    pub health_flagged: bool,
 }
 
 /// The nodes of one kind at one point.
@@ -94,6 +96,7 @@ pub fn spreads(cells: &[Summary]) -> Vec<NodeSpread> {
                             images_per_sec: n.images_per_sec,
                             vs_median: vs,
                             slow: vs < -SLOW_NODE_FRACTION,
+                            health_flagged: n.health_flagged > 0,
                         }
                     })
                     .collect();
@@ -139,6 +142,7 @@ pub fn render(spreads: &[NodeSpread], view: View) -> String {
         "median img/s",
         "spread",
         "slow nodes",
+        "health-flagged",
     ];
     let rows = spreads
         .iter()
@@ -189,6 +193,11 @@ pub fn render(spreads: &[NodeSpread], view: View) -> String {
                 } else {
                     slow.join(", ")
                 },
+                s.node_cells
+                    .iter()
+                    .filter(|n| n.health_flagged)
+                    .count()
+                    .to_string(),
             ]
         })
         .collect();
@@ -197,7 +206,8 @@ pub fn render(spreads: &[NodeSpread], view: View) -> String {
     }
     let mut out = fitted_table(&header, rows, 3, view.wide);
     out.push_str(&format!(
-        "spread: fastest node / slowest - 1; slow: more than {:.0}% below the point's median node\n",
+        "spread: fastest node / slowest - 1; slow: more than {:.0}% below the point's median node\n\
+         health-flagged: nodes whose health check was more than 10% below their kind's median\n",
         SLOW_NODE_FRACTION * 100.0
     ));
     out
@@ -226,6 +236,7 @@ mod tests {
             windows: Vec::new(),
             node: node.into(),
             agents: format!("agent-{node}"),
+            health_flagged: 0,
         }
     }
 

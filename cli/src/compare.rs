@@ -149,6 +149,9 @@ impl Filters {
     }
 }
 
+/// How a cell's count of results from flagged devices is labelled.
+pub const HEALTH_FLAGGED_NODES: &str = "from flagged nodes";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Cell {
     pub images_per_sec: f64,
@@ -165,6 +168,8 @@ pub struct Cell {
     /// The ratio to the baseline with its 95% interval and significance (Welch's t-test on log
     /// per-window throughput); `None` for the baseline itself or with too few windows.
     pub speedup_ci95: Option<RatioEstimate>,
+    /// Results from devices whose health check in force was flagged.
+    pub health_flagged: usize,
     /// Per-window throughputs pooled over the cell's results (not serialised).
     #[serde(skip)]
     windows: Vec<f64>,
@@ -213,6 +218,9 @@ pub struct Summary {
     /// With `--by-node`: the node (GPU UUID, else host/device) and its agents; else empty.
     pub node: String,
     pub agents: String,
+    /// Results from devices whose health check in force was flagged (known only to the
+    /// coordinator; 0 when computed from records).
+    pub health_flagged: usize,
 }
 
 impl From<pb::CompareCell> for Summary {
@@ -250,6 +258,7 @@ impl From<pb::CompareCell> for Summary {
             windows: Vec::new(),
             node: c.node,
             agents: c.agents,
+            health_flagged: c.health_flagged as usize,
         }
     }
 }
@@ -316,6 +325,7 @@ pub fn summarise(results: &[BenchResult]) -> Vec<Summary> {
                     windows: pooled_window_throughputs(&rs),
                     node: String::new(),
                     agents: String::new(),
+                    health_flagged: 0,
                 }
             },
         )
@@ -409,6 +419,7 @@ pub fn build_from(
                             images_per_dollar,
                             repetitions: s.repetitions,
                             speedup_ci95: None,
+                            health_flagged: s.health_flagged,
                             windows: s.windows.clone(),
                         },
                     )
@@ -497,6 +508,11 @@ pub fn render(columns: &[String], rows: &[Row], view: View) -> String {
                         } else {
                             ""
                         };
+                        let flagged = if cell.health_flagged > 0 && !plain {
+                            format!(" ({} {HEALTH_FLAGGED_NODES})", cell.health_flagged)
+                        } else {
+                            String::new()
+                        };
                         let ci = match cell.images_per_sec_ci95 {
                             Some((lo, hi)) if !plain => {
                                 format!(" ±{}", throughput((hi - lo) / 2.0))
@@ -506,7 +522,10 @@ pub fn render(columns: &[String], rows: &[Row], view: View) -> String {
                         row.push(if plain {
                             format!("{:.1}", cell.images_per_sec)
                         } else {
-                            format!("{}{ci}{math}{n}{unstable}", throughput(cell.images_per_sec))
+                            format!(
+                                "{}{ci}{math}{n}{unstable}{flagged}",
+                                throughput(cell.images_per_sec)
+                            )
                         });
                         row.push(speedup_text(cell, plain));
                         if !view.wide && format == Format::Table {
@@ -577,6 +596,15 @@ pub async fn run(remote: &mut Remote, args: CompareArgs) -> Result<ExitCode, Cli
     emit(&render(&columns, &rows, args.view))?;
     if args.view.format == Format::Table {
         emit("img/s: median of the cell's results ± half its 95% confidence interval\n")?;
+        if rows
+            .iter()
+            .any(|r| r.hardware.values().any(|c| c.health_flagged > 0))
+        {
+            emit(&format!(
+                "{HEALTH_FLAGGED_NODES}: results from devices whose health check was more than \
+                 10% below the median of their kind (`fleetmark agents` says which)\n"
+            ))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -204,7 +204,7 @@ async fn run_with_database(args: &DemoArgs, db_url: &str) -> Result<ExitCode, Cl
         .await?;
         emit(&output::results(&results, args.view))?;
         if args.view.format == Format::Table {
-            let records: Vec<_> = results.into_iter().map(|(_, _, r)| r).collect();
+            let records: Vec<_> = results.into_iter().map(|l| l.result).collect();
             if let Ok((cols, rows)) = compare::build(&records, None) {
                 emit("Throughput by hardware (fleetmark compare):\n")?;
                 emit(&compare::render(&cols, &rows, args.view))?;

@@ -270,7 +270,7 @@ pub async fn run(remote: &mut Remote, args: HistoryArgs) -> Result<ExitCode, Cli
     .await?;
     let results: Vec<BenchResult> = results
         .into_iter()
-        .map(|(_, _, r)| r)
+        .map(|l| l.result)
         .filter(|r| args.image_size.is_none_or(|s| r.spec.image_size == s))
         .filter(|r| args.path.as_ref().is_none_or(|p| r.backend.path == *p))
         .filter(|r| args.node.as_ref().is_none_or(|n| node_of(r) == *n))

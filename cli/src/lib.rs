@@ -360,6 +360,22 @@ pub enum AgentsAction {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Stored node health checks, newest first: every check an agent ran before its first job
+    /// (`fleetmark-agent health`), with its flags against the median of its kind. The check
+    /// marked "in force" is the one new results are linked to.
+    Checks {
+        /// Only this agent's checks (its name).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this hardware kind (h100, cpu, ...).
+        #[arg(long)]
+        gpu: Option<String>,
+        /// At most this many (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        view: View,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -564,11 +580,22 @@ pub async fn submit(
         .map_err(|s| remote.err(s))
 }
 
+/// A stored result as a listing shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub result_id: String,
+    pub sweep_id: String,
+    pub result: BenchResult,
+    /// The flags of the health check in force on the result's device when it was stored
+    /// (empty: healthy); `None` when that device declared no check.
+    pub health: Option<Vec<String>>,
+}
+
 /// A sweep's results as domain records, with their ids, fetched page by page.
 pub async fn fetch_results(
     remote: &mut Remote,
     mut req: pb::ListResultsRequest,
-) -> Result<Vec<(String, String, BenchResult)>, CliError> {
+) -> Result<Vec<Listed>, CliError> {
     let mut out = Vec::new();
     loop {
         let resp = remote
@@ -582,7 +609,12 @@ pub async fn fetch_results(
                 .result
                 .ok_or_else(|| CliError::Remote("a result without a record".into()))?;
             let r = result_without_latencies(r).map_err(|e| CliError::Remote(e.to_string()))?;
-            out.push((s.result_id, s.sweep_id, r));
+            out.push(Listed {
+                result_id: s.result_id,
+                sweep_id: s.sweep_id,
+                result: r,
+                health: (s.health_check_id != 0).then_some(s.health_flags),
+            });
         }
         if resp.next_page_token.is_empty() {
             return Ok(out);
@@ -688,6 +720,36 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 humantime::format_duration(offline_for)
             );
             emit(&names.iter().map(|n| format!("{n}\n")).collect::<String>())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents {
+            action:
+                Some(AgentsAction::Checks {
+                    agent,
+                    gpu,
+                    limit,
+                    view,
+                }),
+            ..
+        } => {
+            let mut remote = Remote::new(&cli.conn)?;
+            let checks = remote
+                .client
+                .list_health_checks(pb::ListHealthChecksRequest {
+                    agent_name: agent.unwrap_or_default(),
+                    kind: gpu.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(|s| remote.err(s))?
+                .into_inner()
+                .checks;
+            if checks.is_empty() {
+                note!(
+                    "no health checks stored (agents run one at start unless --health-check off)"
+                );
+            }
+            emit(&output::health_checks(&checks, view))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Agents { action: None, view } => {

@@ -9,7 +9,7 @@ use fleetmark_core::{BenchResult, LatencyStats, Percentile};
 use fleetmark_proto::{convert::from_timestamp, v1 as pb};
 use serde_json::json;
 
-use crate::{Format, View};
+use crate::{Format, Listed, View};
 
 /// The width of a compact table when stdout is not a terminal.
 pub const PIPE_WIDTH: u16 = 80;
@@ -162,6 +162,23 @@ pub fn throughput_marked(r: &BenchResult) -> String {
     }
 }
 
+/// The marker of a result from a device whose health check in force was flagged.
+pub const HEALTH_FLAGGED: &str = "(flagged node)";
+
+/// A listed result's health cell: its check's flags, "ok", or "-" when the device declared no
+/// check.
+fn health_text(health: &Option<Vec<String>>) -> String {
+    match health {
+        None => "-".into(),
+        Some(flags) if flags.is_empty() => "ok".into(),
+        Some(flags) => flags.join(", "),
+    }
+}
+
+fn is_flagged(l: &Listed) -> bool {
+    l.health.as_ref().is_some_and(|f| !f.is_empty())
+}
+
 /// Result table columns: (header, shown in the compact table).
 const RESULT_COLUMNS: &[(&str, bool)] = &[
     ("hardware", true),
@@ -180,18 +197,20 @@ const RESULT_COLUMNS: &[(&str, bool)] = &[
     ("peak mem", false),
     ("gate", true),
     ("throttled", false),
+    ("health", false),
 ];
 
 /// Whether a table of these results shows "not enough samples" for some percentile.
-fn any_too_few(results: &[(String, String, BenchResult)]) -> bool {
-    results.iter().any(|(_, _, r)| {
+fn any_too_few(results: &[Listed]) -> bool {
+    results.iter().map(|l| &l.result).any(|r| {
         [Percentile::P50, Percentile::P90, Percentile::P99]
             .into_iter()
             .any(|p| percentile_cell(&r.latency, p, 0.0) == TOO_FEW)
     })
 }
 
-fn result_row(r: &BenchResult, wide: bool) -> Vec<String> {
+fn result_row(listed: &Listed, wide: bool) -> Vec<String> {
+    let r = &listed.result;
     let gate = match &r.correctness {
         Some(c) => format!("{:.1e}", c.max_rel_error),
         None if r.backend.simulated => "simulated".into(),
@@ -222,10 +241,15 @@ fn result_row(r: &BenchResult, wide: bool) -> Vec<String> {
         percentile_cell(l, Percentile::P90, l.p90_ms),
         percentile_cell(l, Percentile::P99, l.p99_ms),
         format!("{} ± {}", ms(l.mean_ms), ms(ci)),
-        throughput_marked(r),
+        if is_flagged(listed) {
+            format!("{} {HEALTH_FLAGGED}", throughput_marked(r))
+        } else {
+            throughput_marked(r)
+        },
         bytes(r.peak_memory_bytes),
         gate,
         throttled,
+        health_text(&listed.health),
     ];
     all.into_iter()
         .zip(RESULT_COLUMNS)
@@ -271,14 +295,16 @@ const RESULT_CSV_COLUMNS: &[&str] = &[
     "p99_ci_ms",
     "p99_ci95_low_ms",
     "p99_ci95_high_ms",
+    "health_flags",
 ];
 
 /// One result as plain numbers, for spreadsheets and scripts.
-fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
+fn result_csv_row(listed: &Listed) -> Vec<String> {
+    let r = &listed.result;
     let l = &r.latency;
     let mut row = vec![
-        id.to_string(),
-        sweep.to_string(),
+        listed.result_id.clone(),
+        listed.sweep_id.clone(),
         r.hardware_kind.clone(),
         r.hardware_name.clone(),
         r.agent_name.clone(),
@@ -319,26 +345,33 @@ fn result_csv_row(id: &str, sweep: &str, r: &BenchResult) -> Vec<String> {
     for p in Percentile::ALL {
         row.extend(percentile_csv(l, p));
     }
+    row.push(
+        listed
+            .health
+            .as_ref()
+            .map(|f| f.join(";"))
+            .unwrap_or_default(),
+    );
     row
 }
 
 /// A sweep's results. JSON carries the whole record, raw latencies included. Repetitions are
 /// numbered from 1 (`rep`).
-pub fn results(results: &[(String, String, BenchResult)], view: View) -> String {
+pub fn results(results: &[Listed], view: View) -> String {
     match view.format {
         Format::Json => {
             let v: Vec<_> = results
                 .iter()
-                .map(|(id, sweep, r)| json!({ "result_id": id, "sweep_id": sweep, "result": r }))
+                .map(|l| {
+                    json!({ "result_id": l.result_id, "sweep_id": l.sweep_id, "result": l.result,
+                            "health_flags": l.health })
+                })
                 .collect();
             format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
         }
         Format::Csv => csv(
             RESULT_CSV_COLUMNS,
-            results
-                .iter()
-                .map(|(id, sweep, r)| result_csv_row(id, sweep, r))
-                .collect(),
+            results.iter().map(result_csv_row).collect(),
         ),
         Format::Table => {
             let header: Vec<&str> = RESULT_COLUMNS
@@ -349,15 +382,18 @@ pub fn results(results: &[(String, String, BenchResult)], view: View) -> String 
             let right_from = header.iter().position(|h| *h == "batch").unwrap_or(0);
             let mut out = fitted_table(
                 &header,
-                results
-                    .iter()
-                    .map(|(_, _, r)| result_row(r, view.wide))
-                    .collect(),
+                results.iter().map(|l| result_row(l, view.wide)).collect(),
                 right_from,
                 view.wide,
             );
             if any_too_few(results) {
                 out.push_str(&too_few_note());
+            }
+            if results.iter().any(is_flagged) {
+                out.push_str(&format!(
+                    "{HEALTH_FLAGGED}: the device's health check was more than 10% below the \
+                     median of its kind (--wide or `fleetmark agents` says where)\n"
+                ));
             }
             out
         }
@@ -577,6 +613,83 @@ pub fn sweeps(sweeps: &[pb::SweepSummary], view: View) -> String {
         }
         Format::Csv => csv(&header, rows),
         Format::Table => fitted_table(&header, rows, 4, view.wide),
+    }
+}
+
+/// Stored health checks (`fleetmark agents checks`): the headline metrics in the table, the
+/// whole check in JSON.
+pub fn health_checks(checks: &[pb::HealthCheckRecord], view: View) -> String {
+    let rows: Vec<(fleetmark_core::DeviceHealth, &pb::HealthCheckRecord)> = checks
+        .iter()
+        .filter_map(|c| {
+            let h = fleetmark_core::DeviceHealth::try_from(c.health.clone()?).ok()?;
+            Some((h, c))
+        })
+        .collect();
+    if view.format == Format::Json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(h, c)| {
+                json!({
+                    "id": c.id, "agent": c.agent_name, "device": c.device, "kind": c.kind,
+                    "incarnation": c.incarnation, "in_force": c.in_force, "flags": c.flags,
+                    "health": h,
+                })
+            })
+            .collect();
+        return format!("{}\n", serde_json::to_string_pretty(&v).expect("json"));
+    }
+    let plain = view.format == Format::Csv;
+    let header = [
+        "checked at",
+        "agent",
+        "device",
+        "kind",
+        "in force",
+        "gemm TFLOP/s",
+        "memory GB/s",
+        "h2d GB/s",
+        "clock MHz",
+        "flags",
+    ];
+    let body = rows
+        .iter()
+        .map(|(h, c)| {
+            let gemm: Vec<String> = h
+                .gemm_tflops
+                .iter()
+                .map(|(p, v)| format!("{p} {v:.1}"))
+                .collect();
+            vec![
+                if plain {
+                    h.measured_at.to_rfc3339()
+                } else {
+                    h.measured_at.format("%Y-%m-%d %H:%M").to_string()
+                },
+                c.agent_name.clone(),
+                c.device.clone(),
+                c.kind.clone(),
+                if c.in_force { "yes" } else { "no" }.into(),
+                gemm.join(if plain { ";" } else { ", " }),
+                format!("{:.0}", h.memory_gbps),
+                h.host_to_device_gbps
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                h.sm_clock_under_load_mhz
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                if c.flags.is_empty() {
+                    "ok".into()
+                } else {
+                    c.flags.join(if plain { ";" } else { ", " })
+                },
+            ]
+        })
+        .collect();
+    if plain {
+        csv(&header, body)
+    } else {
+        fitted_table(&header, body, 5, view.wide)
     }
 }
 

@@ -373,7 +373,7 @@ pub async fn run(remote: &mut Remote, args: ReportArgs) -> Result<ExitCode, CliE
     )
     .await?
     .into_iter()
-    .map(|(_, _, r)| r)
+    .map(|l| l.result)
     .collect();
     let html = render(&status, &results)?;
     let out = args

@@ -224,6 +224,7 @@ impl Store {
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
+        crate::store::record_health_checks(&mut tx, id, incarnation, &reg.devices).await?;
         if !released.is_empty() {
             sqlx::query("SELECT pg_notify($1, '')")
                 .bind(crate::store::JOBS_CHANNEL)

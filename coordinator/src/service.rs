@@ -321,24 +321,42 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::ClaimJobRequest>,
     ) -> Result<Response<pb::ClaimJobResponse>, Status> {
-        let (agent, kind) = claiming_agent(&self.0, &req).await?;
-        let r = req.into_inner();
         let state = &self.0;
         let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(r.wait_ms as u64).min(MAX_CLAIM_WAIT);
-        loop {
-            // Register for wake-ups before looking, so a notification between the look and
-            // the wait is not lost.
-            let notified = state.wakeup.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let started = std::time::Instant::now();
-            if let Some(job) = state
+            + Duration::from_millis(req.get_ref().wait_ms as u64).min(MAX_CLAIM_WAIT);
+        // Register for wake-ups before the first look, so a notification between the look
+        // and the wait is not lost.
+        let mut notified = Box::pin(state.wakeup.notified());
+        notified.as_mut().enable();
+        // With an agent secret, the first look also authenticates (one statement); otherwise,
+        // or when that statement names no agent and device, the full path, which says why.
+        let mut started = std::time::Instant::now();
+        let fast = match one_statement_auth(state, &req, &req.get_ref().agent_id)? {
+            Some((hash, body)) => state
                 .store
-                .claim_job(agent, &r.device, &kind, state.config.lease)
+                .claim_job_by_secret(&hash, body, &req.get_ref().device, state.config.lease)
                 .await
-                .map_err(Status::from)?
-            {
+                .map_err(Status::from)?,
+            None => None,
+        };
+        let (agent, kind, mut first) = match fast {
+            Some((agent, kind, job)) => (agent, kind, Some(job)),
+            None => {
+                let (agent, kind) = claiming_agent(state, &req).await?;
+                (agent, kind, None)
+            }
+        };
+        let r = req.into_inner();
+        loop {
+            let looked = match first.take() {
+                Some(job) => job,
+                None => state
+                    .store
+                    .claim_job(agent, &r.device, &kind, state.config.lease)
+                    .await
+                    .map_err(Status::from)?,
+            };
+            if let Some(job) = looked {
                 state
                     .metrics
                     .dispatch
@@ -368,6 +386,9 @@ impl AgentService for AgentApi {
                     return Ok(Response::new(pb::ClaimJobResponse { job: None }));
                 }
             }
+            notified = Box::pin(state.wakeup.notified());
+            notified.as_mut().enable();
+            started = std::time::Instant::now();
         }
     }
 
@@ -799,6 +820,8 @@ impl SweepService for SweepApi {
                     sweep_id: s.sweep_id.to_string(),
                     result: Some((&s.result).into()),
                     imported_by: s.imported_by.clone().unwrap_or_default(),
+                    health_check_id: s.health.as_ref().map_or(0, |h| h.0.max(0) as u64),
+                    health_flags: s.health.as_ref().map(|h| h.1.clone()).unwrap_or_default(),
                 })
                 .collect(),
             next_page_token,
@@ -929,6 +952,7 @@ impl SweepService for SweepApi {
                         max_images_per_sec: c.max_images_per_sec,
                         unstable: c.unstable.clamp(0, u32::MAX as i64) as u32,
                         unknown_stability: c.unknown_stability.clamp(0, u32::MAX as i64) as u32,
+                        health_flagged: c.health_flagged.clamp(0, u32::MAX as i64) as u32,
                         node: c.node,
                         agents: c.agents,
                     }
@@ -1059,6 +1083,46 @@ impl SweepService for SweepApi {
             info!(agents = ?names, "agents retired");
         }
         Ok(Response::new(pb::PruneAgentsResponse { names }))
+    }
+
+    async fn list_health_checks(
+        &self,
+        req: Request<pb::ListHealthChecksRequest>,
+    ) -> Result<Response<pb::ListHealthChecksResponse>, Status> {
+        authorize(&self.0, &req, Permission::Read).await?;
+        let r = req.into_inner();
+        let filter = |name: &str, v: String| -> Result<Option<String>, Status> {
+            fleetmark_core::limits::check_text(name, &v, fleetmark_core::limits::MAX_TEXT_CHARS)
+                .map_err(limit)?;
+            Ok((!v.is_empty()).then_some(v))
+        };
+        let agent = filter("agent name", r.agent_name)?;
+        let kind = filter("kind", r.kind.to_ascii_lowercase())?;
+        let n = match r.limit {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let checks = self
+            .0
+            .store
+            .list_health_checks(agent.as_deref(), kind.as_deref(), n as i64)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::ListHealthChecksResponse {
+            checks: checks
+                .into_iter()
+                .map(|c| pb::HealthCheckRecord {
+                    id: c.id.max(0) as u64,
+                    agent_name: c.agent_name,
+                    device: c.device,
+                    kind: c.kind,
+                    incarnation: c.incarnation.max(0) as u32,
+                    health: Some((&c.health).into()),
+                    flags: c.flags,
+                    in_force: c.in_force,
+                })
+                .collect(),
+        }))
     }
 }
 

@@ -128,6 +128,33 @@ impl<'r> FromRow<'r, PgRow> for JobRow {
     }
 }
 
+/// A `health_checks` row as read: id, agent name, device, kind, incarnation, the report, its
+/// flags, and whether it is in force.
+type HealthCheckDbRow = (
+    i64,
+    String,
+    String,
+    String,
+    i32,
+    serde_json::Value,
+    Vec<String>,
+    bool,
+);
+
+/// One stored health check (see `Store::list_health_checks`).
+#[derive(Debug, Clone)]
+pub struct HealthCheckRow {
+    pub id: i64,
+    pub agent_name: String,
+    pub device: String,
+    pub kind: String,
+    pub incarnation: i32,
+    pub health: fleetmark_core::DeviceHealth,
+    pub flags: Vec<String>,
+    /// The device's latest check.
+    pub in_force: bool,
+}
+
 /// A stored result with its ids.
 #[derive(Debug, Clone)]
 pub struct StoredResult {
@@ -136,6 +163,9 @@ pub struct StoredResult {
     pub result: BenchResult,
     /// Who imported it; `None` for results an agent delivered itself.
     pub imported_by: Option<String>,
+    /// The health check in force on its device when it was stored, and that check's flags
+    /// (empty: healthy). `None` when the device declared no check.
+    pub health: Option<(i64, Vec<String>)>,
 }
 
 /// A listing of results, with how many stored rows were left out because they could not be
@@ -285,6 +315,9 @@ pub struct CompareCell {
     /// Results whose timing was not found stable, and results with no stability record.
     pub unstable: i64,
     pub unknown_stability: i64,
+    /// Results from a device whose health check in force was flagged (more than 10% below its
+    /// kind's median on some metric, or ECC off).
+    pub health_flagged: i64,
     /// With [`CompareFilter::by_node`]: the node and the agents that ran on it; else empty.
     pub node: String,
     pub agents: String,
@@ -540,6 +573,45 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// Stored health checks, newest first, optionally of one agent (by name) or one kind.
+    pub async fn list_health_checks(
+        &self,
+        agent_name: Option<&str>,
+        kind: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<HealthCheckRow>> {
+        let rows: Vec<HealthCheckDbRow> = sqlx::query_as(
+            "SELECT h.id, a.name, h.device, h.kind, h.incarnation, h.health, h.flags, \
+                        NOT EXISTS (SELECT 1 FROM health_checks n WHERE n.agent_id = h.agent_id \
+                                      AND n.device = h.device AND n.id > h.id) AS in_force \
+                 FROM health_checks h JOIN agents a ON a.id = h.agent_id \
+                 WHERE ($1::text IS NULL OR a.name = $1) AND ($2::text IS NULL OR h.kind = $2) \
+                 ORDER BY h.id DESC LIMIT $3",
+        )
+        .bind(agent_name)
+        .bind(kind)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(
+                |(id, agent_name, device, kind, incarnation, health, flags, in_force)| {
+                    Some(HealthCheckRow {
+                        id,
+                        agent_name,
+                        device,
+                        kind,
+                        incarnation,
+                        health: serde_json::from_value(health).ok()?,
+                        flags,
+                        in_force,
+                    })
+                },
+            )
+            .collect())
+    }
+
     /// Retires registered agents silent for at least `offline_for` and holding no lease; with
     /// `dry_run`, only names them. Returns their names.
     pub async fn prune_agents(&self, offline_for: Duration, dry_run: bool) -> Result<Vec<String>> {
@@ -776,14 +848,43 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<JobRow>> {
         let grace = self.claim_grace.map(|g| g.as_millis() as f64);
-        Ok(sqlx::query_as::<_, JobRow>(CLAIM_SQL)
+        let row = sqlx::query(CLAIM_SQL)
             .bind(agent)
             .bind(device)
-            .bind(kind)
             .bind(lease.as_millis() as f64)
             .bind(grace)
+            .bind(kind)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(claim_row(&row)?.2)
+    }
+
+    /// [`Store::claim_job`] for the agent whose current secret has this hash, authenticating
+    /// it and marking it seen in the same statement (see [`CLAIM_BY_SECRET_SQL`]). `None` when
+    /// the secret is not a live agent's, the agent is not `body_agent` (when given), or it
+    /// registered no such device: nothing was claimed, and the caller takes the full path,
+    /// which says which. Otherwise the agent, the device's kind, and the job claimed, if any.
+    pub async fn claim_job_by_secret(
+        &self,
+        secret_hash: &[u8; 32],
+        body_agent: Option<Uuid>,
+        device: &str,
+        lease: Duration,
+    ) -> Result<Option<(Uuid, String, Option<JobRow>)>> {
+        let grace = self.claim_grace.map(|g| g.as_millis() as f64);
+        let row = sqlx::query(CLAIM_BY_SECRET_SQL)
+            .bind(&secret_hash[..])
+            .bind(device)
+            .bind(lease.as_millis() as f64)
+            .bind(grace)
+            .bind(body_agent)
             .fetch_optional(&self.pool)
-            .await?)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(match claim_row(&row)? {
+            (agent, Some(kind), job) => Some((agent, kind, job)),
+            (_, None, _) => None,
+        })
     }
 
     /// Records progress (which also acknowledges the claim) and extends the lease. Returns the
@@ -864,15 +965,15 @@ impl Store {
         let job = result
             .job_id
             .ok_or_else(|| CoordinatorError::InvalidArgument("the result has no job id".into()))?;
-        let mut tx = self.pool.begin().await?;
-        // The job and the agent's registration in one read.
+        // The job and the agent's registration in one read. Outside a transaction: the spec
+        // never changes, and the write re-checks the lease itself.
         let row: Option<JobAndAgentRow> = sqlx::query_as(
             "SELECT j.sweep_id, j.spec, a.devices, a.inventory \
                  FROM jobs j LEFT JOIN agents a ON a.id = $2 WHERE j.id = $1",
         )
         .bind(job)
         .bind(agent)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
         let (sweep, spec, devices, inventory) =
             row.ok_or_else(|| CoordinatorError::NotFound(format!("no job {job}")))?;
@@ -887,7 +988,7 @@ impl Store {
             devices,
             inventory,
         };
-        self.store_result(tx, submission, result).await
+        self.store_result(submission, result).await
     }
 
     /// [`Store::submit_result`] for the agent whose current secret has this hash (see
@@ -904,8 +1005,8 @@ impl Store {
         let Some(job) = result.job_id else {
             return Ok(None);
         };
-        let mut tx = self.pool.begin().await?;
-        // The agent (authenticated), its registration and the job in one read.
+        // The agent (authenticated), its registration and the job in one read (outside a
+        // transaction, as in `submit_result`).
         let row: Option<AgentAndJobRow> = sqlx::query_as(
             "SELECT a.id, a.devices, a.inventory, j.sweep_id, j.spec \
                  FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
@@ -914,7 +1015,7 @@ impl Store {
         )
         .bind(&secret_hash[..])
         .bind(job)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
         let Some((agent, devices, inventory, sweep, spec)) = row else {
             return Ok(None);
@@ -933,17 +1034,13 @@ impl Store {
             devices,
             inventory,
         };
-        self.store_result(tx, submission, result).await.map(Some)
+        self.store_result(submission, result).await.map(Some)
     }
 
-    /// The part of a result submission after the first read: checks, insert, finish, commit,
-    /// sweep completion.
-    async fn store_result(
-        &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        s: Submission,
-        result: &BenchResult,
-    ) -> Result<Uuid> {
+    /// The part of a result submission after the first read: the checks, then one statement
+    /// that inserts the result and finishes its job (see [`STORE_RESULT_SQL`]), then the sweep's
+    /// completion when no job of it was pending.
+    async fn store_result(&self, s: Submission, result: &BenchResult) -> Result<Uuid> {
         let Submission {
             agent,
             job,
@@ -972,27 +1069,26 @@ impl Store {
         let devices: Vec<AgentDevice> = from_json(devices);
         let inventory: HostInventory = from_json(inventory);
         check_hardware(result, &devices, &inventory).map_err(CoordinatorError::InvalidArgument)?;
-        let id = insert_result(&mut tx, sweep, job, agent, result, None).await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'succeeded', lease_agent_id = NULL, lease_device = NULL, \
-                 lease_expires_at = NULL, finished_at = now(), fraction = 1, phase = 'done', \
-                 iterations = $3, error = NULL \
-             WHERE id = $1 AND attempt = $2 AND state = 'running'",
+        let id = Uuid::new_v4();
+        let row = bind_result(
+            sqlx::query(STORE_RESULT_SQL),
+            ResultRowIds {
+                id,
+                job,
+                sweep,
+                agent,
+                hash: &result.content_hash(),
+                imported_by: None,
+            },
+            result,
         )
-        .bind(job)
-        .bind(result.attempt as i32)
         .bind(result.latencies_ms.len() as i32)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if done != 1 {
-            return Err(CoordinatorError::StaleLease(format!(
-                "job {job} attempt {} is no longer running",
-                result.attempt
-            )));
+        .fetch_one(&self.pool)
+        .await?;
+        let pending_left: bool = row.try_get("pending_left")?;
+        if !pending_left {
+            self.complete_sweep_if_done(sweep).await?;
         }
-        tx.commit().await?;
-        self.complete_sweep_if_done(sweep).await?;
         Ok(id)
     }
 
@@ -1172,7 +1268,9 @@ impl Store {
     pub async fn list_results(&self, f: &ResultFilter) -> Result<ResultListing> {
         let rows = sqlx::query(
             "SELECT id, sweep_id, record, imported_by, \
-                    CASE WHEN $6 THEN '{}'::double precision[] ELSE latencies_ms END AS latencies_ms \
+                    CASE WHEN $6 THEN '{}'::double precision[] ELSE latencies_ms END AS latencies_ms, \
+                    health_check_id, \
+                    (SELECT h.flags FROM health_checks h WHERE h.id = health_check_id) AS health_flags \
              FROM results \
              WHERE ($1::uuid IS NULL OR sweep_id = $1) \
                AND ($2::text IS NULL OR model = $2) \
@@ -1231,6 +1329,7 @@ impl Store {
                     max(images_per_sec) AS max_images_per_sec, \
                     count(*) FILTER (WHERE stable IS FALSE) AS unstable, \
                     count(*) FILTER (WHERE stable IS NULL) AS unknown_stability, \
+                    count(*) FILTER (WHERE health_flagged) AS health_flagged, \
                     node, string_agg(DISTINCT agent, '+' ORDER BY agent) AS agents \
              FROM (SELECT r.*, \
                           CASE WHEN $10 THEN record->>'agent_name' ELSE '' END AS agent, \
@@ -1242,7 +1341,9 @@ impl Store {
                                  AND coalesce(g->>'uuid', '') <> '' LIMIT 1), \
                               nullif(record->'host'->>'hostname', '') || '/' || device, \
                               (record->>'agent_name') || '/' || device) \
-                          ELSE '' END AS node \
+                          ELSE '' END AS node, \
+                          coalesce((SELECT cardinality(h.flags) > 0 FROM health_checks h \
+                                    WHERE h.id = r.health_check_id), false) AS health_flagged \
                    FROM results r) results \
              WHERE NOT simulated AND model = $1 \
                AND (cardinality($2::text[]) = 0 OR precision = ANY($2)) \
@@ -1342,6 +1443,76 @@ impl Store {
     }
 }
 
+/// Stores the health checks declared with a registration (one per device that ran one) as
+/// `incarnation`'s, then recomputes the flags of the checks in force for those devices' kinds:
+/// each device's latest check, of agents not retired, against the median of them all (the same
+/// set and rule as `ListAgents`). Serialised per kind, so two registrations never flag against
+/// each other's stale view. Called inside the registration's transaction.
+pub(crate) async fn record_health_checks(
+    conn: &mut sqlx::PgConnection,
+    agent: Uuid,
+    incarnation: i32,
+    devices: &[AgentDevice],
+) -> Result<()> {
+    let mut kinds = std::collections::BTreeSet::new();
+    for d in devices {
+        let Some(h) = &d.health else { continue };
+        sqlx::query(
+            "INSERT INTO health_checks (agent_id, incarnation, device, kind, checked_at, health) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(agent)
+        .bind(incarnation)
+        .bind(&d.device)
+        .bind(&d.kind)
+        .bind(h.measured_at)
+        .bind(json(h))
+        .execute(&mut *conn)
+        .await?;
+        kinds.insert(d.kind.as_str());
+    }
+    for kind in kinds {
+        reflag_kind(conn, kind).await?;
+    }
+    Ok(())
+}
+
+/// Recomputes and stores the flags of `kind`'s checks in force (see [`record_health_checks`]).
+async fn reflag_kind(conn: &mut sqlx::PgConnection, kind: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 11))")
+        .bind(kind)
+        .execute(&mut *conn)
+        .await?;
+    let rows: Vec<(i64, serde_json::Value, Vec<String>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (h.agent_id, h.device) h.id, h.health, h.flags \
+         FROM health_checks h JOIN agents a ON a.id = h.agent_id \
+         WHERE h.kind = $1 AND (a.retired_at IS NULL OR a.last_seen_at > a.retired_at) \
+         ORDER BY h.agent_id, h.device, h.id DESC",
+    )
+    .bind(kind)
+    .fetch_all(&mut *conn)
+    .await?;
+    let checks: Vec<(i64, fleetmark_core::DeviceHealth, Vec<String>)> = rows
+        .into_iter()
+        .filter_map(|(id, h, flags)| Some((id, serde_json::from_value(h).ok()?, flags)))
+        .collect();
+    let peers: Vec<&fleetmark_core::DeviceHealth> = checks.iter().map(|(_, h, _)| h).collect();
+    for (id, h, old) in &checks {
+        let now: Vec<String> = fleetmark_core::health::flags(h, &peers)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if now != *old {
+            sqlx::query("UPDATE health_checks SET flags = $2, flags_at = now() WHERE id = $1")
+                .bind(id)
+                .bind(&now)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 fn device_kind_in(agent: Uuid, device: &str, devices: Option<serde_json::Value>) -> Result<String> {
     let devices =
         devices.ok_or_else(|| CoordinatorError::NotFound(format!("unknown agent {agent}")))?;
@@ -1428,45 +1599,98 @@ pub const ASYNC_COMMIT: &str = "set_config('synchronous_commit', 'off', true)";
 /// A device that declared its precisions at registration (`devices[].precisions`) is offered
 /// only jobs of those precisions; the filter sits inside each probe, before its LIMIT, so jobs
 /// this device cannot run never hide the ones it can. A device that declared none (an agent
-/// older than the field) is offered every precision. `prec` is computed once per claim.
+/// older than the field) is offered every precision.
+///
+/// `$me` is a CTE named `me` giving the claiming agent's `id`, the device's `kind` and its
+/// declared precisions `p`, one row (none: no claim). Shared parameters: $2 the device, $3 the
+/// lease and $4 the claim grace in milliseconds. The statement always returns `me`'s row, with
+/// the claimed job's columns (NULL when nothing was claimed).
+macro_rules! claim_sql {
+    ($me:expr) => {
+        concat!(
+            "WITH ",
+            $me,
+            ", \
+             c_any AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
+                WHERE state = 'pending' AND target = 'any' \
+                  AND EXISTS (SELECT 1 FROM me WHERE me.kind IS NOT NULL) \
+                  AND coalesce((SELECT p FROM me) ? (spec->>'precision'), true) \
+                ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
+             c_kind AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
+                WHERE state = 'pending' AND target = (SELECT kind FROM me) \
+                  AND coalesce((SELECT p FROM me) ? (spec->>'precision'), true) \
+                ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
+             c_gpu AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
+                WHERE state = 'pending' AND target = 'gpu' AND (SELECT kind FROM me) <> 'cpu' \
+                  AND coalesce((SELECT p FROM me) ? (spec->>'precision'), true) \
+                ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
+             pick AS (SELECT id FROM (SELECT * FROM c_any UNION ALL SELECT * FROM c_kind \
+                                      UNION ALL SELECT * FROM c_gpu) u \
+                      ORDER BY (u.last_agent_id IS NOT DISTINCT FROM (SELECT id FROM me) \
+                                AND u.last_device IS NOT DISTINCT FROM $2), u.created_at, u.seq \
+                      LIMIT 1), \
+             claimed AS (UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, \
+                lease_agent_id = me.id, lease_device = $2, \
+                lease_expires_at = now() + $3 * interval '1 millisecond', \
+                claim_ack_by = now() + $4 * interval '1 millisecond', \
+                last_agent_id = me.id, last_device = $2, \
+                started_at = coalesce(jobs.started_at, now()), \
+                phase = 'assigned', iterations = 0, fraction = 0 \
+              FROM pick, me WHERE jobs.id = pick.id \
+                AND set_config('synchronous_commit', 'off', true) = 'off' \
+              RETURNING jobs.*) \
+        SELECT me.id AS claiming_agent, me.kind AS claiming_kind, \
+               c.id, c.sweep_id, c.seq, c.spec, c.state::text AS state, c.attempt, \
+               c.lease_expires_at, NULL::text AS agent_name, c.lease_device AS device, c.phase, \
+               c.iterations, c.fraction, c.error, NULL::float8 AS images_per_sec \
+        FROM me LEFT JOIN claimed c ON true"
+        )
+    };
+}
+
+/// A claim by an agent already authenticated: $1 its id, $5 the device's kind.
 ///
 /// Public so that its plan can be checked (`EXPLAIN`) by tests and operators.
-pub const CLAIM_SQL: &str = "\
-    WITH prec AS (SELECT (SELECT d->'precisions' \
-                  FROM agents a CROSS JOIN jsonb_array_elements(a.devices) d \
-                  WHERE a.id = $1 AND d->>'device' = $2 \
-                    AND jsonb_typeof(d->'precisions') = 'array' LIMIT 1) AS p), \
-         c_any AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
-            WHERE state = 'pending' AND target = 'any' \
-              AND coalesce((SELECT p FROM prec) ? (spec->>'precision'), true) \
-            ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
-         c_kind AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
-            WHERE state = 'pending' AND target = $3 \
-              AND coalesce((SELECT p FROM prec) ? (spec->>'precision'), true) \
-            ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
-         c_gpu AS (SELECT id, created_at, seq, last_agent_id, last_device FROM jobs \
-            WHERE state = 'pending' AND target = 'gpu' AND $3 <> 'cpu' \
-              AND coalesce((SELECT p FROM prec) ? (spec->>'precision'), true) \
-            ORDER BY created_at, seq LIMIT 2 FOR UPDATE SKIP LOCKED), \
-         pick AS (SELECT id FROM (SELECT * FROM c_any UNION ALL SELECT * FROM c_kind \
-                                  UNION ALL SELECT * FROM c_gpu) u \
-                  ORDER BY (u.last_agent_id IS NOT DISTINCT FROM $1 \
-                            AND u.last_device IS NOT DISTINCT FROM $2), u.created_at, u.seq \
-                  LIMIT 1), \
-         claimed AS (UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1, \
-            lease_agent_id = $1, lease_device = $2, \
-            lease_expires_at = now() + $4 * interval '1 millisecond', \
-            claim_ack_by = now() + $5 * interval '1 millisecond', \
-            last_agent_id = $1, last_device = $2, \
-            started_at = coalesce(jobs.started_at, now()), \
-            phase = 'assigned', iterations = 0, fraction = 0 \
-          FROM pick WHERE jobs.id = pick.id \
-            AND set_config('synchronous_commit', 'off', true) = 'off' \
-          RETURNING jobs.*) \
-    SELECT c.id, c.sweep_id, c.seq, c.spec, c.state::text AS state, c.attempt, c.lease_expires_at, \
-           NULL::text AS agent_name, c.lease_device AS device, c.phase, c.iterations, c.fraction, \
-           c.error, NULL::float8 AS images_per_sec \
-    FROM claimed c";
+pub const CLAIM_SQL: &str = claim_sql!(
+    "me AS (SELECT $1::uuid AS id, $5::text AS kind, \
+        (SELECT d->'precisions' FROM agents a CROSS JOIN jsonb_array_elements(a.devices) d \
+         WHERE a.id = $1 AND d->>'device' = $2 \
+           AND jsonb_typeof(d->'precisions') = 'array' LIMIT 1) AS p)"
+);
+
+/// A claim that also authenticates: $1 the hash of an agent secret, $5 the agent id the body
+/// names (NULL: none). `me` is the live agent holding that secret (no row: no claim), marked
+/// as seen as [`Store::touch_device_kind_by_secret`] does; its `kind` is NULL when it
+/// registered no such device (nothing is claimed then either).
+pub const CLAIM_BY_SECRET_SQL: &str = claim_sql!(
+    "agent AS (SELECT a.id, a.devices, a.last_seen_at, a.stopping_since \
+        FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
+        WHERE a.secret_hash = $1 AND t.revoked_at IS NULL AND ($5::uuid IS NULL OR a.id = $5)), \
+     seen AS (UPDATE agents SET last_seen_at = now(), stopping_since = NULL FROM agent \
+        WHERE agents.id = agent.id \
+          AND (agent.last_seen_at < now() - interval '1 second' \
+               OR agent.stopping_since IS NOT NULL) \
+          AND set_config('synchronous_commit', 'off', true) = 'off' \
+        RETURNING 1), \
+     me AS (SELECT agent.id, \
+        (SELECT d->>'kind' FROM jsonb_array_elements(agent.devices) d \
+         WHERE d->>'device' = $2 LIMIT 1) AS kind, \
+        (SELECT d->'precisions' FROM jsonb_array_elements(agent.devices) d \
+         WHERE d->>'device' = $2 AND jsonb_typeof(d->'precisions') = 'array' LIMIT 1) AS p \
+        FROM agent)"
+);
+
+/// What a claim statement returns: the claiming agent, its device's kind, and the job claimed.
+fn claim_row(row: &PgRow) -> sqlx::Result<(Uuid, Option<String>, Option<JobRow>)> {
+    let agent: Uuid = row.try_get("claiming_agent")?;
+    let kind: Option<String> = row.try_get("claiming_kind")?;
+    let id: Option<Uuid> = row.try_get("id")?;
+    let job = match id {
+        Some(_) => Some(JobRow::from_row(row)?),
+        None => None,
+    };
+    Ok((agent, kind, job))
+}
 
 /// Ends runs whose lease expired or whose claim was not acknowledged in time. The conditions
 /// are on the updated row itself, so a reaper that waited for another's lock re-checks them
@@ -1521,8 +1745,16 @@ fn decode_result(row: &PgRow) -> std::result::Result<StoredResult, String> {
         id: row.try_get("id").map_err(|e| e.to_string())?,
         sweep_id: row.try_get("sweep_id").map_err(|e| e.to_string())?,
         imported_by: row.try_get("imported_by").map_err(|e| e.to_string())?,
+        health: health_of(row).map_err(|e| e.to_string())?,
         result,
     })
+}
+
+/// A listed result's health check and its flags (see [`StoredResult::health`]).
+fn health_of(row: &PgRow) -> sqlx::Result<Option<(i64, Vec<String>)>> {
+    let id: Option<i64> = row.try_get("health_check_id")?;
+    let flags: Option<Vec<String>> = row.try_get("health_flags")?;
+    Ok(id.map(|id| (id, flags.unwrap_or_default())))
 }
 
 /// The hardware check of [`check_hardware`] against the agent's registration in the database.
@@ -1744,58 +1976,123 @@ async fn insert_result_hashed(
     imported_by: Option<&str>,
 ) -> Result<Uuid> {
     let id = Uuid::new_v4();
-    // The raw latencies have their own column; keep them out of the JSON copy.
+    let ids = ResultRowIds {
+        id,
+        job,
+        sweep,
+        agent,
+        hash,
+        imported_by,
+    };
+    bind_result(sqlx::query(INSERT_RESULT_SQL), ids, r)
+        .execute(&mut *tx)
+        .await?;
+    Ok(id)
+}
+
+/// The columns of a result row, in the order [`bind_result`] binds them ($1 to $35).
+/// `health_check_id` is the check in force on the result's device: the latest that its agent
+/// declared for it (none for imported results, whose agents never registered).
+macro_rules! result_insert {
+    () => {
+        "INSERT INTO results (id, job_id, sweep_id, agent_id, attempt, model, batch_size, \
+             precision, image_size, hardware_kind, hardware_name, device, backend, path, math, \
+             simulated, throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, \
+             ci95_high_ms, images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, \
+             record, finished_at, content_sha256, imported_by, stable, stop_reason, \
+             window_spread, health_check_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                 $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
+                 $33, CAST($34::text AS stop_reason), $35, \
+                 (SELECT h.id FROM health_checks h WHERE h.agent_id = $4 AND h.device = $12 \
+                  ORDER BY h.id DESC LIMIT 1))"
+    };
+}
+
+/// One result row, on its own (imports, inside their transaction).
+const INSERT_RESULT_SQL: &str = result_insert!();
+
+/// A delivered result in one statement, so one round trip and one flushed commit: the insert
+/// (whose trigger locks the job and refuses a stale lease), the job's finish, which reads the
+/// insert so it runs after it, and whether any job of the sweep is still pending, which decides
+/// whether the sweep's completion is checked afterwards. `fleetmark_assert` aborts the whole
+/// statement, insert included, if the job did not finish ($36: its iteration count).
+///
+/// The pending test is taken from the statement's snapshot. A sweep whose last two jobs finish
+/// at the same moment can have both see the other as unfinished; neither is pending by then,
+/// so both check afterwards. Only a job claimed and finished entirely while this statement ran
+/// could leave the check to the reaper's backstop (`complete_finished_sweeps`).
+const STORE_RESULT_SQL: &str = concat!(
+    "WITH ins AS (",
+    result_insert!(),
+    " RETURNING id, job_id, sweep_id), \
+     done AS (UPDATE jobs SET state = 'succeeded', lease_agent_id = NULL, lease_device = NULL, \
+                  lease_expires_at = NULL, finished_at = now(), fraction = 1, phase = 'done', \
+                  iterations = $36, error = NULL \
+              FROM ins WHERE jobs.id = ins.job_id AND jobs.attempt = $5 \
+                AND jobs.state = 'running' \
+              RETURNING jobs.id) \
+     SELECT fleetmark_assert((SELECT count(*) FROM done) = 1, \
+                'job ' || $2::text || ' attempt ' || $5::text || ' is no longer running') AS ok, \
+            EXISTS (SELECT 1 FROM jobs WHERE sweep_id = $3 AND finished_at IS NULL \
+                      AND state = 'pending') AS pending_left"
+);
+
+/// The row-identifying values of a result insert.
+struct ResultRowIds<'a> {
+    id: Uuid,
+    job: Uuid,
+    sweep: Uuid,
+    agent: Uuid,
+    hash: &'a str,
+    imported_by: Option<&'a str>,
+}
+
+/// Binds $1 to $35 of [`result_insert!`]: the ids and the record. The raw latencies have their
+/// own column, so the JSON copy goes without them.
+fn bind_result<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ids: ResultRowIds<'q>,
+    r: &'q BenchResult,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let mut record = r.clone();
     record.latencies_ms = Vec::new();
     let l = &r.latency;
-    sqlx::query(
-        "INSERT INTO results (id, job_id, sweep_id, agent_id, attempt, model, batch_size, precision, \
-             image_size, hardware_kind, hardware_name, device, backend, path, math, simulated, \
-             throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, ci95_high_ms, \
-             images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, record, finished_at, \
-             content_sha256, imported_by, stable, stop_reason, window_spread) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-                 $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
-                 $33, CAST($34::text AS stop_reason), $35)",
-    )
-    .bind(id)
-    .bind(job)
-    .bind(sweep)
-    .bind(agent)
-    .bind(r.attempt as i32)
-    .bind(&r.spec.model)
-    .bind(r.spec.batch_size as i32)
-    .bind(r.spec.precision.as_str())
-    .bind(r.spec.image_size as i32)
-    .bind(&r.hardware_kind)
-    .bind(&r.hardware_name)
-    .bind(&r.device)
-    .bind(&r.backend.backend)
-    .bind(&r.backend.path)
-    .bind(&r.backend.math)
-    .bind(r.backend.simulated)
-    .bind(r.telemetry.as_ref().is_some_and(|t| t.throttled))
-    .bind(l.mean_ms)
-    .bind(l.std_ms)
-    .bind(l.p50_ms)
-    .bind(l.p90_ms)
-    .bind(l.p99_ms)
-    .bind(l.ci95_low_ms)
-    .bind(l.ci95_high_ms)
-    .bind(r.images_per_sec)
-    .bind(r.peak_memory_bytes.min(i64::MAX as u64) as i64)
-    .bind(r.price_per_hour)
-    .bind(&r.latencies_ms)
-    .bind(json(&record))
-    .bind(r.finished_at)
-    .bind(hash)
-    .bind(imported_by)
-    .bind(r.stability.as_ref().map(|s| s.stable))
-    .bind(r.stability.as_ref().map(|s| s.stop_reason.as_str()))
-    .bind(r.stability.as_ref().and_then(|s| s.spread))
-    .execute(&mut *tx)
-    .await?;
-    Ok(id)
+    q.bind(ids.id)
+        .bind(ids.job)
+        .bind(ids.sweep)
+        .bind(ids.agent)
+        .bind(r.attempt as i32)
+        .bind(&r.spec.model)
+        .bind(r.spec.batch_size as i32)
+        .bind(r.spec.precision.as_str())
+        .bind(r.spec.image_size as i32)
+        .bind(&r.hardware_kind)
+        .bind(&r.hardware_name)
+        .bind(&r.device)
+        .bind(&r.backend.backend)
+        .bind(&r.backend.path)
+        .bind(&r.backend.math)
+        .bind(r.backend.simulated)
+        .bind(r.telemetry.as_ref().is_some_and(|t| t.throttled))
+        .bind(l.mean_ms)
+        .bind(l.std_ms)
+        .bind(l.p50_ms)
+        .bind(l.p90_ms)
+        .bind(l.p99_ms)
+        .bind(l.ci95_low_ms)
+        .bind(l.ci95_high_ms)
+        .bind(r.images_per_sec)
+        .bind(r.peak_memory_bytes.min(i64::MAX as u64) as i64)
+        .bind(r.price_per_hour)
+        .bind(&r.latencies_ms)
+        .bind(json(&record))
+        .bind(r.finished_at)
+        .bind(ids.hash)
+        .bind(ids.imported_by)
+        .bind(r.stability.as_ref().map(|s| s.stable))
+        .bind(r.stability.as_ref().map(|s| s.stop_reason.as_str()))
+        .bind(r.stability.as_ref().and_then(|s| s.spread))
 }
 
 fn json<T: Serialize>(v: &T) -> serde_json::Value {

@@ -924,9 +924,25 @@ async fn the_claim_plan_survives_statistics_taken_before_a_big_sweep() {
     )))
     .bind(me)
     .bind("cpu")
+    .bind(30_000.0_f64)
+    .bind(Some(5_000.0_f64))
+    .bind("cpu")
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("jobs_pending_by_target"), "{plan}");
+    assert!(!plan.contains("jobs_unfinished"), "{plan}");
+    // The claim that authenticates in the same statement plans the same way.
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        fleetmark_coordinator::store::CLAIM_BY_SECRET_SQL
+    )))
+    .bind(vec![0u8; 32])
     .bind("cpu")
     .bind(30_000.0_f64)
     .bind(Some(5_000.0_f64))
+    .bind(Option::<Uuid>::None)
     .fetch_all(&pg)
     .await
     .unwrap();

@@ -32,12 +32,13 @@ enum Rpc {
     CompareResults,
     FindSweeps,
     PruneAgents,
+    ListHealthChecks,
     CreateToken,
     ListTokens,
     RevokeToken,
 }
 
-const ALL: [Rpc; 20] = [
+const ALL: [Rpc; 21] = [
     Rpc::Register,
     Rpc::Heartbeat,
     Rpc::ClaimJob,
@@ -55,6 +56,7 @@ const ALL: [Rpc; 20] = [
     Rpc::CompareResults,
     Rpc::FindSweeps,
     Rpc::PruneAgents,
+    Rpc::ListHealthChecks,
     Rpc::CreateToken,
     Rpc::ListTokens,
     Rpc::RevokeToken,
@@ -84,7 +86,8 @@ fn allowed(rpc: Rpc, cred: Cred) -> bool {
         | Rpc::ListResults
         | Rpc::ListAgents
         | Rpc::CompareResults
-        | Rpc::FindSweeps => matches!(cred, Reader | Submitter | Admin),
+        | Rpc::FindSweeps
+        | Rpc::ListHealthChecks => matches!(cred, Reader | Submitter | Admin),
         Rpc::SubmitSweep | Rpc::CancelSweep | Rpc::ImportResults => {
             matches!(cred, Submitter | Admin)
         }
@@ -258,6 +261,19 @@ async fn call(channel: &Channel, rpc: Rpc, secret: &str, n: usize) -> Code {
                     pb::PruneAgentsRequest {
                         offline_for_seconds: 7 * 24 * 3600,
                         dry_run: true,
+                    },
+                    secret,
+                ))
+                .await
+                .map(drop),
+        ),
+        Rpc::ListHealthChecks => code(
+            sweeps
+                .list_health_checks(bearer(
+                    pb::ListHealthChecksRequest {
+                        agent_name: String::new(),
+                        kind: String::new(),
+                        limit: 1,
                     },
                     secret,
                 ))
