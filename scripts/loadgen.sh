@@ -30,6 +30,11 @@ fi
 echo "postgres autovacuum: $(psql -At "$PGURL/postgres" -c 'SHOW autovacuum') (a soak needs it on)" >&2
 psql -q "$PGURL/postgres" -c "CREATE DATABASE $DB" >&2
 psql -q "$PGURL/postgres" -c "ALTER DATABASE $DB SET track_functions = 'all'" >&2
+# DB_SETTINGS="name=value ...": more per-database settings for an experiment (each is printed).
+for kv in ${DB_SETTINGS:-}; do
+  echo "database setting for this run: $kv" >&2
+  psql -q "$PGURL/postgres" -c "ALTER DATABASE $DB SET ${kv%%=*} = '${kv#*=}'" >&2
+done
 # One admin token: agents register with it and sweeps are submitted with it.
 token=$("$bin/fleetmark-coordinator" token create --role admin --name loadgen \
   --database-url "$PGURL/$DB" | tail -n 1)

@@ -86,7 +86,10 @@ impl CliError {
     pub fn from_status(url: &str, s: Status) -> Self {
         match s.code() {
             // The coordinator answered, so it is reachable: its database is not.
-            Code::Unavailable if s.message().starts_with("database unavailable") => {
+            Code::Unavailable
+                if fleetmark_proto::error_code::ErrorCode::of(&s)
+                    == Some(fleetmark_proto::error_code::ErrorCode::DatabaseUnavailable) =>
+            {
                 CliError::DatabaseUnavailable {
                     url: url.to_string(),
                     detail: s.message().to_string(),

@@ -130,7 +130,7 @@ impl From<CoordinatorError> for Status {
                     | sqlx::Error::Io(_)
                     | sqlx::Error::Tls(_)
                     | sqlx::Error::Protocol(_) => {
-                        Status::unavailable(format!("database unavailable: {e}"))
+                        database_unavailable(format!("database unavailable: {e}"))
                     }
                     sqlx::Error::Database(ref db)
                         if db
@@ -145,7 +145,7 @@ impl From<CoordinatorError> for Status {
                         if db.code().is_some_and(|c| c.starts_with("57P")) =>
                     {
                         // 57P01 admin_shutdown and friends: the server is restarting.
-                        Status::unavailable(format!("database unavailable: {e}"))
+                        database_unavailable(format!("database unavailable: {e}"))
                     }
                     other => Status::internal(format!("database error: {other}")),
                 }
@@ -153,10 +153,15 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Migrate(e) => Status::internal(format!("migrations: {e}")),
             e @ CoordinatorError::DatabaseConnect { .. } => {
                 crate::metrics::database_error();
-                Status::unavailable(format!("database unavailable: {e}"))
+                database_unavailable(format!("database unavailable: {e}"))
             }
         }
     }
+}
+
+/// UNAVAILABLE with the typed code that tells a client it is the database, not this process.
+fn database_unavailable(message: String) -> Status {
+    fleetmark_proto::error_code::ErrorCode::DatabaseUnavailable.attach(Status::unavailable(message))
 }
 
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

@@ -15,4 +15,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flee
 pub mod client;
 pub mod codec;
 pub mod convert;
+pub mod error_code;
 pub mod secure;
