@@ -364,6 +364,65 @@ async fn impossible_results_are_refused_and_the_job_keeps_running() {
     assert_eq!(p.count("results").await, 1);
 }
 
+/// Over-long filters on the listing calls are refused with INVALID_ARGUMENT before any query
+/// runs: a 100,000-character hardware kind on `ListResults`, and an agent name and a kind of
+/// that size on `ListHealthChecks`; a NUL in a filter likewise.
+#[tokio::test]
+async fn over_long_listing_filters_are_refused() {
+    let p = Probe::start(Vec::new()).await;
+    let huge = "h".repeat(100_000);
+    let mut sweeps = p.sweeps.clone();
+    for (what, kind) in [("long kind", huge.clone()), ("NUL in kind", "h1\0".into())] {
+        assert_code(
+            sweeps
+                .list_results(pb::ListResultsRequest {
+                    hardware_kind: kind,
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+            &format!("ListResults: {what}"),
+        );
+    }
+    for (what, req) in [
+        (
+            "long agent name",
+            pb::ListHealthChecksRequest {
+                agent_name: huge.clone(),
+                ..Default::default()
+            },
+        ),
+        (
+            "long kind",
+            pb::ListHealthChecksRequest {
+                kind: huge.clone(),
+                ..Default::default()
+            },
+        ),
+        (
+            "NUL in agent name",
+            pb::ListHealthChecksRequest {
+                agent_name: "a\0b".into(),
+                ..Default::default()
+            },
+        ),
+    ] {
+        assert_code(
+            sweeps.list_health_checks(req).await,
+            Code::InvalidArgument,
+            &format!("ListHealthChecks: {what}"),
+        );
+    }
+    // A sane filter still answers.
+    sweeps
+        .list_health_checks(pb::ListHealthChecksRequest {
+            limit: 5_000,
+            ..Default::default()
+        })
+        .await
+        .expect("a plain listing, its limit capped");
+}
+
 #[tokio::test]
 async fn a_bad_row_already_stored_is_skipped_not_fatal() {
     let mut p = Probe::start(Vec::new()).await;
