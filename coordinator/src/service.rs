@@ -252,8 +252,39 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        // The common case, an agent secret and no stop: authentication, the touch and the
+        // read of the leases it reports in one statement. Parse errors are reported only after
+        // the caller is authenticated, on the full path below.
+        let reported: Result<Vec<(Uuid, i32)>, fleetmark_proto::convert::WireError> = req
+            .get_ref()
+            .running
+            .iter()
+            .map(|j| Ok((parse_uuid("job id", &j.job_id)?, j.attempt as i32)))
+            .collect();
+        let hash = crate::auth::agent_secret_hash(&self.0, &req)?;
+        if let (Some(hash), Ok(running), false) = (&hash, &reported, req.get_ref().stopping) {
+            if let Some((agent, stale)) = self
+                .0
+                .store
+                .heartbeat_by_secret(hash, running)
+                .await
+                .map_err(Status::from)?
+            {
+                check_body_id(agent, &req.get_ref().agent_id)?;
+                return Ok(Response::new(pb::HeartbeatResponse {
+                    stop: stale
+                        .into_iter()
+                        .map(|(j, a)| pb::JobRef {
+                            job_id: j.to_string(),
+                            attempt: a as u32,
+                        })
+                        .collect(),
+                    known: true,
+                }));
+            }
+        }
         // Authentication and the touch in one statement for an agent secret.
-        let touched = match crate::auth::agent_secret_hash(&self.0, &req)? {
+        let touched = match hash {
             Some(hash) => self
                 .0
                 .store
@@ -293,12 +324,7 @@ impl AgentService for AgentApi {
                 .await
                 .map_err(Status::from)?;
         }
-        let running = r
-            .running
-            .iter()
-            .map(|j| Ok((parse_uuid("job id", &j.job_id)?, j.attempt as i32)))
-            .collect::<Result<Vec<_>, fleetmark_proto::convert::WireError>>()
-            .map_err(Status::from)?;
+        let running = reported.map_err(Status::from)?;
         let stop = self
             .0
             .store

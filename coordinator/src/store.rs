@@ -470,6 +470,47 @@ impl Store {
         .await?)
     }
 
+    /// A heartbeat by an agent secret in one statement: authenticates the caller, marks it
+    /// seen (as [`Store::touch_agent_by_secret`]) and reads which of the `running` (job,
+    /// attempt) pairs it reports it still holds the lease of. `None` for a secret that is not a
+    /// live agent's; otherwise the agent and the pairs it no longer holds (as
+    /// [`Store::stale_running`] says them).
+    pub async fn heartbeat_by_secret(
+        &self,
+        secret_hash: &[u8; 32],
+        running: &[(Uuid, i32)],
+    ) -> Result<Option<(Uuid, Vec<(Uuid, i32)>)>> {
+        let ids: Vec<Uuid> = running.iter().map(|(j, _)| *j).collect();
+        let rows: Vec<(Uuid, Option<Uuid>, Option<i32>)> = sqlx::query_as(
+            "WITH seen AS (UPDATE agents a SET last_seen_at = now(), stopping_since = NULL \
+                 WHERE a.secret_hash = $1 \
+                   AND NOT EXISTS (SELECT 1 FROM api_tokens t \
+                                   WHERE t.id = a.registered_by AND t.revoked_at IS NOT NULL) \
+                   AND set_config('synchronous_commit', 'off', true) = 'off' \
+                 RETURNING a.id) \
+             SELECT seen.id, j.id, j.attempt FROM seen \
+             LEFT JOIN jobs j ON j.id = ANY($2) AND j.state = 'running' \
+                             AND j.lease_agent_id = seen.id",
+        )
+        .bind(&secret_hash[..])
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(agent) = rows.first().map(|r| r.0) else {
+            return Ok(None);
+        };
+        let held: Vec<(Uuid, i32)> = rows
+            .into_iter()
+            .filter_map(|(_, j, a)| Some((j?, a?)))
+            .collect();
+        let stale = running
+            .iter()
+            .filter(|r| !held.contains(r))
+            .copied()
+            .collect();
+        Ok(Some((agent, stale)))
+    }
+
     /// Records that an agent's operator is stopping it: leases it cannot hand back before it
     /// goes expire without costing their jobs an attempt.
     pub async fn mark_agent_stopping(&self, id: Uuid) -> Result<()> {

@@ -186,6 +186,52 @@ async fn forged_calls_and_name_takeover_are_refused() {
         .await
         .expect_err("forged heartbeat");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // The attacker's own heartbeat naming the victim's job: it holds no such lease, so it is
+    // told to stop it, and nothing changes for the victim. The victim's heartbeat keeps its
+    // job and is told to stop only the runs it does not hold.
+    let heartbeat = |secret: &str, agent_id: &str, running: Vec<(String, u32)>| {
+        let mut api = api.clone();
+        let req = bearer(
+            pb::HeartbeatRequest {
+                agent_id: agent_id.into(),
+                running: running
+                    .into_iter()
+                    .map(|(job_id, attempt)| pb::JobRef { job_id, attempt })
+                    .collect(),
+                stopping: false,
+            },
+            secret,
+        );
+        async move {
+            let r = api.heartbeat(req).await.expect("heartbeat").into_inner();
+            assert!(r.known);
+            r.stop
+                .into_iter()
+                .map(|j| (j.job_id, j.attempt))
+                .collect::<Vec<_>>()
+        }
+    };
+    let mine = (job.job_id.clone(), job.attempt);
+    let told = heartbeat(
+        &attacker.agent_secret,
+        &attacker.agent_id,
+        vec![mine.clone()],
+    )
+    .await;
+    assert_eq!(told, vec![mine.clone()], "not the attacker's lease");
+    let made_up = (Uuid::new_v4().to_string(), 1);
+    let old_run = (job.job_id.clone(), job.attempt + 1);
+    let told = heartbeat(
+        &victim.agent_secret,
+        &victim.agent_id,
+        vec![mine.clone(), made_up.clone(), old_run.clone()],
+    )
+    .await;
+    assert_eq!(
+        told,
+        vec![made_up, old_run],
+        "only the runs it does not hold"
+    );
 
     // Taking the victim's name with another token.
     let err = register_raw(url, &attacker_token, "victim", "h100")
