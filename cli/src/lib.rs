@@ -88,7 +88,10 @@ impl CliError {
             // The coordinator answered, so it is reachable: its database is not.
             Code::Unavailable
                 if fleetmark_proto::error_code::ErrorCode::of(&s)
-                    == Some(fleetmark_proto::error_code::ErrorCode::DatabaseUnavailable) =>
+                    == Some(fleetmark_proto::error_code::ErrorCode::DatabaseUnavailable)
+                    // Coordinators older than the typed code said it only in the message.
+                    || (s.metadata().get(fleetmark_proto::error_code::METADATA_KEY).is_none()
+                        && s.message().starts_with("database unavailable")) =>
             {
                 CliError::DatabaseUnavailable {
                     url: url.to_string(),

@@ -345,13 +345,11 @@ fn result_csv_row(listed: &Listed) -> Vec<String> {
     for p in Percentile::ALL {
         row.extend(percentile_csv(l, p));
     }
-    row.push(
-        listed
-            .health
-            .as_ref()
-            .map(|f| f.join(";"))
-            .unwrap_or_default(),
-    );
+    row.push(match &listed.health {
+        None => "-".into(),
+        Some(f) if f.is_empty() => "ok".into(),
+        Some(f) => f.join(";"),
+    });
     row
 }
 

@@ -623,8 +623,10 @@ impl Store {
     ) -> Result<Vec<HealthCheckRow>> {
         let rows: Vec<HealthCheckDbRow> = sqlx::query_as(
             "SELECT h.id, a.name, h.device, h.kind, h.incarnation, h.health, h.flags, \
-                        NOT EXISTS (SELECT 1 FROM health_checks n WHERE n.agent_id = h.agent_id \
-                                      AND n.device = h.device AND n.id > h.id) AS in_force \
+                        (h.incarnation = a.incarnation \
+                         AND NOT EXISTS (SELECT 1 FROM health_checks n \
+                                         WHERE n.agent_id = h.agent_id \
+                                           AND n.device = h.device AND n.id > h.id)) AS in_force \
                  FROM health_checks h JOIN agents a ON a.id = h.agent_id \
                  WHERE ($1::text IS NULL OR a.name = $1) AND ($2::text IS NULL OR h.kind = $2) \
                  ORDER BY h.id DESC LIMIT $3",
@@ -1527,7 +1529,8 @@ async fn reflag_kind(conn: &mut sqlx::PgConnection, kind: &str) -> Result<()> {
     let rows: Vec<(i64, serde_json::Value, Vec<String>)> = sqlx::query_as(
         "SELECT DISTINCT ON (h.agent_id, h.device) h.id, h.health, h.flags \
          FROM health_checks h JOIN agents a ON a.id = h.agent_id \
-         WHERE h.kind = $1 AND (a.retired_at IS NULL OR a.last_seen_at > a.retired_at) \
+         WHERE h.kind = $1 AND h.incarnation = a.incarnation \
+           AND (a.retired_at IS NULL OR a.last_seen_at > a.retired_at) \
          ORDER BY h.agent_id, h.device, h.id DESC",
     )
     .bind(kind)
@@ -2045,7 +2048,8 @@ macro_rules! result_insert {
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
                  $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
                  $33, CAST($34::text AS stop_reason), $35, \
-                 (SELECT h.id FROM health_checks h WHERE h.agent_id = $4 AND h.device = $12 \
+                 (SELECT h.id FROM health_checks h JOIN agents a ON a.id = h.agent_id \
+                  WHERE h.agent_id = $4 AND h.device = $12 AND h.incarnation = a.incarnation \
                   ORDER BY h.id DESC LIMIT 1))"
     };
 }
