@@ -115,6 +115,20 @@ async fn claiming_agent(
     }
 }
 
+/// A known agent's heartbeat answer: the runs it reported but no longer holds, to stop.
+fn heartbeat_answer(stale: Vec<(Uuid, i32)>) -> Response<pb::HeartbeatResponse> {
+    Response::new(pb::HeartbeatResponse {
+        stop: stale
+            .into_iter()
+            .map(|(j, a)| pb::JobRef {
+                job_id: j.to_string(),
+                attempt: a as u32,
+            })
+            .collect(),
+        known: true,
+    })
+}
+
 /// Maps a broken limit to INVALID_ARGUMENT.
 fn limit(e: fleetmark_core::LimitError) -> Status {
     Status::invalid_argument(e.to_string())
@@ -271,16 +285,7 @@ impl AgentService for AgentApi {
                 .map_err(Status::from)?
             {
                 check_body_id(agent, &req.get_ref().agent_id)?;
-                return Ok(Response::new(pb::HeartbeatResponse {
-                    stop: stale
-                        .into_iter()
-                        .map(|(j, a)| pb::JobRef {
-                            job_id: j.to_string(),
-                            attempt: a as u32,
-                        })
-                        .collect(),
-                    known: true,
-                }));
+                return Ok(heartbeat_answer(stale));
             }
         }
         // Authentication and the touch in one statement for an agent secret.
@@ -331,16 +336,7 @@ impl AgentService for AgentApi {
             .stale_running(agent, &running)
             .await
             .map_err(Status::from)?;
-        Ok(Response::new(pb::HeartbeatResponse {
-            stop: stop
-                .into_iter()
-                .map(|(j, a)| pb::JobRef {
-                    job_id: j.to_string(),
-                    attempt: a as u32,
-                })
-                .collect(),
-            known: true,
-        }))
+        Ok(heartbeat_answer(stop))
     }
 
     async fn claim_job(
