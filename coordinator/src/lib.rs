@@ -7,6 +7,7 @@
 //! its waiting claims when another one queues work (`LISTEN fleetmark_jobs`).
 
 pub mod auth;
+mod batch;
 pub mod error;
 mod gate;
 pub mod identity;
@@ -115,6 +116,8 @@ pub(crate) struct State {
     pub shutdown: CancellationToken,
     pub limits: limits::Limits,
     pub metrics: metrics::Metrics,
+    /// Statements shared by concurrent requests (see `batch`).
+    pub batches: batch::Batches,
 }
 
 /// An agent heard from within this window counts as online.
@@ -155,6 +158,8 @@ pub async fn run_with_metrics(
           "coordinator listening");
 
     let token = CancellationToken::new();
+    let metrics_registry = metrics::Metrics::new();
+    let batches = batch::Batches::start(&store, config.lease, &metrics_registry.batch_items);
     let state = Arc::new(State {
         store: store.clone(),
         config: config.clone(),
@@ -162,7 +167,8 @@ pub async fn run_with_metrics(
         sweep_events: sweep_events::SweepEvents::new(),
         shutdown: token.clone(),
         limits: limits::Limits::new(&config),
-        metrics: metrics::Metrics::new(),
+        metrics: metrics_registry,
+        batches,
     });
     let mut background = vec![
         tokio::spawn(reaper(state.clone())),

@@ -44,6 +44,8 @@ pub struct Metrics {
     jobs: IntGaugeVec,
     pub(crate) dispatch: HistogramVec,
     pub(crate) results: IntCounterVec,
+    /// Items per shared statement (`batch`), by kind of statement.
+    pub(crate) batch_items: HistogramVec,
 }
 
 impl Metrics {
@@ -76,8 +78,18 @@ impl Metrics {
             &["source"],
         )
         .expect("a valid metric");
+        let batch_items = HistogramVec::new(
+            HistogramOpts::new(
+                "fleetmark_batch_items",
+                "Requests per shared database statement (progress reports, results).",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            &["statement"],
+        )
+        .expect("a valid metric");
         for c in [
             Box::new(agents.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(batch_items.clone()),
             Box::new(jobs.clone()),
             Box::new(dispatch.clone()),
             Box::new(results.clone()),
@@ -91,6 +103,7 @@ impl Metrics {
             jobs,
             dispatch,
             results,
+            batch_items,
         }
     }
 

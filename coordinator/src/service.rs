@@ -18,7 +18,7 @@ use crate::{
     error::CoordinatorError,
     store::{
         AgentDevice, AgentRegistration, CompareFilter, FailOutcome, ImportOutcome, JobRow,
-        ResultFilter, Submitter, SweepRow,
+        ProgressBySecret, ResultBySecret, ResultFilter, Submitter, SweepRow,
     },
     State,
 };
@@ -423,21 +423,23 @@ impl AgentService for AgentApi {
         // Parsed once; its errors are reported only after the caller is authenticated.
         let update = ProgressUpdate::parse(req.get_ref());
         if let (Some((hash, body_agent)), Ok(u)) = (fast, &update) {
+            // Shares a statement with other agents' reports (`batch`); a report the batch did
+            // not apply takes the full path below, which says why.
             let updated = self
                 .0
-                .store
-                .report_progress_by_secret(
-                    &hash,
+                .batches
+                .progress
+                .submit(ProgressBySecret {
+                    secret_hash: hash,
                     body_agent,
-                    u.job,
-                    u.attempt,
-                    &u.phase,
-                    u.iterations,
-                    u.fraction,
-                    self.0.config.lease,
-                )
+                    job: u.job,
+                    attempt: u.attempt,
+                    phase: u.phase.clone(),
+                    iterations: u.iterations,
+                    fraction: u.fraction,
+                })
                 .await
-                .map_err(Status::from)?;
+                .flatten();
             if let Some((expires, sweep)) = updated {
                 return Ok(progressed(&self.0, u.job, expires, sweep));
             }
@@ -479,13 +481,21 @@ impl AgentService for AgentApi {
             (Some(_), Some(wire)) => wire.clone().try_into().ok(),
             _ => None,
         };
+        // Shares a statement with other agents' results (`batch`); a result the batch did not
+        // store takes the full path below, which stores it or says why not.
         let stored = match (fast, &converted) {
             (Some((hash, body_agent)), Some(result)) => self
                 .0
-                .store
-                .submit_result_by_secret(&hash, body_agent, result)
+                .batches
+                .results
+                .submit(ResultBySecret {
+                    secret_hash: hash,
+                    body_agent,
+                    result: result.clone(),
+                })
                 .await
-                .transpose(),
+                .flatten()
+                .map(Ok),
             _ => None,
         };
         let (agent, result, stored) = match (stored, converted) {

@@ -1002,6 +1002,43 @@ impl Store {
         .await?)
     }
 
+    /// [`Store::report_progress_by_secret`] for many reports in one statement (see
+    /// `crate::batch`). Answers each item in order: `Some` when its update was made, `None`
+    /// when it was not (a stale lease, a wrong credential, a second report of the same run in
+    /// the batch), which the caller then sends through the single-item path. An error fails
+    /// the whole batch and nothing was updated.
+    pub async fn report_progress_batch(
+        &self,
+        items: &[ProgressBySecret],
+        lease: Duration,
+    ) -> Result<Vec<Option<(DateTime<Utc>, Uuid)>>> {
+        let hashes: Vec<Vec<u8>> = column(items, |i| i.secret_hash.to_vec());
+        let bodies: Vec<Option<Uuid>> = column(items, |i| i.body_agent);
+        let jobs: Vec<Uuid> = column(items, |i| i.job);
+        let attempts: Vec<i32> = column(items, |i| i.attempt);
+        let phases: Vec<String> = column(items, |i| i.phase.clone());
+        let iterations: Vec<i32> = column(items, |i| i.iterations);
+        let fractions: Vec<f64> = column(items, |i| i.fraction.clamp(0.0, 1.0));
+        let rows: Vec<(i64, DateTime<Utc>, Uuid)> = sqlx::query_as(PROGRESS_BATCH_SQL)
+            .bind(hashes)
+            .bind(bodies)
+            .bind(jobs)
+            .bind(attempts)
+            .bind(phases)
+            .bind(iterations)
+            .bind(fractions)
+            .bind(lease.as_millis() as f64)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = vec![None; items.len()];
+        for (i, expires, sweep) in rows {
+            if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) {
+                *slot = Some((expires, sweep));
+            }
+        }
+        Ok(out)
+    }
+
     /// Stores a result and finishes its job, atomically. The insert trigger refuses a result
     /// whose (job, attempt, agent) is not the running lease; that surfaces as `StaleLease`.
     pub async fn submit_result(&self, agent: Uuid, result: &BenchResult) -> Result<Uuid> {
@@ -1084,34 +1121,10 @@ impl Store {
     /// that inserts the result and finishes its job (see [`STORE_RESULT_SQL`]), then the sweep's
     /// completion when no job of it was pending.
     async fn store_result(&self, s: Submission, result: &BenchResult) -> Result<Uuid> {
+        check_submission(&s, result)?;
         let Submission {
-            agent,
-            job,
-            sweep,
-            spec,
-            devices,
-            inventory,
+            agent, job, sweep, ..
         } = s;
-        // The result must answer this job, on hardware the job allows.
-        let spec: JobSpec = serde_json::from_value(spec)
-            .map_err(|e| CoordinatorError::InvalidArgument(format!("stored job spec: {e}")))?;
-        if result.spec != spec {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "the result's spec ({}) is not job {job}'s ({})",
-                result.spec.label(),
-                spec.label()
-            )));
-        }
-        if !spec.target.matches_name(&result.hardware_kind) {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "job {job} targets {} but the result comes from {}",
-                spec.target,
-                fleetmark_core::limits::Excerpt::of(&result.hardware_kind)
-            )));
-        }
-        let devices: Vec<AgentDevice> = from_json(devices);
-        let inventory: HostInventory = from_json(inventory);
-        check_hardware(result, &devices, &inventory).map_err(CoordinatorError::InvalidArgument)?;
         let id = Uuid::new_v4();
         let row = bind_result(
             sqlx::query(STORE_RESULT_SQL),
@@ -1135,6 +1148,122 @@ impl Store {
         Ok(id)
     }
 
+    /// Many agents' results in two statements (see `crate::batch`): one read that
+    /// authenticates every item and fetches its job, then, for the items that pass the same
+    /// checks as [`Store::submit_result_by_secret`], one statement that inserts them all and
+    /// finishes their jobs (flushed once). Answers each item in order: `Some(id)` when stored,
+    /// `None` when not, and the caller then sends it through the single-item path, which says
+    /// why. The write is all or nothing: one stale item (its lease moved on meanwhile) fails it,
+    /// and every item then takes the single path.
+    pub async fn submit_results_batch(
+        &self,
+        items: &[ResultBySecret],
+    ) -> Result<Vec<Option<Uuid>>> {
+        let mut out = vec![None; items.len()];
+        let reads = self.read_results_batch(items).await?;
+        let mut accepted: Vec<(usize, Submission)> = Vec::with_capacity(items.len());
+        for (i, read) in reads.into_iter().enumerate() {
+            let Some(s) = read else { continue };
+            if items[i].body_agent.is_some_and(|b| b != s.agent) {
+                continue;
+            }
+            if check_submission(&s, &items[i].result).is_ok() {
+                accepted.push((i, s));
+            }
+        }
+        if accepted.is_empty() {
+            return Ok(out);
+        }
+        let mut cols = ResultColumns::default();
+        let mut ids = Vec::with_capacity(accepted.len());
+        for (i, s) in &accepted {
+            let id = Uuid::new_v4();
+            cols.push(id, s, &items[*i].result);
+            ids.push(id);
+        }
+        let row = cols
+            .bind(sqlx::query(STORE_RESULTS_BATCH_SQL))
+            .bind(accepted.len() as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        let settled: Vec<Uuid> = row.try_get("settled")?;
+        for ((i, _), id) in accepted.iter().zip(ids) {
+            out[*i] = Some(id);
+        }
+        for sweep in settled {
+            self.complete_sweep_if_done(sweep).await?;
+        }
+        Ok(out)
+    }
+
+    /// The first statement of [`Store::submit_results_batch`]: per item, the live agent holding
+    /// its secret, that agent's registration, and the job it names (`None`: no such agent, or
+    /// no such job).
+    async fn read_results_batch(
+        &self,
+        items: &[ResultBySecret],
+    ) -> Result<Vec<Option<Submission>>> {
+        let hashes: Vec<Vec<u8>> = column(items, |i| i.secret_hash.to_vec());
+        let jobs: Vec<Option<Uuid>> = column(items, |i| i.result.job_id);
+        let rows: Vec<BatchReadRow> = sqlx::query_as(
+            "SELECT u.i, a.id, a.devices, a.inventory, j.sweep_id, j.spec \
+             FROM unnest($1::bytea[], $2::uuid[]) WITH ORDINALITY AS u(hash, job, i) \
+                  JOIN agents a ON a.secret_hash = u.hash \
+                  LEFT JOIN api_tokens t ON t.id = a.registered_by \
+                  JOIN jobs j ON j.id = u.job \
+             WHERE t.revoked_at IS NULL",
+        )
+        .bind(hashes)
+        .bind(jobs)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<Option<Submission>> = (0..items.len()).map(|_| None).collect();
+        for (i, agent, devices, inventory, sweep, spec) in rows {
+            let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) else {
+                continue;
+            };
+            let Some(job) = items.get((i - 1) as usize).and_then(|it| it.result.job_id) else {
+                continue;
+            };
+            *slot = Some(Submission {
+                agent,
+                job,
+                sweep,
+                spec,
+                devices,
+                inventory,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The checks a result passes before it is stored: it answers its job's spec, on hardware the
+/// job allows and the agent registered.
+fn check_submission(s: &Submission, result: &BenchResult) -> Result<()> {
+    let job = s.job;
+    let spec = JobSpec::deserialize(&s.spec)
+        .map_err(|e| CoordinatorError::InvalidArgument(format!("stored job spec: {e}")))?;
+    if result.spec != spec {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "the result's spec ({}) is not job {job}'s ({})",
+            result.spec.label(),
+            spec.label()
+        )));
+    }
+    if !spec.target.matches_name(&result.hardware_kind) {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "job {job} targets {} but the result comes from {}",
+            spec.target,
+            fleetmark_core::limits::Excerpt::of(&result.hardware_kind)
+        )));
+    }
+    let devices = Vec::<AgentDevice>::deserialize(&s.devices).unwrap_or_default();
+    let inventory = HostInventory::deserialize(&s.inventory).unwrap_or_default();
+    check_hardware(result, &devices, &inventory).map_err(CoordinatorError::InvalidArgument)
+}
+
+impl Store {
     /// Ends an attempt that could not produce a result. It is retried unless the failure is
     /// permanent or the job is out of attempts. `None` when the caller no longer held the lease.
     pub async fn fail_job(
@@ -1724,6 +1853,43 @@ pub const CLAIM_BY_SECRET_SQL: &str = claim_sql!(
         FROM agent)"
 );
 
+/// One field of every item of a batch, as the array a statement unnests.
+fn column<T, U>(items: &[T], field: impl Fn(&T) -> U) -> Vec<U> {
+    items.iter().map(field).collect()
+}
+
+/// One progress report of [`Store::report_progress_batch`], from the agent holding this secret.
+#[derive(Debug, Clone)]
+pub struct ProgressBySecret {
+    pub secret_hash: [u8; 32],
+    /// The agent id the request's body names, if any: it must be the secret's agent.
+    pub body_agent: Option<Uuid>,
+    pub job: Uuid,
+    pub attempt: i32,
+    pub phase: String,
+    pub iterations: i32,
+    pub fraction: f64,
+}
+
+/// Many progress reports in one statement: each item is authenticated by its secret and must
+/// hold its run's lease, exactly as in [`Store::report_progress_by_secret`]; the statement
+/// returns the position (from 1) of each item it applied. When two items name the same job only
+/// one is applied, and the other takes the single-item path. Committed without waiting for the
+/// WAL flush, like the single report. $8: the lease in milliseconds.
+const PROGRESS_BATCH_SQL: &str = "\
+    UPDATE jobs j SET phase = u.phase, iterations = u.iterations, fraction = u.fraction, \
+        lease_expires_at = now() + $8 * interval '1 millisecond', claim_ack_by = NULL \
+    FROM unnest($1::bytea[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::int4[], \
+                $7::float8[]) WITH ORDINALITY AS u(hash, body, job, attempt, phase, iterations, \
+                                                   fraction, i) \
+         JOIN agents a ON a.secret_hash = u.hash \
+         LEFT JOIN api_tokens t ON t.id = a.registered_by \
+    WHERE t.revoked_at IS NULL AND (u.body IS NULL OR a.id = u.body) \
+      AND j.id = u.job AND j.attempt = u.attempt AND j.lease_agent_id = a.id \
+      AND j.state = 'running' \
+      AND set_config('synchronous_commit', 'off', true) = 'off' \
+    RETURNING u.i, j.lease_expires_at, j.sweep_id";
+
 /// What a claim statement returns: the claiming agent, its device's kind, and the job claimed.
 fn claim_row(row: &PgRow) -> sqlx::Result<(Uuid, Option<String>, Option<JobRow>)> {
     let agent: Uuid = row.try_get("claiming_agent")?;
@@ -2037,20 +2203,30 @@ async fn insert_result_hashed(
 /// The columns of a result row, in the order [`bind_result`] binds them ($1 to $35).
 /// `health_check_id` is the check in force on the result's device: the latest that its agent
 /// declared for it (none for imported results, whose agents never registered).
+/// The columns a result row is inserted with, in the order of [`result_insert!`]'s values.
+macro_rules! result_columns {
+    () => {
+        "id, job_id, sweep_id, agent_id, attempt, model, batch_size, \
+         precision, image_size, hardware_kind, hardware_name, device, backend, path, math, \
+         simulated, throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, \
+         ci95_high_ms, images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, \
+         record, finished_at, content_sha256, imported_by, stable, stop_reason, \
+         window_spread, health_check_id"
+    };
+}
+
 macro_rules! result_insert {
     () => {
-        "INSERT INTO results (id, job_id, sweep_id, agent_id, attempt, model, batch_size, \
-             precision, image_size, hardware_kind, hardware_name, device, backend, path, math, \
-             simulated, throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, \
-             ci95_high_ms, images_per_sec, peak_memory_bytes, price_per_hour, latencies_ms, \
-             record, finished_at, content_sha256, imported_by, stable, stop_reason, \
-             window_spread, health_check_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+        concat!(
+            "INSERT INTO results (",
+            result_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
                  $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, \
                  $33, CAST($34::text AS stop_reason), $35, \
                  (SELECT h.id FROM health_checks h JOIN agents a ON a.id = h.agent_id \
                   WHERE h.agent_id = $4 AND h.device = $12 AND h.incarnation = a.incarnation \
                   ORDER BY h.id DESC LIMIT 1))"
+        )
     };
 }
 
@@ -2082,6 +2258,215 @@ const STORE_RESULT_SQL: &str = concat!(
             EXISTS (SELECT 1 FROM jobs WHERE sweep_id = $3 AND finished_at IS NULL \
                       AND state = 'pending') AS pending_left"
 );
+
+/// One agent's result for [`Store::submit_results_batch`], from the agent holding this secret.
+#[derive(Debug, Clone)]
+pub struct ResultBySecret {
+    pub secret_hash: [u8; 32],
+    /// The agent id the request's body names, if any: it must be the secret's agent.
+    pub body_agent: Option<Uuid>,
+    pub result: BenchResult,
+}
+
+/// A row of the batch read: the item's position (from 1), the agent, its devices and
+/// inventory, the job's sweep and spec.
+type BatchReadRow = (
+    i64,
+    Uuid,
+    serde_json::Value,
+    serde_json::Value,
+    Uuid,
+    serde_json::Value,
+);
+
+/// Many delivered results in one statement: [`STORE_RESULT_SQL`] over arrays, one element per
+/// result ($1 to $35 as in [`result_insert!`], but `imported_by`, $32, is one value for all:
+/// NULL, as for every agent's own result; $28 is every result's latencies end to end, cut by $36 offsets and $37
+/// lengths; $38 the iteration counts; $39 how many results). Every insert passes the lease
+/// trigger, and `fleetmark_assert` aborts the statement, all inserts included, unless every
+/// job finished. Returns the sweeps that have no pending job left, whose completion is checked
+/// afterwards.
+const STORE_RESULTS_BATCH_SQL: &str = concat!(
+    "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], \
+        $5::int4[], $6::text[], $7::int4[], $8::text[], $9::int4[], $10::text[], $11::text[], \
+        $12::text[], $13::text[], $14::text[], $15::text[], $16::bool[], $17::bool[], \
+        $18::float8[], $19::float8[], $20::float8[], $21::float8[], $22::float8[], \
+        $23::float8[], $24::float8[], $25::float8[], $26::int8[], $27::float8[], \
+        $29::jsonb[], $30::timestamptz[], $31::text[], $33::bool[], $34::text[], \
+        $35::float8[], $36::int4[], $37::int4[], $38::int4[]) \
+        AS u(id, job_id, sweep_id, agent_id, attempt, model, batch_size, precision, \
+             image_size, hardware_kind, hardware_name, device, backend, path, math, simulated, \
+             throttled, mean_ms, std_ms, p50_ms, p90_ms, p99_ms, ci95_low_ms, ci95_high_ms, \
+             images_per_sec, peak_memory_bytes, price_per_hour, record, finished_at, \
+             content_sha256, stable, stop_reason, window_spread, lat_off, lat_len, \
+             iterations)), \
+     ins AS (INSERT INTO results (",
+    result_columns!(),
+    ") SELECT u.id, u.job_id, u.sweep_id, u.agent_id, u.attempt, u.model, u.batch_size, \
+             u.precision, u.image_size, u.hardware_kind, u.hardware_name, u.device, \
+             u.backend, u.path, u.math, u.simulated, u.throttled, u.mean_ms, u.std_ms, \
+             u.p50_ms, u.p90_ms, u.p99_ms, u.ci95_low_ms, u.ci95_high_ms, u.images_per_sec, \
+             u.peak_memory_bytes, u.price_per_hour, \
+             coalesce(($28::float8[])[u.lat_off + 1 : u.lat_off + u.lat_len], '{}'), \
+             u.record, u.finished_at, u.content_sha256, $32::text, u.stable, \
+             CAST(u.stop_reason AS stop_reason), u.window_spread, \
+             (SELECT h.id FROM health_checks h JOIN agents a ON a.id = h.agent_id \
+              WHERE h.agent_id = u.agent_id AND h.device = u.device \
+                AND h.incarnation = a.incarnation ORDER BY h.id DESC LIMIT 1) \
+        FROM u RETURNING id, job_id, attempt), \
+     done AS (UPDATE jobs SET state = 'succeeded', lease_agent_id = NULL, lease_device = NULL, \
+                  lease_expires_at = NULL, finished_at = now(), fraction = 1, phase = 'done', \
+                  iterations = u.iterations, error = NULL \
+              FROM ins JOIN u ON u.id = ins.id \
+              WHERE jobs.id = ins.job_id AND jobs.attempt = ins.attempt \
+                AND jobs.state = 'running' \
+              RETURNING jobs.id, jobs.sweep_id) \
+     SELECT fleetmark_assert((SELECT count(*) FROM done) = $39, \
+                'a job of the batch is no longer running') AS ok, \
+            ARRAY(SELECT DISTINCT d.sweep_id FROM done d \
+                  WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE sweep_id = d.sweep_id \
+                                      AND finished_at IS NULL AND state = 'pending')) AS settled"
+);
+
+/// The columns of [`STORE_RESULTS_BATCH_SQL`], one vector per column.
+#[derive(Default)]
+struct ResultColumns {
+    id: Vec<Uuid>,
+    job: Vec<Uuid>,
+    sweep: Vec<Uuid>,
+    agent: Vec<Uuid>,
+    attempt: Vec<i32>,
+    model: Vec<String>,
+    batch_size: Vec<i32>,
+    precision: Vec<&'static str>,
+    image_size: Vec<i32>,
+    hardware_kind: Vec<String>,
+    hardware_name: Vec<String>,
+    device: Vec<String>,
+    backend: Vec<String>,
+    path: Vec<String>,
+    math: Vec<String>,
+    simulated: Vec<bool>,
+    throttled: Vec<bool>,
+    latency: [Vec<f64>; 7],
+    images_per_sec: Vec<f64>,
+    peak_memory_bytes: Vec<i64>,
+    price_per_hour: Vec<Option<f64>>,
+    latencies: Vec<f64>,
+    record: Vec<serde_json::Value>,
+    finished_at: Vec<DateTime<Utc>>,
+    hash: Vec<String>,
+    stable: Vec<Option<bool>>,
+    stop_reason: Vec<Option<String>>,
+    spread: Vec<Option<f64>>,
+    lat_off: Vec<i32>,
+    lat_len: Vec<i32>,
+    iterations: Vec<i32>,
+}
+
+impl ResultColumns {
+    /// Adds one result, as [`bind_result`] binds a single one.
+    fn push(&mut self, id: Uuid, s: &Submission, r: &BenchResult) {
+        let mut record = r.clone();
+        record.latencies_ms = Vec::new();
+        let l = &r.latency;
+        self.id.push(id);
+        self.job.push(s.job);
+        self.sweep.push(s.sweep);
+        self.agent.push(s.agent);
+        self.attempt.push(r.attempt as i32);
+        self.model.push(r.spec.model.clone());
+        self.batch_size.push(r.spec.batch_size as i32);
+        self.precision.push(r.spec.precision.as_str());
+        self.image_size.push(r.spec.image_size as i32);
+        self.hardware_kind.push(r.hardware_kind.clone());
+        self.hardware_name.push(r.hardware_name.clone());
+        self.device.push(r.device.clone());
+        self.backend.push(r.backend.backend.clone());
+        self.path.push(r.backend.path.clone());
+        self.math.push(r.backend.math.clone());
+        self.simulated.push(r.backend.simulated);
+        self.throttled
+            .push(r.telemetry.as_ref().is_some_and(|t| t.throttled));
+        let stats = [
+            l.mean_ms,
+            l.std_ms,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.ci95_low_ms,
+            l.ci95_high_ms,
+        ];
+        for (col, v) in self.latency.iter_mut().zip(stats) {
+            col.push(v);
+        }
+        self.images_per_sec.push(r.images_per_sec);
+        self.peak_memory_bytes
+            .push(r.peak_memory_bytes.min(i64::MAX as u64) as i64);
+        self.price_per_hour.push(r.price_per_hour);
+        self.lat_off.push(self.latencies.len() as i32);
+        self.lat_len.push(r.latencies_ms.len() as i32);
+        self.latencies.extend_from_slice(&r.latencies_ms);
+        self.record.push(json(&record));
+        self.finished_at.push(r.finished_at);
+        self.hash.push(r.content_hash());
+        self.stable.push(r.stability.as_ref().map(|s| s.stable));
+        self.stop_reason.push(
+            r.stability
+                .as_ref()
+                .map(|s| s.stop_reason.as_str().to_string()),
+        );
+        self.spread
+            .push(r.stability.as_ref().and_then(|s| s.spread));
+        self.iterations.push(r.latencies_ms.len() as i32);
+    }
+
+    /// Binds $1 to $38 of [`STORE_RESULTS_BATCH_SQL`] ($32, `imported_by`, NULL).
+    fn bind(
+        self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let [mean, std, p50, p90, p99, lo, hi] = self.latency;
+        q.bind(self.id)
+            .bind(self.job)
+            .bind(self.sweep)
+            .bind(self.agent)
+            .bind(self.attempt)
+            .bind(self.model)
+            .bind(self.batch_size)
+            .bind(self.precision)
+            .bind(self.image_size)
+            .bind(self.hardware_kind)
+            .bind(self.hardware_name)
+            .bind(self.device)
+            .bind(self.backend)
+            .bind(self.path)
+            .bind(self.math)
+            .bind(self.simulated)
+            .bind(self.throttled)
+            .bind(mean)
+            .bind(std)
+            .bind(p50)
+            .bind(p90)
+            .bind(p99)
+            .bind(lo)
+            .bind(hi)
+            .bind(self.images_per_sec)
+            .bind(self.peak_memory_bytes)
+            .bind(self.price_per_hour)
+            .bind(self.latencies)
+            .bind(self.record)
+            .bind(self.finished_at)
+            .bind(self.hash)
+            .bind(None::<String>)
+            .bind(self.stable)
+            .bind(self.stop_reason)
+            .bind(self.spread)
+            .bind(self.lat_off)
+            .bind(self.lat_len)
+            .bind(self.iterations)
+    }
+}
 
 /// The row-identifying values of a result insert.
 struct ResultRowIds<'a> {

@@ -284,6 +284,31 @@ async fn health_reflection_and_metrics_answer_outsiders() {
     );
     assert_eq!(value(&s, "fleetmark_agents{state=\"online\"}"), Some(1.0));
 
+    // Its progress report goes through a shared statement, observed as a batch of one.
+    let job = claimed.job.expect("a job");
+    agents
+        .report_progress(bearer(
+            pb::ReportProgressRequest {
+                agent_id: agent.agent_id.clone(),
+                job_id: job.job_id.clone(),
+                attempt: job.attempt,
+                phase: "warmup".into(),
+                iterations: 1,
+                fraction: 0.1,
+            },
+            &agent.agent_secret,
+        ))
+        .await
+        .expect("progress");
+    let s = metrics_until(served.metrics, "one progress batch", |s| {
+        value(s, "fleetmark_batch_items_count{statement=\"progress\"}") == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        value(&s, "fleetmark_batch_items_sum{statement=\"progress\"}"),
+        Some(1.0)
+    );
+
     // Cancelled: nothing pending or running any more.
     sweeps
         .cancel_sweep(bearer(

@@ -4,7 +4,10 @@ use std::{collections::HashSet, time::Duration};
 
 use chrono::Utc;
 use fleetmark_coordinator::{
-    store::{AgentDevice, AgentRegistration, FailOutcome, ImportOutcome, ResultFilter},
+    store::{
+        AgentDevice, AgentRegistration, FailOutcome, ImportOutcome, ProgressBySecret,
+        ResultBySecret, ResultFilter,
+    },
     CoordinatorError, Store,
 };
 use fleetmark_core::{BenchResult, HostInventory, JobState, LatencyStats, SweepSpec};
@@ -966,4 +969,214 @@ async fn autovacuum_is_read_from_the_server() {
         .await
         .unwrap();
     assert_eq!(store.autovacuum_on().await.unwrap(), shown == "on");
+}
+
+/// Gives agent `a` a secret whose hash is `[tag; 32]`, as registration would.
+async fn with_secret(store: &Store, a: Uuid, tag: u8) -> [u8; 32] {
+    let hash = [tag; 32];
+    sqlx::query("UPDATE agents SET secret_hash = $1 WHERE id = $2")
+        .bind(&hash[..])
+        .bind(a)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    hash
+}
+
+fn by_secret(hash: [u8; 32], result: BenchResult) -> ResultBySecret {
+    ResultBySecret {
+        secret_hash: hash,
+        body_agent: None,
+        result,
+    }
+}
+
+#[tokio::test]
+async fn a_result_batch_stores_the_good_ones_and_leaves_the_rest_to_the_single_path() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    let b = agent(&store, "b", "cpu").await;
+    let (ha, hb) = (
+        with_secret(&store, a, 1).await,
+        with_secret(&store, b, 2).await,
+    );
+    let (sweep_id, _) = store
+        .create_sweep(&sweep("batch_sizes=[1,2,3]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let j1 = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let j2 = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let j3 = store
+        .claim_job(b, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut wrong_spec = result_for(&j2, 1, "a");
+    wrong_spec.spec.batch_size += 1;
+    let items = vec![
+        by_secret(ha, result_for(&j1, 1, "a")),
+        by_secret(ha, wrong_spec),
+        by_secret([9; 32], result_for(&j3, 1, "b")), // nobody's secret
+        ResultBySecret {
+            body_agent: Some(a), // b's secret, a's id in the body
+            ..by_secret(hb, result_for(&j3, 1, "b"))
+        },
+        by_secret(hb, result_for(&j3, 1, "b")),
+    ];
+    let out = store.submit_results_batch(&items).await.unwrap();
+    let stored: Vec<bool> = out.iter().map(Option::is_some).collect();
+    assert_eq!(stored, [true, false, false, false, true]);
+    let state = |j: Uuid| {
+        let store = store.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state::text FROM jobs WHERE id = $1")
+                .bind(j)
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(state(j1.id).await, "succeeded");
+    assert_eq!(
+        state(j2.id).await,
+        "running",
+        "the refused item changed nothing"
+    );
+    assert_eq!(state(j3.id).await, "succeeded");
+    // The single path says what was wrong with the refused one, then stores the right one.
+    let e = store
+        .submit_result_by_secret(&ha, None, &items[1].result)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoordinatorError::InvalidArgument(_)), "{e:?}");
+    let last = store
+        .submit_results_batch(&[by_secret(ha, result_for(&j2, 1, "a"))])
+        .await
+        .unwrap();
+    assert!(last[0].is_some());
+    // The batch that finished the last job completed the sweep; one result per job.
+    let s = store.get_sweep(sweep_id).await.unwrap();
+    assert_eq!((s.state.as_str(), s.finished), ("completed", 3));
+    let results = store
+        .list_results(&ResultFilter {
+            sweep_id: Some(sweep_id),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .results;
+    assert_eq!(results.len(), 3);
+    let ids: HashSet<Uuid> = results.iter().map(|r| r.id).collect();
+    for id in out.iter().chain(&last).flatten() {
+        assert!(ids.contains(id), "the answered id {id} is the stored row's");
+    }
+    assert!(results
+        .iter()
+        .all(|r| r.result.latencies_ms == vec![2.0, 2.5, 3.0]));
+}
+
+#[tokio::test]
+async fn one_stale_result_fails_its_batch_as_a_whole() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    let ha = with_secret(&store, a, 1).await;
+    store
+        .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let j1 = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let j2 = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    // j2's result names an attempt that is not the running one.
+    let items = [
+        by_secret(ha, result_for(&j1, 1, "a")),
+        by_secret(ha, result_for(&j2, 2, "a")),
+    ];
+    let e = store.submit_results_batch(&items).await.unwrap_err();
+    assert!(matches!(e, CoordinatorError::StaleLease(_)), "{e:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM results")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing of the failed batch was stored");
+    // Alone, the good one is stored and the stale one refused.
+    assert!(store
+        .submit_result_by_secret(&ha, None, &items[0].result)
+        .await
+        .unwrap()
+        .is_some());
+    let e = store
+        .submit_result_by_secret(&ha, None, &items[1].result)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoordinatorError::StaleLease(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_progress_batch_renews_only_the_lease_holders_run() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "a", "cpu").await;
+    let b = agent(&store, "b", "cpu").await;
+    let (ha, hb) = (
+        with_secret(&store, a, 1).await,
+        with_secret(&store, b, 2).await,
+    );
+    store
+        .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let ja = store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let jb = store
+        .claim_job(b, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let report = |hash: [u8; 32], body: Option<Uuid>, job: Uuid, attempt: i32| ProgressBySecret {
+        secret_hash: hash,
+        body_agent: body,
+        job,
+        attempt,
+        phase: "timing".into(),
+        iterations: 7,
+        fraction: 0.5,
+    };
+    let items = [
+        report(ha, None, ja.id, 1),
+        report(ha, None, jb.id, 1),      // b's run, a's secret
+        report(hb, None, jb.id, 2),      // not the running attempt
+        report([9; 32], None, ja.id, 1), // nobody's secret
+        report(hb, Some(a), jb.id, 1),   // b's secret, a's id in the body
+        report(hb, Some(b), jb.id, 1),
+    ];
+    let out = store.report_progress_batch(&items, LEASE).await.unwrap();
+    let applied: Vec<bool> = out.iter().map(Option::is_some).collect();
+    assert_eq!(applied, [true, false, false, false, false, true]);
+    for j in [ja.id, jb.id] {
+        let (iterations, acked): (i32, bool) =
+            sqlx::query_as("SELECT iterations, claim_ack_by IS NULL FROM jobs WHERE id = $1")
+                .bind(j)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!((iterations, acked), (7, true), "job {j}");
+    }
 }
