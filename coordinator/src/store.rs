@@ -1141,11 +1141,22 @@ impl Store {
         .bind(result.latencies_ms.len() as i32)
         .fetch_one(&self.pool)
         .await?;
-        let pending_left: bool = row.try_get("pending_left")?;
-        if !pending_left {
-            self.complete_sweep_if_done(sweep).await?;
+        // Stored and committed: from here on nothing may turn into an error, or the agent
+        // would be told its stored result was refused. A missed completion check is made up by
+        // the reaper's backstop (`complete_finished_sweeps`).
+        if !row.try_get::<bool, _>("pending_left").unwrap_or(true) {
+            self.complete_sweep_after_commit(sweep).await;
         }
         Ok(id)
+    }
+
+    /// [`Store::complete_sweep_if_done`] after a result was committed: a failure is logged,
+    /// not returned, and left to the reaper's backstop.
+    async fn complete_sweep_after_commit(&self, sweep: Uuid) {
+        if let Err(e) = self.complete_sweep_if_done(sweep).await {
+            warn!(sweep_id = %sweep, error = %e,
+                  "sweep completion check failed; the reaper will complete it");
+        }
     }
 
     /// Many agents' results in two statements (see `crate::batch`): one read that
@@ -1186,12 +1197,13 @@ impl Store {
             .bind(accepted.len() as i64)
             .fetch_one(&self.pool)
             .await?;
-        let settled: Vec<Uuid> = row.try_get("settled")?;
+        // Committed: every accepted item is stored, whatever happens next (see `store_result`).
         for ((i, _), id) in accepted.iter().zip(ids) {
             out[*i] = Some(id);
         }
+        let settled: Vec<Uuid> = row.try_get("settled").unwrap_or_default();
         for sweep in settled {
-            self.complete_sweep_if_done(sweep).await?;
+            self.complete_sweep_after_commit(sweep).await;
         }
         Ok(out)
     }
