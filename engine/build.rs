@@ -45,21 +45,31 @@ fn main() {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=FLEETMARK_GIT_COMMIT={commit}");
-    // HEAD names a branch; a commit changes the branch's ref (or packed-refs), not HEAD.
-    let git = Path::new(&manifest).join("../.git");
-    let head = git.join("HEAD");
-    if head.exists() {
+    // HEAD names a branch; a commit changes the branch's ref (or packed-refs), not HEAD. Git
+    // resolves the paths: in a linked worktree `.git` is a file, HEAD is in the worktree's own
+    // git directory and the refs are in the main repository's.
+    let git_path = |p: &str| {
+        Command::new("git")
+            .args(["rev-parse", "--git-path", p])
+            .current_dir(&manifest)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| Path::new(&manifest).join(s.trim()))
+    };
+    if let Some(head) = git_path("HEAD").filter(|h| h.exists()) {
         println!("cargo:rerun-if-changed={}", head.display());
         if let Some(r) = std::fs::read_to_string(&head)
             .ok()
             .and_then(|h| h.strip_prefix("ref: ").map(|r| r.trim().to_string()))
+            .and_then(|r| git_path(&r))
         {
-            println!("cargo:rerun-if-changed={}", git.join(r).display());
+            println!("cargo:rerun-if-changed={}", r.display());
         }
-        println!(
-            "cargo:rerun-if-changed={}",
-            git.join("packed-refs").display()
-        );
+        if let Some(packed) = git_path("packed-refs") {
+            println!("cargo:rerun-if-changed={}", packed.display());
+        }
     }
 
     // Only meaningful with the cuda feature; recorded so the agent can refuse to start on a GPU

@@ -89,6 +89,8 @@ fn cpu_job_produces_a_consistent_record() {
     assert!(r.latency.p50_ms > 0.0 && r.latency.p99_ms >= r.latency.p50_ms);
     assert!(r.correctness.as_ref().unwrap().passed);
     assert_eq!(r.backend.path, "fused");
+    // f32 on the fused path runs the NHWC executor, and the record says so.
+    assert_eq!(r.backend.details["executor"], "nhwc-gemm");
     assert!(r.peak_memory_bytes > 0);
     assert_eq!(phases.first().map(|p| p.as_str()), Some("loading"));
     assert!(phases.iter().any(|p| p.as_str() == "timing"));

@@ -7,8 +7,8 @@ Runs
 1. ``fleetmark-agent export --seed 0`` (the weights Candle's seeded jobs use, for PyTorch too);
 2. ``pytorch_reference.py bench --device cpu`` with the venv's python (eager, NCHW, f32,
    ``time.perf_counter`` around each synchronous forward, all of torch's threads);
-3. ``fleetmark-agent run --sweep scripts/bench/cpu_sweep.toml`` (Candle CPU, engine auto: batch
-   norm folded, each forward timed by a host clock the same way);
+3. ``fleetmark-agent run --sweep scripts/bench/cpu_sweep.toml`` (Candle CPU, engine auto: the
+   NHWC executor with batch norm folded, each forward timed by a host clock the same way);
 
 then prints the machine (``nproc``, CPU model, load average), the versions, a table per batch and
 the ratio Candle images/s ÷ PyTorch images/s (images/s = batch x 1000 / mean latency).

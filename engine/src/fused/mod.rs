@@ -7,7 +7,10 @@
 //!   workspace caps, math), driven by the typed [`options::FusedOptions`];
 //! - the executor (`crate::cuda::fused`, CUDA builds only): cuDNN descriptors and device buffers
 //!   owned through RAII types, the algorithm search, and the captured CUDA graph.
+//!
+//! [`cpu_exec`] runs the same graph on the CPU in f32 (NHWC, one `gemm` per convolution).
 
+pub mod cpu_exec;
 pub mod graph;
 pub mod options;
 pub mod planner;
