@@ -413,14 +413,32 @@ async fn over_long_listing_filters_are_refused() {
             &format!("ListHealthChecks: {what}"),
         );
     }
-    // A sane filter still answers.
-    sweeps
-        .list_health_checks(pb::ListHealthChecksRequest {
-            limit: 5_000,
-            ..Default::default()
-        })
-        .await
-        .expect("a plain listing, its limit capped");
+    // A sane filter still answers, and an absurd limit is capped: with 1,005 checks stored, a
+    // limit of 5,000 gets 1,000 of them, and no limit the default 100.
+    sqlx::query(
+        "INSERT INTO health_checks (agent_id, incarnation, device, kind, checked_at, health) \
+         SELECT a.id, a.incarnation, 'cpu', 'cpu', now(), \
+                jsonb_build_object('measured_at', now(), 'gemm_tflops', \
+                                   jsonb_build_object('f32', 1.0 + i), 'gemm_n', 256, \
+                                   'memory_gbps', 10.0, 'seconds', 0.1) \
+         FROM agents a, generate_series(1, 1005) i WHERE a.name = $1",
+    )
+    .bind(AGENT)
+    .execute(&p.pool)
+    .await
+    .expect("store 1,005 checks");
+    for (asked, got) in [(5_000, 1_000), (0, 100)] {
+        let listed = sweeps
+            .list_health_checks(pb::ListHealthChecksRequest {
+                limit: asked,
+                ..Default::default()
+            })
+            .await
+            .expect("a plain listing")
+            .into_inner()
+            .checks;
+        assert_eq!(listed.len(), got, "limit {asked}");
+    }
 }
 
 #[tokio::test]
