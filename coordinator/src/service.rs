@@ -483,48 +483,35 @@ impl AgentService for AgentApi {
         };
         // Shares a statement with other agents' results (`batch`); a result the batch did not
         // store takes the full path below, which stores it or says why not.
-        let stored = match (fast, &converted) {
-            (Some((hash, body_agent)), Some(result)) => self
-                .0
-                .batches
-                .results
-                .submit(ResultBySecret {
-                    secret_hash: hash,
-                    body_agent,
-                    result: result.clone(),
-                })
-                .await
-                .flatten()
-                .map(Ok),
-            _ => None,
-        };
-        let (agent, result, stored) = match (stored, converted) {
-            (Some(stored), Some(result)) => (None, result, stored),
-            _ => {
-                let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
-                let r = req.into_inner();
-                let result: BenchResult = r
-                    .result
-                    .ok_or_else(|| Status::invalid_argument("missing result"))?
-                    .try_into()
-                    .map_err(|e: fleetmark_proto::convert::WireError| Status::from(e))?;
-                let stored = self.0.store.submit_result(agent, &result).await;
-                (Some(agent), result, stored)
+        if let (Some((hash, body_agent)), Some(result)) = (fast, converted) {
+            let (job, images_per_sec) = (result.job_id, result.images_per_sec);
+            let item = ResultBySecret {
+                secret_hash: hash,
+                body_agent,
+                result,
+            };
+            if let Some(id) = self.0.batches.results.submit(item).await.flatten() {
+                return Ok(result_accepted(&self.0, job, None, images_per_sec, id));
             }
-        };
-        match stored {
-            Ok(id) => {
-                info!(job_id = ?result.job_id, agent_id = ?agent, images_per_sec = result.images_per_sec,
-                      "result accepted");
-                self.0.sweep_events.job_finished(result.job_id);
-                self.0.metrics.results.with_label_values(&["agent"]).inc();
-                Ok(Response::new(pb::SubmitResultResponse {
-                    result_id: id.to_string(),
-                }))
-            }
+        }
+        let agent = calling_agent(&self.0, &req, &req.get_ref().agent_id).await?;
+        let result: BenchResult = req
+            .into_inner()
+            .result
+            .ok_or_else(|| Status::invalid_argument("missing result"))?
+            .try_into()
+            .map_err(|e: fleetmark_proto::convert::WireError| Status::from(e))?;
+        match self.0.store.submit_result(agent, &result).await {
+            Ok(id) => Ok(result_accepted(
+                &self.0,
+                result.job_id,
+                Some(agent),
+                result.images_per_sec,
+                id,
+            )),
             Err(e) => {
                 if matches!(e, CoordinatorError::StaleLease(_)) {
-                    warn!(job_id = ?result.job_id, attempt = result.attempt, agent_id = ?agent,
+                    warn!(job_id = ?result.job_id, attempt = result.attempt, agent_id = %agent,
                           "stale result rejected");
                 }
                 Err(e.into())
@@ -1396,6 +1383,22 @@ impl ProgressUpdate {
             },
         })
     }
+}
+
+/// The answer to a stored result; watchers of its sweep are told.
+fn result_accepted(
+    state: &State,
+    job: Option<Uuid>,
+    agent: Option<Uuid>,
+    images_per_sec: f64,
+    id: Uuid,
+) -> Response<pb::SubmitResultResponse> {
+    info!(job_id = ?job, agent_id = ?agent, images_per_sec, "result accepted");
+    state.sweep_events.job_finished(job);
+    state.metrics.results.with_label_values(&["agent"]).inc();
+    Response::new(pb::SubmitResultResponse {
+        result_id: id.to_string(),
+    })
 }
 
 /// The answer to a progress report that renewed the lease; watchers of its sweep are told.

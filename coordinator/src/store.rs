@@ -963,47 +963,8 @@ impl Store {
         .await?)
     }
 
-    /// [`Store::report_progress`] for the agent whose current secret has this hash (see
-    /// `Store::agent_by_secret`), authenticating the caller in the same statement. `None` when
-    /// nothing was updated: the secret is not a live agent's, the agent is not `body_agent`
-    /// (when given), or it does not hold the lease of this attempt; the caller then takes the
-    /// full path, which says which.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn report_progress_by_secret(
-        &self,
-        secret_hash: &[u8; 32],
-        body_agent: Option<Uuid>,
-        job: Uuid,
-        attempt: i32,
-        phase: &str,
-        iterations: i32,
-        fraction: f64,
-        lease: Duration,
-    ) -> Result<Option<(DateTime<Utc>, Uuid)>> {
-        Ok(sqlx::query_as(
-            "UPDATE jobs j SET phase = $4, iterations = $5, fraction = $6, \
-                 lease_expires_at = now() + $7 * interval '1 millisecond', claim_ack_by = NULL \
-             FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
-             WHERE a.secret_hash = $1 AND t.revoked_at IS NULL \
-               AND ($8::uuid IS NULL OR a.id = $8) \
-               AND j.id = $2 AND j.attempt = $3 AND j.lease_agent_id = a.id AND j.state = 'running' \
-               AND set_config('synchronous_commit', 'off', true) = 'off' \
-             RETURNING j.lease_expires_at, j.sweep_id",
-        )
-        .bind(&secret_hash[..])
-        .bind(job)
-        .bind(attempt)
-        .bind(phase)
-        .bind(iterations)
-        .bind(fraction.clamp(0.0, 1.0))
-        .bind(lease.as_millis() as f64)
-        .bind(body_agent)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    /// [`Store::report_progress_by_secret`] for many reports in one statement (see
-    /// `crate::batch`). Answers each item in order: `Some` when its update was made, `None`
+    /// [`Store::report_progress`] for many reports by agent secret in one statement (see
+    /// `crate::batch`), each authenticating its caller. Answers each item in order: `Some` when its update was made, `None`
     /// when it was not (a stale lease, a wrong credential, a second report of the same run in
     /// the batch), which the caller then sends through the single-item path. An error fails
     /// the whole batch and nothing was updated.
@@ -1071,52 +1032,6 @@ impl Store {
         self.store_result(submission, result).await
     }
 
-    /// [`Store::submit_result`] for the agent whose current secret has this hash (see
-    /// `Store::agent_by_secret`), authenticating the caller in the transaction's first read.
-    /// `None` when that read does not authenticate it as `body_agent` (when given), or the
-    /// result names no job: nothing is stored, and the caller takes the full path, which says
-    /// what is wrong.
-    pub async fn submit_result_by_secret(
-        &self,
-        secret_hash: &[u8; 32],
-        body_agent: Option<Uuid>,
-        result: &BenchResult,
-    ) -> Result<Option<Uuid>> {
-        let Some(job) = result.job_id else {
-            return Ok(None);
-        };
-        // The agent (authenticated), its registration and the job in one read (outside a
-        // transaction, as in `submit_result`).
-        let row: Option<AgentAndJobRow> = sqlx::query_as(
-            "SELECT a.id, a.devices, a.inventory, j.sweep_id, j.spec \
-                 FROM agents a LEFT JOIN api_tokens t ON t.id = a.registered_by \
-                      LEFT JOIN jobs j ON j.id = $2 \
-                 WHERE a.secret_hash = $1 AND t.revoked_at IS NULL",
-        )
-        .bind(&secret_hash[..])
-        .bind(job)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some((agent, devices, inventory, sweep, spec)) = row else {
-            return Ok(None);
-        };
-        if body_agent.is_some_and(|b| b != agent) {
-            return Ok(None);
-        }
-        let (Some(sweep), Some(spec)) = (sweep, spec) else {
-            return Err(CoordinatorError::NotFound(format!("no job {job}")));
-        };
-        let submission = Submission {
-            agent,
-            job,
-            sweep,
-            spec,
-            devices,
-            inventory,
-        };
-        self.store_result(submission, result).await.map(Some)
-    }
-
     /// The part of a result submission after the first read: the checks, then one statement
     /// that inserts the result and finishes its job (see [`STORE_RESULT_SQL`]), then the sweep's
     /// completion when no job of it was pending.
@@ -1161,7 +1076,7 @@ impl Store {
 
     /// Many agents' results in two statements (see `crate::batch`): one read that
     /// authenticates every item and fetches its job, then, for the items that pass the same
-    /// checks as [`Store::submit_result_by_secret`], one statement that inserts them all and
+    /// checks as [`Store::submit_result`], one statement that inserts them all and
     /// finishes their jobs (flushed once). Answers each item in order: `Some(id)` when stored,
     /// `None` when not, and the caller then sends it through the single-item path, which says
     /// why. The write is all or nothing: one stale item (its lease moved on meanwhile) fails it,
@@ -1231,13 +1146,13 @@ impl Store {
         .await?;
         let mut out: Vec<Option<Submission>> = (0..items.len()).map(|_| None).collect();
         for (i, agent, devices, inventory, sweep, spec) in rows {
-            let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) else {
+            let Some(at) = usize::try_from(i - 1).ok().filter(|&at| at < items.len()) else {
                 continue;
             };
-            let Some(job) = items.get((i - 1) as usize).and_then(|it| it.result.job_id) else {
+            let Some(job) = items[at].result.job_id else {
                 continue;
             };
-            *slot = Some(Submission {
+            out[at] = Some(Submission {
                 agent,
                 job,
                 sweep,
@@ -1722,16 +1637,6 @@ type JobAndAgentRow = (
     Option<serde_json::Value>,
 );
 
-/// What `submit_result_by_secret` reads first: the authenticated agent's id, devices and
-/// inventory, and the job's sweep and spec (`None` for an unknown job).
-type AgentAndJobRow = (
-    Uuid,
-    serde_json::Value,
-    serde_json::Value,
-    Option<Uuid>,
-    Option<serde_json::Value>,
-);
-
 /// What a result submission read first: the submitting agent's registration and the job.
 struct Submission {
     agent: Uuid,
@@ -1884,7 +1789,7 @@ pub struct ProgressBySecret {
 }
 
 /// Many progress reports in one statement: each item is authenticated by its secret and must
-/// hold its run's lease, exactly as in [`Store::report_progress_by_secret`]; the statement
+/// hold its run's lease, exactly as in [`Store::report_progress`]; the statement
 /// returns the position (from 1) of each item it applied. When two items name the same job only
 /// one is applied, and the other takes the single-item path. Committed without waiting for the
 /// WAL flush, like the single report. $8: the lease in milliseconds.
@@ -2379,8 +2284,6 @@ struct ResultColumns {
 impl ResultColumns {
     /// Adds one result, as [`bind_result`] binds a single one.
     fn push(&mut self, id: Uuid, s: &Submission, r: &BenchResult) {
-        let mut record = r.clone();
-        record.latencies_ms = Vec::new();
         let l = &r.latency;
         self.id.push(id);
         self.job.push(s.job);
@@ -2419,7 +2322,7 @@ impl ResultColumns {
         self.lat_off.push(self.latencies.len() as i32);
         self.lat_len.push(r.latencies_ms.len() as i32);
         self.latencies.extend_from_slice(&r.latencies_ms);
-        self.record.push(json(&record));
+        self.record.push(record_json(r));
         self.finished_at.push(r.finished_at);
         self.hash.push(r.content_hash());
         self.stable.push(r.stability.as_ref().map(|s| s.stable));
@@ -2497,8 +2400,6 @@ fn bind_result<'q>(
     ids: ResultRowIds<'q>,
     r: &'q BenchResult,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    let mut record = r.clone();
-    record.latencies_ms = Vec::new();
     let l = &r.latency;
     q.bind(ids.id)
         .bind(ids.job)
@@ -2528,13 +2429,21 @@ fn bind_result<'q>(
         .bind(r.peak_memory_bytes.min(i64::MAX as u64) as i64)
         .bind(r.price_per_hour)
         .bind(&r.latencies_ms)
-        .bind(json(&record))
+        .bind(record_json(r))
         .bind(r.finished_at)
         .bind(ids.hash)
         .bind(ids.imported_by)
         .bind(r.stability.as_ref().map(|s| s.stable))
         .bind(r.stability.as_ref().map(|s| s.stop_reason.as_str()))
         .bind(r.stability.as_ref().and_then(|s| s.spread))
+}
+
+/// A result's JSON copy, as stored in `results.record`: everything but the raw latencies,
+/// which have their own column.
+fn record_json(r: &BenchResult) -> serde_json::Value {
+    let mut record = r.clone();
+    record.latencies_ms = Vec::new();
+    json(&record)
 }
 
 fn json<T: Serialize>(v: &T) -> serde_json::Value {

@@ -1052,10 +1052,7 @@ async fn a_result_batch_stores_the_good_ones_and_leaves_the_rest_to_the_single_p
     );
     assert_eq!(state(j3.id).await, "succeeded");
     // The single path says what was wrong with the refused one, then stores the right one.
-    let e = store
-        .submit_result_by_secret(&ha, None, &items[1].result)
-        .await
-        .unwrap_err();
+    let e = store.submit_result(a, &items[1].result).await.unwrap_err();
     assert!(matches!(e, CoordinatorError::InvalidArgument(_)), "{e:?}");
     let last = store
         .submit_results_batch(&[by_secret(ha, result_for(&j2, 1, "a"))])
@@ -1115,15 +1112,8 @@ async fn one_stale_result_fails_its_batch_as_a_whole() {
         .unwrap();
     assert_eq!(stored, 0, "nothing of the failed batch was stored");
     // Alone, the good one is stored and the stale one refused.
-    assert!(store
-        .submit_result_by_secret(&ha, None, &items[0].result)
-        .await
-        .unwrap()
-        .is_some());
-    let e = store
-        .submit_result_by_secret(&ha, None, &items[1].result)
-        .await
-        .unwrap_err();
+    store.submit_result(a, &items[0].result).await.unwrap();
+    let e = store.submit_result(a, &items[1].result).await.unwrap_err();
     assert!(matches!(e, CoordinatorError::StaleLease(_)), "{e:?}");
 }
 

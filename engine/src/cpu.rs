@@ -145,8 +145,8 @@ enum CpuModel {
 }
 
 impl CpuModel {
-    /// One forward pass; the logits are left where [`CpuModel::logits`] reads them, or returned
-    /// by Candle.
+    /// One forward pass, for timing: Candle returns its output (dropped by the caller after the
+    /// clock stops); the executor keeps its own in place.
     fn forward(&mut self) -> Result<Option<Tensor>, EngineError> {
         match self {
             CpuModel::Candle { model, input } => Ok(Some(model.forward(input)?)),
@@ -157,13 +157,17 @@ impl CpuModel {
         }
     }
 
+    /// One forward pass, and its logits as f32.
     fn logits(&mut self) -> Result<Vec<f32>, EngineError> {
-        match self.forward()? {
-            Some(out) => Ok(out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => match self {
-                CpuModel::Nhwc(exec) => Ok(exec.output().to_vec()),
-                CpuModel::Candle { .. } => unreachable!("Candle returns its logits"),
-            },
+        match self {
+            CpuModel::Candle { model, input } => {
+                let out = model.forward(input)?;
+                Ok(out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+            CpuModel::Nhwc(exec) => {
+                exec.forward();
+                Ok(exec.output().to_vec())
+            }
         }
     }
 }
