@@ -82,7 +82,8 @@ struct FusedArgs {
     /// separate.
     #[arg(long, default_value = "auto", value_parser = parse_with::<EpilogueChoice>)]
     fused_epilogue: EpilogueChoice,
-    /// Fused path: channels the stem's input is padded to: auto (timed), 3, 4 or 8.
+    /// Fused path: the stem's input layout: auto (timed), 3, 4 or 8 (channels padded to), s2d,
+    /// s2d12 or s2d16 (space-to-depth, 4x4 stem over 12 or 16 channels; s2d: planner's pick).
     #[arg(long, default_value = "auto", value_parser = parse_with::<StemChannels>)]
     fused_stem_channels: StemChannels,
     /// Fused path: let f32 convolutions use TF32 tensor cores on sm_80 and newer (on/off).

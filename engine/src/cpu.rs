@@ -13,7 +13,7 @@ use crate::{
     backend::{backend_info, Backend, ExecPath, MemoryScope, Prepared},
     fused::{
         cpu_exec::{CpuExecConfig, CpuExecutor},
-        graph::{GraphConfig, NetGraph},
+        graph::{GraphConfig, NetGraph, StemInput},
     },
     input::{input_batch, INPUT_SEED},
     resnet::ResNet18,
@@ -128,7 +128,7 @@ fn nhwc_executor(
         GraphConfig {
             batch: job.batch_size as usize,
             image_size: job.image_size as usize,
-            stem_channels: 3,
+            stem: StemInput::PLAIN,
         },
     )?;
     let mut exec = CpuExecutor::new(&graph, CpuExecConfig::for_host())?;

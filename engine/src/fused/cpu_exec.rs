@@ -582,7 +582,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        fused::graph::{Activation, GraphConfig},
+        fused::graph::{Activation, GraphConfig, StemInput},
         input::{input_batch, INPUT_SEED},
         resnet::ResNet18,
         ModelWeights,
@@ -595,7 +595,7 @@ mod tests {
             GraphConfig {
                 batch,
                 image_size: size,
-                stem_channels: 3,
+                stem: StemInput::PLAIN,
             },
         )
         .unwrap();

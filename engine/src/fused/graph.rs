@@ -111,13 +111,206 @@ impl Step {
     }
 }
 
+/// Channels the stem's 3-channel input is zero-padded to in the plain layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StemPad {
+    C3,
+    C4,
+    C8,
+}
+
+impl StemPad {
+    pub fn channels(self) -> usize {
+        match self {
+            StemPad::C3 => 3,
+            StemPad::C4 => 4,
+            StemPad::C8 => 8,
+        }
+    }
+}
+
+/// Channels of the space-to-depth stem input: its 12 real ones, or those zero-padded to 16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S2dChannels {
+    C12,
+    C16,
+}
+
+impl S2dChannels {
+    pub fn channels(self) -> usize {
+        match self {
+            S2dChannels::C12 => 12,
+            S2dChannels::C16 => 16,
+        }
+    }
+}
+
+/// How the input batch is stored for the stem, and so which convolution the stem is. Both
+/// layouts compute the same stem output (`out x out x 64` with `out = (H - 1) / 2 + 1`); the
+/// rest of the network does not see the difference.
+///
+/// The rearrangement of the input ([`StemInput::arrange_nchw`]) is host work on the batch, like
+/// the channel padding has always been: the executors do it once when the batch is prepared,
+/// and the timed forward pass starts from the stored layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StemInput {
+    /// NHWC at the image's size, the 3 channels zero-padded to 3, 4 or 8; the stem is ResNet's
+    /// 7x7 stride-2 convolution with padding 3.
+    Padded(StemPad),
+    /// Block-2 space-to-depth: the image is zero-padded by 4 at the top and left and by 2 or 3
+    /// at the bottom and right to `2 * (out + 3)` a side, then every 2x2 block becomes one
+    /// pixel of 12 channels in the order `(r_h, r_w, c)`: `S[m][(r_h*2 + r_w)*3 + c] =
+    /// P[c][2m + r]`. The stem is then a 4x4 stride-1 convolution without padding over
+    /// `(out + 3) x (out + 3) x 12` (channels zero-padded to 16 if asked), whose weight is the
+    /// 7x7 one grown to 8x8 by a zero row and column at index 0 and rearranged the same way:
+    /// `W[o][(r_h*2 + r_w)*3 + c][j_h][j_w] = w'[o][c][2j_h + r_h][2j_w + r_w]`. Per 224-pixel
+    /// image that is 154 M multiply-adds with 12 channels (the real 118 M plus the 8x8 kernel's
+    /// zero taps) and 206 M with 16, against 315 M for the 7x7 stem padded to 8 channels.
+    SpaceToDepth(S2dChannels),
+}
+
+/// ResNet's stem, the one convolution [`StemInput::SpaceToDepth`] knows how to rewrite.
+const STEM_KERNEL: usize = 7;
+const STEM_STRIDE: usize = 2;
+const STEM_PAD: usize = 3;
+/// Zeros above and left of the image in the space-to-depth layout: the stem's padding plus the
+/// zero row/column that grows the 7x7 kernel to 8x8.
+const S2D_LEAD: usize = STEM_PAD + 1;
+
+/// The stem as a convolution over a [`StemInput`]'s layout.
+#[derive(Debug, Clone)]
+pub struct StemConv {
+    /// KCRS, with as many input channels as the layout stores.
+    pub weight: Tensor,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl StemInput {
+    /// The layout every CPU path uses: 3 channels, nothing rearranged.
+    pub const PLAIN: StemInput = StemInput::Padded(StemPad::C3);
+
+    /// Channels of the stored input.
+    pub fn channels(self) -> usize {
+        match self {
+            StemInput::Padded(p) => p.channels(),
+            StemInput::SpaceToDepth(c) => c.channels(),
+        }
+    }
+
+    /// `padded` or `s2d`, for results.
+    pub fn layout_name(self) -> &'static str {
+        match self {
+            StemInput::Padded(_) => "padded",
+            StemInput::SpaceToDepth(_) => "s2d",
+        }
+    }
+
+    /// Height (or width) of the stored input for images of `size` pixels a side.
+    pub fn input_size(self, size: usize) -> usize {
+        match self {
+            StemInput::Padded(_) => size,
+            StemInput::SpaceToDepth(_) => s2d_blocks(size),
+        }
+    }
+
+    /// The batch `x` (NCHW, f32, 3 channels; for [`StemInput::Padded`] also up to its channel
+    /// count) as this layout stores it, still NCHW.
+    pub fn arrange_nchw(self, x: &Tensor) -> Result<Tensor, EngineError> {
+        let (n, c, h, w) = x.dims4()?;
+        let want = self.channels();
+        match self {
+            StemInput::Padded(_) => {
+                if c > want {
+                    return Err(EngineError::Unsupported(format!(
+                        "a {c}-channel input does not fit a stem padded to {want} channels"
+                    )));
+                }
+                Ok(x.pad_with_zeros(1, 0, want - c)?)
+            }
+            StemInput::SpaceToDepth(_) => {
+                if c != 3 {
+                    return Err(EngineError::Unsupported(format!(
+                        "the space-to-depth stem rearranges a 3-channel image, not {c} channels"
+                    )));
+                }
+                let (mh, mw) = (s2d_blocks(h), s2d_blocks(w));
+                // P: S2D_LEAD zeros before, enough after for 2*M a side (2 or 3).
+                let p = x
+                    .pad_with_zeros(2, S2D_LEAD, 2 * mh - S2D_LEAD - h)?
+                    .pad_with_zeros(3, S2D_LEAD, 2 * mw - S2D_LEAD - w)?;
+                // [n, c, m_h, r_h, m_w, r_w] -> [n, r_h, r_w, c, m_h, m_w] -> 4c channels.
+                let s = p
+                    .reshape((n, c, mh, 2, mw, 2))?
+                    .permute((0, 3, 5, 1, 2, 4))?
+                    .reshape((n, 4 * c, mh, mw))?;
+                Ok(s.pad_with_zeros(1, 0, want - 4 * c)?)
+            }
+        }
+    }
+
+    /// The same as [`StemInput::arrange_nchw`], NHWC and contiguous: what the executors store.
+    pub fn arrange_nhwc(self, x: &Tensor) -> Result<Tensor, EngineError> {
+        Ok(self.arrange_nchw(x)?.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+
+    /// The stem convolution (weight `w`, KCRS, and its stride and padding) rewritten to read
+    /// this layout.
+    pub fn stem_conv(self, w: &Tensor, stride: usize, pad: usize) -> Result<StemConv, EngineError> {
+        let (k, c, r, s) = w.dims4()?;
+        let want = self.channels();
+        match self {
+            StemInput::Padded(_) => {
+                if c > want {
+                    return Err(EngineError::Unsupported(format!(
+                        "a stem of {c} input channels does not fit a padding to {want}"
+                    )));
+                }
+                Ok(StemConv {
+                    weight: w.pad_with_zeros(1, 0, want - c)?,
+                    stride,
+                    pad,
+                })
+            }
+            StemInput::SpaceToDepth(_) => {
+                if (c, r, s, stride, pad) != (3, STEM_KERNEL, STEM_KERNEL, STEM_STRIDE, STEM_PAD) {
+                    return Err(EngineError::Unsupported(format!(
+                        "the space-to-depth stem rewrites a 3-channel 7x7 stride-2 pad-3 \
+                         convolution, not {c} channels {r}x{s} stride {stride} pad {pad}"
+                    )));
+                }
+                let k8 = STEM_KERNEL + 1;
+                // w'[k'] = w[k' - 1], w'[0] = 0, in both spatial dimensions.
+                let grown = w.pad_with_zeros(2, 1, 0)?.pad_with_zeros(3, 1, 0)?;
+                // [k, c, j_h, r_h, j_w, r_w] -> [k, r_h, r_w, c, j_h, j_w] -> 4c channels.
+                let weight = grown
+                    .reshape((k, c, k8 / 2, 2, k8 / 2, 2))?
+                    .permute((0, 3, 5, 1, 2, 4))?
+                    .reshape((k, 4 * c, k8 / 2, k8 / 2))?
+                    .pad_with_zeros(1, 0, want - 4 * c)?;
+                Ok(StemConv {
+                    weight,
+                    stride: 1,
+                    pad: 0,
+                })
+            }
+        }
+    }
+}
+
+/// Side of the space-to-depth input for an image side of `size`: the stem's output side plus
+/// the 4x4 kernel's 3.
+fn s2d_blocks(size: usize) -> usize {
+    out_dim(size, STEM_KERNEL, STEM_STRIDE, STEM_PAD) + 3
+}
+
 /// What the graph is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GraphConfig {
     pub batch: usize,
     pub image_size: usize,
-    /// Channels of the input as stored: 3, or 3 zero-padded to 4 or 8 for tensor cores.
-    pub stem_channels: usize,
+    /// How the input is stored for the stem. The CPU paths use [`StemInput::PLAIN`].
+    pub stem: StemInput,
 }
 
 /// The network as a list of steps over activations.
@@ -154,6 +347,8 @@ struct ConvConfig<'a> {
     residual: Option<usize>,
     relu: bool,
     bias: BiasSource<'a>,
+    /// The stem: its convolution is rewritten for the input's layout.
+    stem: Option<StemInput>,
 }
 
 fn out_dim(input: usize, kernel: usize, stride: usize, pad: usize) -> usize {
@@ -188,19 +383,33 @@ impl Builder {
     }
 
     fn conv(&mut self, cfg: ConvConfig<'_>) -> Result<usize, EngineError> {
-        let (mut weight, folded_bias) = cfg.layer.folded()?;
+        let (weight, folded_bias) = cfg.layer.folded()?;
         let conv = cfg.layer.conv().config();
-        let (k, c, r, _) = weight.dims4()?;
+        let StemConv {
+            weight,
+            stride,
+            pad,
+        } = match cfg.stem {
+            Some(stem) => stem.stem_conv(&weight, conv.stride, conv.padding)?,
+            None => StemConv {
+                weight,
+                stride: conv.stride,
+                pad: conv.padding,
+            },
+        };
+        let (k, c, r, s) = weight.dims4()?;
         let x = self.acts[cfg.x].shape;
-        if x.c > c {
-            // The stem's input is zero-padded; pad its weight to match.
-            weight = weight.pad_with_zeros(1, 0, x.c - c)?;
+        if x.c != c {
+            return Err(EngineError::Unsupported(format!(
+                "{}: a weight of {c} input channels over an input of {}",
+                cfg.name, x.c
+            )));
         }
         let y = self.act(
             Shape {
                 n: x.n,
-                h: out_dim(x.h, r, conv.stride, conv.padding),
-                w: out_dim(x.w, r, conv.stride, conv.padding),
+                h: out_dim(x.h, r, stride, pad),
+                w: out_dim(x.w, s, stride, pad),
                 c: k,
             },
             Place::Slab,
@@ -214,8 +423,8 @@ impl Builder {
             name: cfg.name,
             weight,
             bias,
-            stride: conv.stride,
-            pad: conv.padding,
+            stride,
+            pad,
             x: cfg.x,
             y,
             residual: cfg.residual,
@@ -259,6 +468,7 @@ impl Builder {
                 residual: None,
                 relu: false,
                 bias: BiasSource::None,
+                stem: None,
             })?,
             None => x,
         };
@@ -269,6 +479,7 @@ impl Builder {
             residual: None,
             relu: true,
             bias: BiasSource::Folded,
+            stem: None,
         })?;
         self.conv(ConvConfig {
             name: format!("{prefix}.c2"),
@@ -280,6 +491,7 @@ impl Builder {
                 Some(b) => BiasSource::FoldedPlus(b),
                 None => BiasSource::Folded,
             },
+            stem: None,
         })
     }
 }
@@ -287,21 +499,15 @@ impl Builder {
 impl NetGraph {
     /// ResNet18 with `weights`, batch norm folded on the host in f32.
     pub fn resnet18(weights: &ModelWeights, cfg: GraphConfig) -> Result<Self, EngineError> {
-        if cfg.stem_channels < 3 {
-            return Err(EngineError::Unsupported(format!(
-                "the stem needs at least 3 input channels, not {}",
-                cfg.stem_channels
-            )));
-        }
         let vb = VarBuilder::from_tensors(weights.tensors.clone(), DType::F32, &Device::Cpu);
         let model = ResNet18::load(vb, true)?;
         let mut b = Builder::default();
         let input = b.act(
             Shape {
                 n: cfg.batch,
-                h: cfg.image_size,
-                w: cfg.image_size,
-                c: cfg.stem_channels,
+                h: cfg.stem.input_size(cfg.image_size),
+                w: cfg.stem.input_size(cfg.image_size),
+                c: cfg.stem.channels(),
             },
             Place::Input,
         );
@@ -312,6 +518,7 @@ impl NetGraph {
             residual: None,
             relu: true,
             bias: BiasSource::Folded,
+            stem: Some(cfg.stem),
         })?;
         let mut x = b.pool("maxpool", PoolKind::Max3x3Stride2, stem);
         for (li, layer) in model.layers.iter().enumerate() {
@@ -374,7 +581,8 @@ impl NetGraph {
     }
 
     /// Runs the steps with Candle's CPU ops in f32, NCHW: the same arithmetic the GPU executor
-    /// does, for checking the graph itself. `x` is NCHW with the stem's (padded) channels.
+    /// does, for checking the graph itself. `x` is NCHW in the stem's layout (see
+    /// [`StemInput::arrange_nchw`]).
     pub fn forward_cpu(&self, x: &Tensor) -> Result<Tensor, EngineError> {
         let mut vals: Vec<Option<Tensor>> = vec![None; self.acts.len()];
         vals[self.input] = Some(x.clone());
@@ -420,22 +628,42 @@ mod tests {
     use super::*;
     use crate::input::{input_batch, INPUT_SEED};
 
-    fn graph(batch: usize, size: usize, stem: usize) -> NetGraph {
+    const PAD3: StemInput = StemInput::Padded(StemPad::C3);
+    const PAD4: StemInput = StemInput::Padded(StemPad::C4);
+    const PAD8: StemInput = StemInput::Padded(StemPad::C8);
+    const S2D12: StemInput = StemInput::SpaceToDepth(S2dChannels::C12);
+    const S2D16: StemInput = StemInput::SpaceToDepth(S2dChannels::C16);
+
+    fn graph(batch: usize, size: usize, stem: StemInput) -> NetGraph {
         let w = ModelWeights::seeded(0).unwrap();
         NetGraph::resnet18(
             &w,
             GraphConfig {
                 batch,
                 image_size: size,
-                stem_channels: stem,
+                stem,
             },
         )
         .unwrap()
     }
 
+    /// Largest absolute difference over the largest absolute value of `want`.
+    fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+        assert_eq!(got.dims(), want.dims());
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        max(&(got - want).unwrap()) / max(want)
+    }
+
     #[test]
     fn shapes_follow_resnet18() {
-        let g = graph(4, 224, 8);
+        let g = graph(4, 224, PAD8);
         let shape = |name: &str| {
             let s = g.steps.iter().find(|s| s.name() == name).unwrap();
             let y = match s {
@@ -476,7 +704,7 @@ mod tests {
 
     #[test]
     fn every_activation_is_alive_exactly_from_its_writer_to_its_last_reader() {
-        let g = graph(1, 224, 4);
+        let g = graph(1, 224, PAD4);
         for (i, a) in g.acts.iter().enumerate() {
             let users: Vec<usize> = (0..g.steps.len())
                 .filter(|&s| g.steps[s].uses().contains(&i))
@@ -502,7 +730,7 @@ mod tests {
 
     #[test]
     fn the_slab_holds_the_largest_live_set_and_never_overlaps_live_tensors() {
-        let g = graph(8, 224, 8);
+        let g = graph(8, 224, PAD8);
         let elem = 2;
         let plan = g.memory_plan(elem);
         let aligned = |b: usize| b.div_ceil(256) * 256;
@@ -551,42 +779,151 @@ mod tests {
         let w = ModelWeights::seeded(0).unwrap();
         let vb = VarBuilder::from_tensors(w.tensors.clone(), DType::F32, &Device::Cpu);
         let reference = ResNet18::load(vb, false).unwrap();
-        let (batch, size) = (2, 64);
-        let x = input_batch(INPUT_SEED, batch, size).unwrap();
-        let want = reference.forward(&x).unwrap();
-        for stem in [3, 4, 8] {
-            let g = NetGraph::resnet18(
-                &w,
-                GraphConfig {
-                    batch,
-                    image_size: size,
-                    stem_channels: stem,
-                },
-            )
-            .unwrap();
-            let padded = x.pad_with_zeros(1, 0, stem - 3).unwrap();
-            let got = g.forward_cpu(&padded).unwrap();
-            assert_eq!(got.dims(), &[batch, 1000]);
-            let err = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
+        let batch = 2;
+        // 64 as before; 33 is odd, so the space-to-depth padding differs at the bottom/right.
+        for size in [64, 33] {
+            let x = input_batch(INPUT_SEED, batch, size).unwrap();
+            let want = reference.forward(&x).unwrap();
+            for stem in [PAD3, PAD4, PAD8, S2D12, S2D16] {
+                let g = NetGraph::resnet18(
+                    &w,
+                    GraphConfig {
+                        batch,
+                        image_size: size,
+                        stem,
+                    },
+                )
                 .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                err / scale < 1e-4,
-                "stem {stem}: relative error {}",
-                err / scale
-            );
+                let got = g.forward_cpu(&stem.arrange_nchw(&x).unwrap()).unwrap();
+                assert_eq!(got.dims(), &[batch, 1000]);
+                let err = rel_err(&got, &want);
+                assert!(err < 1e-4, "stem {stem:?}, {size} px: relative error {err}");
+            }
         }
+    }
+
+    #[test]
+    fn the_space_to_depth_stem_computes_the_plain_stem() {
+        let w = ModelWeights::seeded(0).unwrap();
+        let vb = VarBuilder::from_tensors(w.tensors.clone(), DType::F32, &Device::Cpu);
+        let model = ResNet18::load(vb, true).unwrap();
+        let (weight, bias) = model.stem.folded().unwrap();
+        let bias = bias.reshape((1, 64, 1, 1)).unwrap();
+        for (batch, size) in [(1, 224), (2, 32), (2, 33), (2, 31)] {
+            let x = input_batch(INPUT_SEED ^ size as u64, batch, size).unwrap();
+            let want = x
+                .conv2d(&weight, 3, 2, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let out = (size - 1) / 2 + 1;
+            assert_eq!(want.dims(), &[batch, 64, out, out]);
+            for stem in [S2D12, S2D16] {
+                let c = stem.channels();
+                let s = stem.arrange_nchw(&x).unwrap();
+                assert_eq!(s.dims(), &[batch, c, out + 3, out + 3], "{size} px");
+                assert_eq!(stem.input_size(size), out + 3);
+                let conv = stem.stem_conv(&weight, 2, 3).unwrap();
+                assert_eq!(conv.weight.dims(), &[64, c, 4, 4]);
+                assert_eq!((conv.stride, conv.pad), (1, 0));
+                let got = s
+                    .conv2d(&conv.weight, conv.pad, conv.stride, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
+                let err = rel_err(&got, &want);
+                assert!(err < 1e-5, "{stem:?}, {size} px: relative error {err}");
+                // The executors store it NHWC.
+                let nhwc = stem.arrange_nhwc(&x).unwrap();
+                assert_eq!(nhwc.dims(), &[batch, out + 3, out + 3, c]);
+                assert_eq!(
+                    rel_err(
+                        &nhwc,
+                        &s.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+                    ),
+                    0.0
+                );
+            }
+        }
+    }
+
+    /// The layout element by element, straight from its definition: `S[m][(r_h*2 + r_w)*3 + c]
+    /// = P[c][2m + r]`, with P the image behind 4 zeros at the top and left.
+    #[test]
+    fn the_space_to_depth_layout_is_the_documented_one() {
+        for size in [7, 8] {
+            let x = input_batch(5, 1, size).unwrap();
+            let img = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let p = |c: usize, h: usize, w: usize| {
+                let (h, w) = (h.wrapping_sub(4), w.wrapping_sub(4));
+                if h < size && w < size {
+                    img[(c * size + h) * size + w]
+                } else {
+                    0.0
+                }
+            };
+            let m = (size - 1) / 2 + 1 + 3;
+            let s = S2D16
+                .arrange_nhwc(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(s.len(), m * m * 16);
+            for mh in 0..m {
+                for mw in 0..m {
+                    for ch in 0..16 {
+                        let want = if ch < 12 {
+                            let (rh, rw, c) = (ch / 6, (ch / 3) % 2, ch % 3);
+                            p(c, 2 * mh + rh, 2 * mw + rw)
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(s[(mh * m + mw) * 16 + ch], want, "{size}: {mh},{mw},{ch}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_space_to_depth_graph_reads_a_4x4_stem_over_12_or_16_channels() {
+        let g = graph(4, 224, S2D16);
+        assert_eq!(
+            g.acts[g.input].shape,
+            Shape {
+                n: 4,
+                h: 115,
+                w: 115,
+                c: 16
+            }
+        );
+        let Step::Conv(stem) = &g.steps[0] else {
+            panic!()
+        };
+        assert_eq!(stem.weight.dims4().unwrap(), (64, 16, 4, 4));
+        assert_eq!((stem.stride, stem.pad), (1, 0));
+        assert_eq!(
+            g.acts[stem.y].shape,
+            Shape {
+                n: 4,
+                h: 112,
+                w: 112,
+                c: 64
+            }
+        );
+        // Everything after the stem is the plain graph's.
+        let plain = graph(4, 224, PAD3);
+        assert_eq!(g.steps.len(), plain.steps.len());
+        assert_eq!(
+            g.acts[1..].iter().map(|a| a.shape).collect::<Vec<_>>(),
+            plain.acts[1..].iter().map(|a| a.shape).collect::<Vec<_>>()
+        );
+        assert_eq!(g.memory_plan(2), plain.memory_plan(2));
+        assert_eq!(graph(1, 31, S2D12).acts[0].shape.h, 19);
+        // Only ResNet's stem can be rewritten.
+        let w = Tensor::zeros((64, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(S2D12.stem_conv(&w, 1, 1).is_err());
     }
 }

@@ -5,6 +5,7 @@
 
 use std::{fmt, num::NonZeroUsize, str::FromStr};
 
+pub use super::graph::{S2dChannels, StemInput, StemPad};
 use crate::EngineError;
 
 /// How a convolution's bias, residual and ReLU are applied.
@@ -31,33 +32,19 @@ pub enum PlanChoice {
     Ranked,
 }
 
-/// Channels the stem's 3-channel input is stored with.
+/// How the stem's input is laid out (the flag keeps its old name, `--fused-stem-channels`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StemChannels {
-    /// Try 8, 4 and 3 (4 and 3 in f32), and keep the fastest whole forward pass.
+    /// Try space-to-depth and the plain paddings (s2d16, 8, 4, 3 in f16/bf16; s2d12, s2d16,
+    /// 4, 3 in f32), and keep the fastest whole forward pass.
     #[default]
     Auto,
-    Fixed(StemPad),
+    /// Space-to-depth only, with the channel counts the planner picks for the precision (16 in
+    /// f16/bf16; 12 and 16, timed, in f32).
+    SpaceToDepth,
+    /// Exactly this layout.
+    Fixed(StemInput),
 }
-
-/// The stem paddings tensor cores and cuDNN accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StemPad {
-    C3,
-    C4,
-    C8,
-}
-
-impl StemPad {
-    pub fn channels(self) -> usize {
-        match self {
-            StemPad::C3 => 3,
-            StemPad::C4 => 4,
-            StemPad::C8 => 8,
-        }
-    }
-}
-
 /// Every knob of the fused GPU path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedOptions {
@@ -193,10 +180,14 @@ impl FromStr for StemChannels {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(StemChannels::Auto),
-            "3" => Ok(StemChannels::Fixed(StemPad::C3)),
-            "4" => Ok(StemChannels::Fixed(StemPad::C4)),
-            "8" => Ok(StemChannels::Fixed(StemPad::C8)),
-            _ => Err(bad("stem channel count", s, "auto, 3, 4 or 8")),
+            "s2d" => Ok(StemChannels::SpaceToDepth),
+            _ => s.parse().map(StemChannels::Fixed).map_err(|_| {
+                bad(
+                    "stem layout",
+                    s,
+                    "auto, 3, 4, 8 (channels padded to), s2d, s2d12 or s2d16 (space-to-depth)",
+                )
+            }),
         }
     }
 }
@@ -205,7 +196,33 @@ impl fmt::Display for StemChannels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StemChannels::Auto => f.write_str("auto"),
-            StemChannels::Fixed(p) => write!(f, "{}", p.channels()),
+            StemChannels::SpaceToDepth => f.write_str("s2d"),
+            StemChannels::Fixed(stem) => fmt::Display::fmt(stem, f),
+        }
+    }
+}
+
+impl FromStr for StemInput {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "3" => Ok(StemInput::Padded(StemPad::C3)),
+            "4" => Ok(StemInput::Padded(StemPad::C4)),
+            "8" => Ok(StemInput::Padded(StemPad::C8)),
+            "s2d12" => Ok(StemInput::SpaceToDepth(S2dChannels::C12)),
+            "s2d16" => Ok(StemInput::SpaceToDepth(S2dChannels::C16)),
+            _ => Err(bad("stem layout", s, "3, 4, 8, s2d12 or s2d16")),
+        }
+    }
+}
+
+/// `3`, `4` or `8` for a padded stem, `s2d12` or `s2d16` for space-to-depth: the option's
+/// spelling, also used in `backend.details.stem_search`.
+impl fmt::Display for StemInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StemInput::Padded(p) => write!(f, "{}", p.channels()),
+            StemInput::SpaceToDepth(c) => write!(f, "s2d{}", c.channels()),
         }
     }
 }
@@ -223,8 +240,23 @@ mod tests {
         assert!("fast".parse::<PlanChoice>().is_err());
         assert_eq!(
             "8".parse::<StemChannels>().unwrap(),
-            StemChannels::Fixed(StemPad::C8)
+            StemChannels::Fixed(StemInput::Padded(StemPad::C8))
         );
+        assert_eq!(
+            "s2d16".parse::<StemChannels>().unwrap(),
+            StemChannels::Fixed(StemInput::SpaceToDepth(S2dChannels::C16))
+        );
+        assert_eq!(
+            "s2d".parse::<StemChannels>().unwrap(),
+            StemChannels::SpaceToDepth
+        );
+        for wrong in ["s2d8", "s2d13", "S2D", "16", "12", "", "s2d 16"] {
+            let e = wrong.parse::<StemChannels>().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("unknown stem layout '{wrong}'")) && e.contains("s2d16"),
+                "{e}"
+            );
+        }
         let mut o = FusedOptions {
             algo_candidates: NonZeroUsize::new(9).unwrap(),
             ..Default::default()
@@ -237,10 +269,44 @@ mod tests {
     }
 
     #[test]
+    fn every_stem_value_reads_back_as_it_prints() {
+        let all = [
+            StemChannels::Auto,
+            StemChannels::SpaceToDepth,
+            StemChannels::Fixed(StemInput::Padded(StemPad::C3)),
+            StemChannels::Fixed(StemInput::Padded(StemPad::C4)),
+            StemChannels::Fixed(StemInput::Padded(StemPad::C8)),
+            StemChannels::Fixed(StemInput::SpaceToDepth(S2dChannels::C12)),
+            StemChannels::Fixed(StemInput::SpaceToDepth(S2dChannels::C16)),
+        ];
+        let printed: Vec<String> = all.iter().map(|v| v.to_string()).collect();
+        assert_eq!(printed, ["auto", "s2d", "3", "4", "8", "s2d12", "s2d16"]);
+        for (v, p) in all.iter().zip(&printed) {
+            assert_eq!(p.parse::<StemChannels>().unwrap(), *v, "{p}");
+        }
+        for (v, e) in [
+            EpilogueChoice::Auto,
+            EpilogueChoice::Api,
+            EpilogueChoice::Separate,
+        ]
+        .iter()
+        .map(|v| (v, v.to_string()))
+        {
+            assert_eq!(e.parse::<EpilogueChoice>().unwrap(), *v);
+        }
+        for (v, e) in [PlanChoice::Both, PlanChoice::Timed, PlanChoice::Ranked]
+            .iter()
+            .map(|v| (v, v.to_string()))
+        {
+            assert_eq!(e.parse::<PlanChoice>().unwrap(), *v);
+        }
+    }
+
+    #[test]
     fn every_knob_appears_in_the_summary() {
         let o = FusedOptions {
             tf32: false,
-            stem: StemChannels::Fixed(StemPad::C4),
+            stem: StemChannels::Fixed(StemInput::Padded(StemPad::C4)),
             ..Default::default()
         };
         assert_eq!(

@@ -1,11 +1,14 @@
 //! The fused path's decisions, as pure functions of the [`FusedOptions`], the job and the
-//! device: which stem paddings and plan strategies are tried, which epilogues each layer may
+//! device: which stem layouts and plan strategies are tried, which epilogues each layer may
 //! use, how much workspace an algorithm may take, and the math the result reports. The
 //! executor measures; this module decides what it measures and how the winner is picked.
 
 use fleetmark_core::{capability::cuda_math, ComputeCapability, MathMode, Precision};
 
-use super::options::{EpilogueChoice, FusedOptions, PlanChoice, StemChannels};
+use super::{
+    graph::{S2dChannels, StemInput, StemPad},
+    options::{EpilogueChoice, FusedOptions, PlanChoice, StemChannels},
+};
 
 /// How each layer's algorithm is picked. Timing single layers launch by launch measures launch
 /// overhead too, which a CUDA graph removes, so at small batches it can mislead; cuDNN's own
@@ -38,13 +41,39 @@ pub enum Epilogue {
     Separate,
 }
 
-/// Stem paddings to plan and time, best guess first: 8 channels suit f16/bf16 tensor cores, 4
-/// suit TF32, 3 moves the fewest bytes.
-pub fn stem_candidates(opts: &FusedOptions, precision: Precision) -> Vec<usize> {
-    match (opts.stem, precision) {
-        (StemChannels::Fixed(p), _) => vec![p.channels()],
-        (StemChannels::Auto, Precision::F32) => vec![4, 3],
-        (StemChannels::Auto, _) => vec![8, 4, 3],
+/// Stem layouts to plan and time, best guess first. Space-to-depth (a 4x4 stride-1 stem over
+/// 12 channels, [`StemInput::SpaceToDepth`]) skips most of the padding's wasted work: with 16
+/// channels it suits f16/bf16 tensor cores (multiples of 8), with 12 already TF32's (multiples
+/// of 4). Of the plain paddings, 8 channels suit f16/bf16 tensor cores, 4 suit TF32, 3 moves the
+/// fewest bytes. Every candidate is built and timed as a whole graph; one that cuDNN cannot plan
+/// is skipped.
+pub fn stem_candidates(opts: &FusedOptions, precision: Precision) -> Vec<StemInput> {
+    match opts.stem {
+        StemChannels::Fixed(stem) => vec![stem],
+        StemChannels::SpaceToDepth => s2d_candidates(precision),
+        StemChannels::Auto => {
+            let mut v = s2d_candidates(precision);
+            v.extend(padded_candidates(precision));
+            v
+        }
+    }
+}
+
+fn s2d_candidates(precision: Precision) -> Vec<StemInput> {
+    let s2d = StemInput::SpaceToDepth;
+    match precision {
+        Precision::F32 => vec![s2d(S2dChannels::C12), s2d(S2dChannels::C16)],
+        Precision::F16 | Precision::Bf16 => vec![s2d(S2dChannels::C16)],
+    }
+}
+
+fn padded_candidates(precision: Precision) -> Vec<StemInput> {
+    let pad = StemInput::Padded;
+    match precision {
+        Precision::F32 => vec![pad(StemPad::C4), pad(StemPad::C3)],
+        Precision::F16 | Precision::Bf16 => {
+            vec![pad(StemPad::C8), pad(StemPad::C4), pad(StemPad::C3)]
+        }
     }
 }
 
@@ -103,15 +132,25 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::options::StemPad;
+
+    fn names(v: Vec<StemInput>) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
 
     #[test]
     fn the_options_decide_what_is_tried() {
         let mut o = FusedOptions::default();
-        assert_eq!(stem_candidates(&o, Precision::F16), vec![8, 4, 3]);
-        assert_eq!(stem_candidates(&o, Precision::F32), vec![4, 3]);
-        o.stem = StemChannels::Fixed(StemPad::C3);
-        assert_eq!(stem_candidates(&o, Precision::Bf16), vec![3]);
+        let tried = |o: &FusedOptions, p| names(stem_candidates(o, p));
+        assert_eq!(tried(&o, Precision::F16), ["s2d16", "8", "4", "3"]);
+        assert_eq!(tried(&o, Precision::Bf16), ["s2d16", "8", "4", "3"]);
+        assert_eq!(tried(&o, Precision::F32), ["s2d12", "s2d16", "4", "3"]);
+        o.stem = StemChannels::SpaceToDepth;
+        assert_eq!(tried(&o, Precision::F16), ["s2d16"]);
+        assert_eq!(tried(&o, Precision::F32), ["s2d12", "s2d16"]);
+        o.stem = StemChannels::Fixed(StemInput::SpaceToDepth(S2dChannels::C12));
+        assert_eq!(tried(&o, Precision::F16), ["s2d12"]);
+        o.stem = StemChannels::Fixed(StemInput::Padded(StemPad::C3));
+        assert_eq!(tried(&o, Precision::Bf16), ["3"]);
         assert_eq!(strategies(&o).len(), 2);
         o.plan = PlanChoice::Ranked;
         assert_eq!(strategies(&o), vec![PlanStrategy::Ranked]);

@@ -5,8 +5,10 @@
 //!
 //! What the path does, and why (measured gains are in docs/performance.md):
 //! - Batch norm is folded into each convolution on the host, in f32, once ([`NetGraph`]).
-//! - Activations are NHWC and weights KRSC, the layout tensor cores read. The stem's 3 input
-//!   channels are padded with zeros (to 8 for f16/bf16, 4 for f32) so it can use them too.
+//! - Activations are NHWC and weights KRSC, the layout tensor cores read. The stem's input is
+//!   stored so that it can use them too: its 3 channels zero-padded (to 4 or 8), or rearranged
+//!   space-to-depth into 12 channels (padded to 16 or not), which turns the 7x7 stride-2 stem
+//!   into a 4x4 stride-1 one ([`StemInput`]). Which layout runs is decided by timing.
 //! - Each convolution gets a plan once, at prepare time: cuDNN's `FindEx` ranks algorithms on
 //!   the real buffers, then the best few are timed together with the allowed epilogues and the
 //!   fastest correct combination is kept with its descriptors and one shared workspace.
@@ -38,7 +40,7 @@ use super::{EventTimer, PoolPeak};
 use crate::{
     backend::{backend_info, ExecPath, MemoryScope, Prepared},
     fused::{
-        graph::{self, GraphConfig, NetGraph, Place, PoolKind, Shape},
+        graph::{self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemInput},
         planner::{self, Epilogue, PlanStrategy},
         FusedOptions,
     },
@@ -162,9 +164,12 @@ fn scale(v: &'static f32) -> *const std::ffi::c_void {
 }
 
 impl FusedPrepared {
-    /// Plans the model for `job` on a GPU of capability `cc`. The stem's input padding and the
+    /// Plans the model for `job` on a GPU of capability `cc`. The stem's input layout and the
     /// plan strategy are themselves chosen by timing: each candidate the planner allows is
-    /// built and timed as a whole forward pass, and the fastest is kept.
+    /// built and timed as a whole forward pass, and the fastest is kept. A candidate that
+    /// cannot be planned (cuDNN refuses every algorithm of some layer, say) is skipped and
+    /// named in `backend.details.stem_search_failures`; only if none can be planned is it an
+    /// error.
     pub fn new(
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
@@ -181,11 +186,12 @@ impl FusedPrepared {
         };
         let mut best: Option<(f64, FusedPrepared)> = None;
         let mut tried = Vec::new();
+        let mut failures = Vec::new();
         let mut first_error: Option<EngineError> = None;
-        for pad in planner::stem_candidates(opts, job.precision) {
+        for stem in planner::stem_candidates(opts, job.precision) {
             for strategy in planner::strategies(opts) {
-                let tag = format!("{pad}/{}", strategy.as_str());
-                let timed = Self::build(ctx, stream, target, pad, strategy)
+                let tag = format!("{stem}/{}", strategy.as_str());
+                let timed = Self::build(ctx, stream, target, stem, strategy)
                     .and_then(|c| Ok((c.median_forward_ms(10)?, c)));
                 match timed {
                     Ok((t, candidate)) => {
@@ -197,7 +203,9 @@ impl FusedPrepared {
                     }
                     Err(e) => {
                         tried.push(format!("{tag}:failed"));
-                        tracing::debug!(pad, error = %e, "plan candidate failed");
+                        tracing::info!(%stem, strategy = strategy.as_str(), error = %e,
+                            "plan candidate failed; skipped");
+                        failures.push(format!("{tag}: {e}"));
                         first_error.get_or_insert(e);
                     }
                 }
@@ -205,7 +213,7 @@ impl FusedPrepared {
         }
         let Some((_, mut chosen)) = best else {
             return Err(EngineError::Unsupported(format!(
-                "no stem padding could be planned ({}){}",
+                "no stem layout could be planned ({}){}",
                 tried.join(", "),
                 first_error.map_or(String::new(), |e| format!(": {e}"))
             )));
@@ -214,6 +222,12 @@ impl FusedPrepared {
             .info
             .details
             .insert("stem_search".into(), tried.join(" "));
+        if !failures.is_empty() {
+            chosen
+                .info
+                .details
+                .insert("stem_search_failures".into(), failures.join("; "));
+        }
         if opts.profile {
             let profile = chosen.profile(10)?;
             chosen.info.details.insert("profile_ms".into(), profile);
@@ -242,12 +256,12 @@ impl FusedPrepared {
         Ok(parts.join(" "))
     }
 
-    /// One complete plan for one stem padding and strategy.
+    /// One complete plan for one stem layout and strategy.
     fn build(
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         target: Target<'_>,
-        stem_channels: usize,
+        stem: StemInput,
         strategy: PlanStrategy,
     ) -> Result<Self, EngineError> {
         let Target {
@@ -264,12 +278,12 @@ impl FusedPrepared {
             GraphConfig {
                 batch,
                 image_size: size,
-                stem_channels,
+                stem,
             },
         )?;
         let plan = net.memory_plan(elem.size());
         drv("bind context", ctx.bind_to_thread())?;
-        let host_input = host_input(batch, size, stem_channels, elem)?;
+        let host_input = host_input(batch, size, stem, elem)?;
         let (free, _) = drv("mem info", ctx.mem_get_info())?;
         let search_ws = planner::search_workspace(free);
         let bufs = Buffers {
@@ -321,7 +335,7 @@ impl FusedPrepared {
         }
         me.shrink_workspace()?;
         let graph_note = me.check_and_capture(opts.cuda_graph)?;
-        me.info = me.describe(opts, &search, stem_channels, plan.slab_bytes, graph_note);
+        me.info = me.describe(opts, &search, stem, plan.slab_bytes, graph_note);
         Ok(me)
     }
 
@@ -368,7 +382,7 @@ impl FusedPrepared {
         &self,
         opts: &FusedOptions,
         search: &SearchConfig<'_>,
-        stem_channels: usize,
+        stem: StemInput,
         slab_bytes: usize,
         graph_note: String,
     ) -> BackendInfo {
@@ -387,7 +401,8 @@ impl FusedPrepared {
         details.insert("batch_norm".into(), "folded".into());
         details.insert("conv".into(), format!("cudnn {}", cudnn_version()));
         details.insert("cuda_graph".into(), graph_note);
-        details.insert("stem_channels".into(), stem_channels.to_string());
+        details.insert("stem_channels".into(), stem.channels().to_string());
+        details.insert("stem_layout".into(), stem.layout_name().into());
         details.insert("epilogue".into(), opts.epilogue.to_string());
         details.insert("slab_bytes".into(), slab_bytes.to_string());
         details.insert("workspace_bytes".into(), self.bufs.ws_size.to_string());
@@ -765,17 +780,23 @@ impl FusedPrepared {
     }
 }
 
-/// The input batch as the stem reads it: NHWC, channels zero-padded to `stem_channels`.
+/// The input batch as the stem reads it: NHWC in the `stem` layout, its 3 channels
+/// zero-padded or rearranged space-to-depth ([`StemInput::arrange_nhwc`]).
+///
+/// This runs on the host, once, when the plan is built, and so does the upload; the timed
+/// forward pass starts from the stored layout, and `timed_input_copy` times only the copy of
+/// these bytes. That is the footing the channel padding has always had: a pipeline feeding
+/// the model would do the padding or the space-to-depth rearrangement in its data loader (as
+/// MLPerf ResNet submissions do) or in a kernel of its own, and neither is in the numbers
+/// here. Per 224-pixel image the space-to-depth input holds 115x115x12 or x16 values (158,700
+/// or 211,600), against 224x224x3, x4 or x8 (150,528, 200,704 or 401,408) padded.
 fn host_input(
     batch: usize,
     size: usize,
-    stem_channels: usize,
+    stem: StemInput,
     elem: Elem,
 ) -> Result<Vec<u8>, EngineError> {
-    let nhwc = input_batch(INPUT_SEED, batch, size)?
-        .permute((0, 2, 3, 1))?
-        .contiguous()?
-        .pad_with_zeros(3, 0, stem_channels.saturating_sub(3))?;
+    let nhwc = stem.arrange_nhwc(&input_batch(INPUT_SEED, batch, size)?)?;
     elem.bytes_of(&nhwc)
 }
 
