@@ -707,7 +707,9 @@ impl Store {
         submitter: Option<Submitter>,
     ) -> Result<(Uuid, usize)> {
         let jobs = spec.expand()?;
-        let id = row_id();
+        // Random, unlike job and result ids: users type a sweep's first 8 characters (the CLI
+        // shows them), which for a time-ordered id would be the same for every sweep of a minute.
+        let id = Uuid::new_v4();
         let name = spec
             .name
             .clone()
@@ -1988,7 +1990,7 @@ async fn finish_job(tx: &mut sqlx::PgConnection, job: Uuid, r: &BenchResult) -> 
 }
 
 async fn create_imported_sweep(tx: &mut sqlx::PgConnection, name: &str) -> Result<Uuid> {
-    let sweep = row_id();
+    let sweep = Uuid::new_v4(); // random, as in create_sweep_for: users type its prefix
     sqlx::query(
         "INSERT INTO sweeps (id, name, spec, spec_toml, state, finished_at) \
          VALUES ($1, $2, '{\"imported\": true}', '', 'imported', now())",
@@ -2446,7 +2448,7 @@ fn record_json(r: &BenchResult) -> serde_json::Value {
     json(&record)
 }
 
-/// A new id for a sweep, job or result row: a UUIDv7, whose leading bits are the time, so rows
+/// A new id for a job or result row: a UUIDv7, whose leading bits are the time, so rows
 /// created one after another land next to each other in the primary-key and `results.job_id`
 /// indexes instead of on a random page of each. Over a ten-minute soak those indexes grow by
 /// half a million entries; with random ids every insert touches a page anywhere in them, which

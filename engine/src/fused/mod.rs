@@ -3,7 +3,7 @@
 //! The fused GPU path runs in three stages, each in its own module:
 //! - [`graph`]: the network as data: the steps of ResNet18 with their shapes, the folded
 //!   weights, each activation's liveness and the memory plan that lays them out in one slab;
-//! - [`planner`]: the choices made before running (stem padding, plan strategy, epilogues,
+//! - [`planner`]: the choices made before running (stem layout, plan strategy, epilogues,
 //!   workspace caps, math), driven by the typed [`options::FusedOptions`];
 //! - the executor (`crate::cuda::fused`, CUDA builds only): cuDNN descriptors and device buffers
 //!   owned through RAII types, the algorithm search, and the captured CUDA graph.

@@ -129,6 +129,20 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// The failed candidates of a plan search as one result detail (`stem_search_failures`): the
+/// messages joined, cut to the length a result's detail may have (longer ones would get the
+/// whole result refused), with "…" where cut.
+pub fn failures_detail(failures: &[String]) -> String {
+    let joined = failures.join("; ");
+    let max = fleetmark_core::limits::MAX_TEXT_CHARS;
+    if joined.chars().count() <= max {
+        return joined;
+    }
+    let mut cut: String = joined.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +202,25 @@ mod tests {
         assert_eq!(layer_time(&[9.0, 2.0, 3.0, 1.5]), Some(1.5));
         assert_eq!(layer_time(&[9.0]), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn failures_detail_fits_a_result_detail() {
+        let one = vec!["s2d16/timed: unsupported: no plan".to_string()];
+        assert_eq!(failures_detail(&one), "s2d16/timed: unsupported: no plan");
+        let many: Vec<String> = (0..8)
+            .map(|i| format!("cand{i}: {}", "é".repeat(200)))
+            .collect();
+        let d = failures_detail(&many);
+        assert_eq!(d.chars().count(), fleetmark_core::limits::MAX_TEXT_CHARS);
+        assert!(d.ends_with('…') && d.starts_with("cand0: "));
+        let mut details = std::collections::BTreeMap::new();
+        details.insert("stem_search_failures".to_string(), d);
+        fleetmark_core::limits::check_text(
+            "a backend detail",
+            &details["stem_search_failures"],
+            fleetmark_core::limits::MAX_TEXT_CHARS,
+        )
+        .expect("fits");
     }
 }

@@ -223,10 +223,10 @@ impl FusedPrepared {
             .details
             .insert("stem_search".into(), tried.join(" "));
         if !failures.is_empty() {
-            chosen
-                .info
-                .details
-                .insert("stem_search_failures".into(), failures.join("; "));
+            chosen.info.details.insert(
+                "stem_search_failures".into(),
+                planner::failures_detail(&failures),
+            );
         }
         if opts.profile {
             let profile = chosen.profile(10)?;
