@@ -17,7 +17,10 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::warn;
 use uuid::Uuid;
 
-use crate::store::{ProgressBySecret, ResultBySecret, Store};
+use crate::{
+    error::Result,
+    store::{ProgressBySecret, ResultBySecret, Store},
+};
 
 /// Progress reports: tiny HOT updates, committed without a flush. Two statements at a time
 /// leave Postgres's other connections free for claims and results.
@@ -44,40 +47,55 @@ pub(crate) struct Batches {
 impl Batches {
     /// Starts the batchers; `sizes` observes each statement's item count, by statement.
     pub fn start(store: &Store, lease: Duration, sizes: &prometheus::HistogramVec) -> Self {
-        let s = store.clone();
-        let seen = sizes.with_label_values(&["progress"]);
-        let progress = Batcher::spawn(PROGRESS, move |items: Vec<ProgressBySecret>| {
-            let store = s.clone();
-            seen.observe(items.len() as f64);
-            async move {
-                store
-                    .report_progress_batch(&items, lease)
-                    .await
-                    .unwrap_or_else(|e| {
-                        warn!(error = %e, items = items.len(),
-                              "progress batch failed; each report takes the single path");
-                        vec![None; items.len()]
-                    })
-            }
-        });
-        let s = store.clone();
-        let seen = sizes.with_label_values(&["results"]);
-        let results = Batcher::spawn(RESULTS, move |items: Vec<ResultBySecret>| {
-            let store = s.clone();
-            seen.observe(items.len() as f64);
-            async move {
-                store
-                    .submit_results_batch(&items)
-                    .await
-                    .unwrap_or_else(|e| {
-                        warn!(error = %e, items = items.len(),
-                          "result batch not stored; each result takes the single path");
-                        vec![None; items.len()]
-                    })
-            }
-        });
-        Batches { progress, results }
+        Batches {
+            progress: statement(
+                PROGRESS,
+                "progress",
+                store,
+                sizes,
+                move |store, items| async move { store.report_progress_batch(&items, lease).await },
+            ),
+            results: statement(
+                RESULTS,
+                "results",
+                store,
+                sizes,
+                |store, items| async move { store.submit_results_batch(&items).await },
+            ),
+        }
     }
+}
+
+/// A batcher over one of the store's batch statements, named `name` in the size metric and in
+/// logs. When the statement fails as a whole, every item is answered `None`, so each takes the
+/// single path.
+fn statement<I, O, F, Fut>(
+    config: BatchConfig,
+    name: &'static str,
+    store: &Store,
+    sizes: &prometheus::HistogramVec,
+    run: F,
+) -> Batcher<I, Option<O>>
+where
+    I: Send + 'static,
+    O: Clone + Send + 'static,
+    F: Fn(Store, Vec<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<Option<O>>>> + Send + 'static,
+{
+    let store = store.clone();
+    let size = sizes.with_label_values(&[name]);
+    Batcher::spawn(config, move |items: Vec<I>| {
+        let n = items.len();
+        size.observe(n as f64);
+        let answers = run(store.clone(), items);
+        async move {
+            answers.await.unwrap_or_else(|e| {
+                warn!(statement = name, error = %e, items = n,
+                      "batch statement failed; each item takes the single path");
+                vec![None; n]
+            })
+        }
+    })
 }
 
 /// How one kind of request is grouped.

@@ -971,6 +971,24 @@ async fn autovacuum_is_read_from_the_server() {
     assert_eq!(store.autovacuum_on().await.unwrap(), shown == "on");
 }
 
+/// Agent `a` claims the next job on its "cpu" device; there must be one.
+async fn claim_cpu(store: &Store, a: Uuid) -> fleetmark_coordinator::store::JobRow {
+    store
+        .claim_job(a, "cpu", "cpu", LEASE)
+        .await
+        .unwrap()
+        .expect("a pending job")
+}
+
+/// The job's state, as text.
+async fn job_state(store: &Store, job: Uuid) -> String {
+    sqlx::query_scalar("SELECT state::text FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
 /// Gives agent `a` a secret whose hash is `[tag; 32]`, as registration would.
 async fn with_secret(store: &Store, a: Uuid, tag: u8) -> [u8; 32] {
     let hash = [tag; 32];
@@ -1004,21 +1022,9 @@ async fn a_result_batch_stores_the_good_ones_and_leaves_the_rest_to_the_single_p
         .create_sweep(&sweep("batch_sizes=[1,2,3]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let j1 = store
-        .claim_job(a, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
-        .unwrap();
-    let j2 = store
-        .claim_job(a, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
-        .unwrap();
-    let j3 = store
-        .claim_job(b, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
-        .unwrap();
+    let j1 = claim_cpu(&store, a).await;
+    let j2 = claim_cpu(&store, a).await;
+    let j3 = claim_cpu(&store, b).await;
     let mut wrong_spec = result_for(&j2, 1, "a");
     wrong_spec.spec.batch_size += 1;
     let items = vec![
@@ -1034,23 +1040,13 @@ async fn a_result_batch_stores_the_good_ones_and_leaves_the_rest_to_the_single_p
     let out = store.submit_results_batch(&items).await.unwrap();
     let stored: Vec<bool> = out.iter().map(Option::is_some).collect();
     assert_eq!(stored, [true, false, false, false, true]);
-    let state = |j: Uuid| {
-        let store = store.clone();
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT state::text FROM jobs WHERE id = $1")
-                .bind(j)
-                .fetch_one(store.pool())
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(state(j1.id).await, "succeeded");
+    assert_eq!(job_state(&store, j1.id).await, "succeeded");
     assert_eq!(
-        state(j2.id).await,
+        job_state(&store, j2.id).await,
         "running",
         "the refused item changed nothing"
     );
-    assert_eq!(state(j3.id).await, "succeeded");
+    assert_eq!(job_state(&store, j3.id).await, "succeeded");
     // The single path says what was wrong with the refused one, then stores the right one.
     let e = store.submit_result(a, &items[1].result).await.unwrap_err();
     assert!(matches!(e, CoordinatorError::InvalidArgument(_)), "{e:?}");
@@ -1089,16 +1085,8 @@ async fn one_stale_result_fails_its_batch_as_a_whole() {
         .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let j1 = store
-        .claim_job(a, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
-        .unwrap();
-    let j2 = store
-        .claim_job(a, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
-        .unwrap();
+    let j1 = claim_cpu(&store, a).await;
+    let j2 = claim_cpu(&store, a).await;
     // j2's result names an attempt that is not the running one.
     let items = [
         by_secret(ha, result_for(&j1, 1, "a")),
@@ -1130,16 +1118,8 @@ async fn a_progress_batch_renews_only_the_lease_holders_run() {
         .create_sweep(&sweep("batch_sizes=[1,2]\nprecisions=[\"f32\"]"), "")
         .await
         .unwrap();
-    let ja = store
-        .claim_job(a, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
-        .unwrap();
-    let jb = store
-        .claim_job(b, "cpu", "cpu", LEASE)
-        .await
-        .unwrap()
-        .unwrap();
+    let ja = claim_cpu(&store, a).await;
+    let jb = claim_cpu(&store, b).await;
     let report = |hash: [u8; 32], body: Option<Uuid>, job: Uuid, attempt: i32| ProgressBySecret {
         secret_hash: hash,
         body_agent: body,
