@@ -100,4 +100,26 @@ fn main() {
         String::new()
     };
     println!("cargo:rustc-env=FLEETMARK_CUDA_BUILD_VERSION={cuda}");
+
+    #[cfg(feature = "cudnn")]
+    kernels::build();
+}
+
+/// The fused path's own kernels (`kernels/*.cu`), compiled to PTX for the same compute
+/// capability as Candle's (`CUDA_COMPUTE_CAP`, else the local GPU), the way candle-kernels
+/// builds its own, and embedded as `&str` constants (`kernels_ptx.rs` in `OUT_DIR`).
+#[cfg(feature = "cudnn")]
+mod kernels {
+    pub fn build() {
+        let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+        let result = cudaforge::KernelBuilder::new()
+            .source_files(["kernels/maxpool.cu"])
+            .arg("-std=c++17")
+            .arg("-O3")
+            .build_ptx()
+            .and_then(|ptx| ptx.write(out.join("kernels_ptx.rs")));
+        if let Err(e) = result {
+            panic!("building the fused path's CUDA kernels (engine/kernels) failed: {e}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 use fleetmark_agent::{parse_labels, Config};
 use fleetmark_core::ComputeCapability;
 use fleetmark_engine::fused::{
-    options::{EpilogueChoice, PlanChoice, StemChannels},
+    options::{EpilogueChoice, LayerTiming, PlanChoice, PoolChoice, StemChannels},
     FusedOptions,
 };
 
@@ -99,6 +99,14 @@ struct FusedArgs {
     /// Fused path: plans compared as whole forward passes: both, timed or ranked.
     #[arg(long, default_value = "both", value_parser = parse_with::<PlanChoice>)]
     fused_plan: PlanChoice,
+    /// Fused path: the max pool after the stem: cudnn, kernel (the path's own, checked against
+    /// cuDNN's output first) or auto (time both, keep the faster).
+    #[arg(long, default_value = "cudnn", value_parser = parse_with::<PoolChoice>)]
+    fused_pool: PoolChoice,
+    /// Fused path: how layer candidates are timed while planning: launch (launch by launch),
+    /// graph (inside a CUDA graph) or auto (graph when the forward pass is one).
+    #[arg(long, default_value = "launch", value_parser = parse_with::<LayerTiming>)]
+    fused_layer_timing: LayerTiming,
     /// Fused path: time each layer on its own and record it in the result.
     #[arg(long)]
     fused_profile: bool,
@@ -137,6 +145,8 @@ impl FusedArgs {
                 .unwrap_or(NonZeroUsize::MIN),
             workspace_limit: self.fused_workspace_limit.map(|b| b as usize),
             plan: self.fused_plan,
+            pool: self.fused_pool,
+            layer_timing: self.fused_layer_timing,
             profile: self.fused_profile,
         }
     }

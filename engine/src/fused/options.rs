@@ -45,6 +45,37 @@ pub enum StemChannels {
     /// Exactly this layout.
     Fixed(StemInput),
 }
+/// Which max pool runs after the stem. The default stays cuDNN's until the kernel has been
+/// measured on a GPU (docs/performance.md, "Built, not yet measured").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolChoice {
+    /// Time cuDNN's pool and the path's own kernel on the real buffers and keep the faster;
+    /// the kernel only once its output matched cuDNN's there.
+    Auto,
+    /// cuDNN's `cudnnPoolingForward`.
+    #[default]
+    Cudnn,
+    /// The path's own kernel (`engine/kernels/maxpool.cu`); a plan fails if it cannot run it
+    /// or its output differs from cuDNN's.
+    Kernel,
+}
+
+/// How a layer's candidate (algorithm and epilogue) is timed while planning. The default
+/// stays launch by launch, as every published number was planned, until graph timing has been
+/// measured on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayerTiming {
+    /// Inside a CUDA graph when the forward pass is one, else launch by launch.
+    Auto,
+    /// Several runs captured into a CUDA graph and replayed: the GPU's time alone, as the
+    /// forward pass's graph runs it.
+    Graph,
+    /// Launch by launch between two events: includes the host's enqueue time, which at small
+    /// batches can be most of what is measured.
+    #[default]
+    Launch,
+}
+
 /// Every knob of the fused GPU path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedOptions {
@@ -60,6 +91,8 @@ pub struct FusedOptions {
     /// activation slab, at least 64 MiB.
     pub workspace_limit: Option<usize>,
     pub plan: PlanChoice,
+    pub pool: PoolChoice,
+    pub layer_timing: LayerTiming,
     /// Time each step on its own and record it in the result (for docs/performance.md).
     pub profile: bool,
 }
@@ -77,6 +110,8 @@ impl Default for FusedOptions {
             algo_candidates: NonZeroUsize::new(MAX_ALGO_CANDIDATES).expect("nonzero"),
             workspace_limit: None,
             plan: PlanChoice::Both,
+            pool: PoolChoice::Cudnn,
+            layer_timing: LayerTiming::Launch,
             profile: false,
         }
     }
@@ -105,7 +140,7 @@ impl FusedOptions {
     pub fn summary(&self) -> String {
         format!(
             "cuda_graph={} epilogue={} stem={} tf32={} algo_candidates={} workspace_limit={} \
-             plan={} profile={}",
+             plan={} pool={} layer_timing={} profile={}",
             on_off(self.cuda_graph),
             self.epilogue,
             self.stem,
@@ -114,6 +149,8 @@ impl FusedOptions {
             self.workspace_limit
                 .map_or_else(|| "auto".to_string(), |b| b.to_string()),
             self.plan,
+            self.pool,
+            self.layer_timing,
             on_off(self.profile),
         )
     }
@@ -171,6 +208,50 @@ impl fmt::Display for PlanChoice {
             PlanChoice::Both => "both",
             PlanChoice::Timed => "timed",
             PlanChoice::Ranked => "ranked",
+        })
+    }
+}
+
+impl FromStr for PoolChoice {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(PoolChoice::Auto),
+            "cudnn" => Ok(PoolChoice::Cudnn),
+            "kernel" => Ok(PoolChoice::Kernel),
+            _ => Err(bad("pool", s, "auto, cudnn or kernel")),
+        }
+    }
+}
+
+impl fmt::Display for PoolChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolChoice::Auto => "auto",
+            PoolChoice::Cudnn => "cudnn",
+            PoolChoice::Kernel => "kernel",
+        })
+    }
+}
+
+impl FromStr for LayerTiming {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(LayerTiming::Auto),
+            "graph" => Ok(LayerTiming::Graph),
+            "launch" => Ok(LayerTiming::Launch),
+            _ => Err(bad("layer timing", s, "auto, graph or launch")),
+        }
+    }
+}
+
+impl fmt::Display for LayerTiming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LayerTiming::Auto => "auto",
+            LayerTiming::Graph => "graph",
+            LayerTiming::Launch => "launch",
         })
     }
 }
@@ -238,6 +319,13 @@ mod tests {
         assert!(e.contains("unknown epilogue 'apii'"), "{e}");
         assert!("5".parse::<StemChannels>().is_err());
         assert!("fast".parse::<PlanChoice>().is_err());
+        let e = "cuDNN".parse::<PoolChoice>().unwrap_err().to_string();
+        assert!(
+            e.contains("unknown pool 'cuDNN'") && e.contains("kernel"),
+            "{e}"
+        );
+        let e = "graphs".parse::<LayerTiming>().unwrap_err().to_string();
+        assert!(e.contains("unknown layer timing 'graphs'"), "{e}");
         assert_eq!(
             "8".parse::<StemChannels>().unwrap(),
             StemChannels::Fixed(StemInput::Padded(StemPad::C8))
@@ -300,6 +388,12 @@ mod tests {
         {
             assert_eq!(e.parse::<PlanChoice>().unwrap(), *v);
         }
+        for v in [PoolChoice::Auto, PoolChoice::Cudnn, PoolChoice::Kernel] {
+            assert_eq!(v.to_string().parse::<PoolChoice>().unwrap(), v);
+        }
+        for v in [LayerTiming::Auto, LayerTiming::Graph, LayerTiming::Launch] {
+            assert_eq!(v.to_string().parse::<LayerTiming>().unwrap(), v);
+        }
     }
 
     #[test]
@@ -312,7 +406,7 @@ mod tests {
         assert_eq!(
             o.summary(),
             "cuda_graph=on epilogue=auto stem=4 tf32=off algo_candidates=8 \
-             workspace_limit=auto plan=both profile=off"
+             workspace_limit=auto plan=both pool=cudnn layer_timing=launch profile=off"
         );
     }
 }

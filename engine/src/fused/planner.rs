@@ -6,8 +6,8 @@
 use fleetmark_core::{capability::cuda_math, ComputeCapability, MathMode, Precision};
 
 use super::{
-    graph::{S2dChannels, StemInput, StemPad},
-    options::{EpilogueChoice, FusedOptions, PlanChoice, StemChannels},
+    graph::{S2dChannels, Shape, StemInput, StemPad},
+    options::{EpilogueChoice, FusedOptions, LayerTiming, PlanChoice, PoolChoice, StemChannels},
 };
 
 /// How each layer's algorithm is picked. Timing single layers launch by launch measures launch
@@ -120,6 +120,118 @@ pub fn layer_time(samples: &[f32]) -> Option<f32> {
     samples.iter().skip(1).copied().reduce(f32::min)
 }
 
+/// How layer candidates are timed: [`LayerTiming::Graph`] or [`LayerTiming::Launch`], never
+/// `Auto`. Launch-by-launch timing counts the host's enqueue time (a cuDNN call costs the host
+/// several microseconds), which the forward pass's graph removes; at small batches that time is
+/// most of what it measures, and the timed plan then loses to cuDNN's own ranking.
+pub fn layer_timing(opts: &FusedOptions) -> LayerTiming {
+    match opts.layer_timing {
+        LayerTiming::Auto if opts.cuda_graph => LayerTiming::Graph,
+        LayerTiming::Auto => LayerTiming::Launch,
+        fixed => fixed,
+    }
+}
+
+/// GPU time a graph-timed candidate's graph should take, so the replay's own launch cost
+/// (a few microseconds) stays a small share of it.
+pub const GRAPH_TIMING_TARGET_SECS: f32 = 0.5e-3;
+
+/// How many runs of a candidate to capture into one graph for timing, from the time of one
+/// launch-by-launch run (an overestimate of its GPU time): enough to fill
+/// [`GRAPH_TIMING_TARGET_SECS`], at least 2 and at most 20.
+pub fn graph_reps(one_run_secs: f32) -> usize {
+    if !(one_run_secs.is_finite() && one_run_secs > 0.0) {
+        return 20;
+    }
+    ((GRAPH_TIMING_TARGET_SECS / one_run_secs).ceil() as usize).clamp(2, 20)
+}
+
+/// Which max pools to time after the stem: the path's own kernel only where it can take the
+/// shape (`kernel_fits`).
+pub fn pool_candidates(opts: &FusedOptions, kernel_fits: bool) -> Vec<PoolImpl> {
+    match (opts.pool, kernel_fits) {
+        (PoolChoice::Cudnn, _) | (PoolChoice::Auto, false) => vec![PoolImpl::Cudnn],
+        (PoolChoice::Auto, true) => vec![PoolImpl::Cudnn, PoolImpl::Kernel],
+        (PoolChoice::Kernel, _) => vec![PoolImpl::Kernel],
+    }
+}
+
+/// Who runs a max pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolImpl {
+    Cudnn,
+    Kernel,
+}
+
+impl PoolImpl {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolImpl::Cudnn => "cudnn",
+            PoolImpl::Kernel => "kernel",
+        }
+    }
+}
+
+/// The launch of the path's own 3x3 stride-2 max pool (padding 1) for one shape: the kernel's
+/// integer arguments and its grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPoolGeometry {
+    /// n, h, w, 16-byte vectors per pixel, output h, output w (the kernel's `int` arguments).
+    pub dims: [i32; 6],
+    /// Blocks of [`MAXPOOL_BLOCK`] threads, one thread per output vector; capped, since the
+    /// kernel loops over any remainder.
+    pub blocks: u32,
+}
+
+/// Threads per block of the max pool kernel: a multiple of the 8 threads that share one
+/// 64-channel f16 pixel.
+pub const MAXPOOL_BLOCK: u32 = 256;
+
+/// The kernel's launch for pooling `x` into `y` with `elem_size`-byte values, or why it
+/// cannot take them (cuDNN's pool is then the only candidate).
+pub fn maxpool_geometry(x: &Shape, y: &Shape, elem_size: usize) -> Result<MaxPoolGeometry, String> {
+    let row = x.c * elem_size;
+    if x.c != y.c || x.n != y.n || !row.is_multiple_of(16) {
+        return Err(format!(
+            "{} channels of {elem_size} bytes are not whole 16-byte vectors",
+            x.c
+        ));
+    }
+    let pooled = |d: usize| (d + 2 - 3) / 2 + 1;
+    if x.h == 0 || x.w == 0 || y.h != pooled(x.h) || y.w != pooled(x.w) {
+        return Err(format!(
+            "{}x{} -> {}x{} is not a 3x3 stride-2 pool with padding 1",
+            x.h, x.w, y.h, y.w
+        ));
+    }
+    let vecs = row / 16;
+    let small = |v: usize| i32::try_from(v).map_err(|_| format!("{v} does not fit an i32"));
+    let dims = [
+        small(x.n)?,
+        small(x.h)?,
+        small(x.w)?,
+        small(vecs)?,
+        small(y.h)?,
+        small(y.w)?,
+    ];
+    let total =
+        x.n.checked_mul(y.h * y.w * vecs)
+            .ok_or_else(|| "the output is too large".to_string())?;
+    let blocks = total.div_ceil(MAXPOOL_BLOCK as usize).clamp(1, 1 << 20) as u32;
+    Ok(MaxPoolGeometry { dims, blocks })
+}
+
+/// The first index where two outputs differ as values (±0 are equal, and so are two NaNs), or
+/// `None` if they agree everywhere and have the same length. A kernel is used only where its
+/// output and cuDNN's agree like this on the real buffers.
+pub fn first_mismatch(a: &[f32], b: &[f32]) -> Option<usize> {
+    let same = |x: f32, y: f32| x == y || (x.is_nan() && y.is_nan());
+    a.iter()
+        .zip(b)
+        .position(|(&x, &y)| !same(x, y))
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
 /// Median of whole-forward times, for choosing between plans.
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
@@ -202,6 +314,95 @@ mod tests {
         assert_eq!(layer_time(&[9.0, 2.0, 3.0, 1.5]), Some(1.5));
         assert_eq!(layer_time(&[9.0]), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn layer_timing_follows_the_graph() {
+        let mut o = FusedOptions::default();
+        assert_eq!(
+            layer_timing(&o),
+            LayerTiming::Launch,
+            "the default until measured"
+        );
+        o.layer_timing = LayerTiming::Auto;
+        assert_eq!(layer_timing(&o), LayerTiming::Graph);
+        o.cuda_graph = false;
+        assert_eq!(layer_timing(&o), LayerTiming::Launch);
+        o.layer_timing = LayerTiming::Graph;
+        assert_eq!(layer_timing(&o), LayerTiming::Graph);
+        o.cuda_graph = true;
+        o.layer_timing = LayerTiming::Launch;
+        assert_eq!(layer_timing(&o), LayerTiming::Launch);
+        // A 20 us layer (batch 1) is captured 20 times; a 150 us one 4 times; a slow one twice.
+        assert_eq!(graph_reps(20e-6), 20);
+        assert_eq!(graph_reps(150e-6), 4);
+        assert_eq!(graph_reps(0.1), 2);
+        assert_eq!(graph_reps(0.0), 20);
+        assert_eq!(graph_reps(f32::NAN), 20);
+    }
+
+    #[test]
+    fn the_pool_kernel_is_a_candidate_only_where_it_fits() {
+        let mut o = FusedOptions::default();
+        assert_eq!(
+            pool_candidates(&o, true),
+            [PoolImpl::Cudnn],
+            "the default until measured"
+        );
+        o.pool = PoolChoice::Auto;
+        assert_eq!(
+            pool_candidates(&o, true),
+            [PoolImpl::Cudnn, PoolImpl::Kernel]
+        );
+        assert_eq!(pool_candidates(&o, false), [PoolImpl::Cudnn]);
+        o.pool = PoolChoice::Cudnn;
+        assert_eq!(pool_candidates(&o, true), [PoolImpl::Cudnn]);
+        o.pool = PoolChoice::Kernel;
+        assert_eq!(pool_candidates(&o, false), [PoolImpl::Kernel]);
+    }
+
+    #[test]
+    fn outputs_agree_value_for_value() {
+        assert_eq!(
+            first_mismatch(&[1.0, 0.0, f32::NAN], &[1.0, -0.0, f32::NAN]),
+            None
+        );
+        assert_eq!(first_mismatch(&[1.0, 2.0], &[1.0, 2.5]), Some(1));
+        assert_eq!(first_mismatch(&[1.0, f32::NAN], &[1.0, 0.0]), Some(1));
+        assert_eq!(first_mismatch(&[1.0, 2.0], &[1.0]), Some(1));
+        assert_eq!(first_mismatch(&[], &[]), None);
+    }
+
+    fn shape(n: usize, h: usize, w: usize, c: usize) -> Shape {
+        Shape { n, h, w, c }
+    }
+
+    #[test]
+    fn the_stem_pool_geometry_in_every_precision() {
+        for (size, vecs) in [(2, 8), (4, 16)] {
+            let g =
+                maxpool_geometry(&shape(256, 112, 112, 64), &shape(256, 56, 56, 64), size).unwrap();
+            assert_eq!(g.dims, [256, 112, 112, vecs, 56, 56]);
+            let threads = 256 * 56 * 56 * vecs as u32;
+            assert_eq!(g.blocks, threads.div_ceil(MAXPOOL_BLOCK));
+        }
+        // Odd sizes pool as cuDNN's padding-1 window does: 33 -> 17, 31 -> 16.
+        let g = maxpool_geometry(&shape(1, 33, 31, 64), &shape(1, 17, 16, 64), 2).unwrap();
+        assert_eq!(g.dims, [1, 33, 31, 8, 17, 16]);
+        assert_eq!(g.blocks, 9); // 17*16*8 = 2176 threads
+    }
+
+    #[test]
+    fn shapes_the_pool_kernel_cannot_take_are_refused() {
+        // 3 f16 channels are 6 bytes a pixel, not whole 16-byte vectors.
+        assert!(maxpool_geometry(&shape(1, 8, 8, 3), &shape(1, 4, 4, 3), 2).is_err());
+        // A wrong output shape, changed channels, an empty input.
+        assert!(maxpool_geometry(&shape(1, 112, 112, 64), &shape(1, 55, 56, 64), 2).is_err());
+        assert!(maxpool_geometry(&shape(1, 112, 112, 64), &shape(1, 56, 56, 32), 2).is_err());
+        assert!(maxpool_geometry(&shape(1, 0, 112, 64), &shape(1, 1, 56, 64), 2).is_err());
+        // Sizes past an i32.
+        let huge = 1usize << 32;
+        assert!(maxpool_geometry(&shape(huge, 3, 3, 64), &shape(huge, 2, 2, 64), 2).is_err());
     }
 
     #[test]

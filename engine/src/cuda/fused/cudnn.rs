@@ -178,6 +178,11 @@ impl<'a> DevPtr<'a> {
         }
     }
 
+    /// The address as a kernel argument.
+    pub(super) fn addr(self) -> u64 {
+        self.raw
+    }
+
     pub(super) fn src(self) -> *const c_void {
         self.raw as *const c_void
     }

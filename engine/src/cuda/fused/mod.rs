@@ -21,6 +21,7 @@
 //! captured CUDA graph, which is declared (and so dropped) before the buffers it points into.
 
 mod cudnn;
+mod kernels;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -35,13 +36,15 @@ use cudnn::{
     check, drv, math_type, ActDesc, ConvDesc, ConvGeometry, DevPtr, DeviceBuffer, Elem, FilterDesc,
     Handle, PoolDesc, PoolWindow, TensorDesc,
 };
+use kernels::Kernels;
 
 use super::{EventTimer, PoolPeak};
 use crate::{
     backend::{backend_info, ExecPath, MemoryScope, Prepared},
     fused::{
         graph::{self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemInput},
-        planner::{self, Epilogue, PlanStrategy},
+        options::{LayerTiming, PoolChoice},
+        planner::{self, Epilogue, MaxPoolGeometry, PlanStrategy, PoolImpl},
         FusedOptions,
     },
     input::{input_batch, INPUT_SEED},
@@ -78,6 +81,9 @@ struct PoolExec {
     x: usize,
     y: usize,
     pd: PoolDesc,
+    /// Who runs it; the kernel only for a max pool it can take (`geometry` is then set).
+    imp: PoolImpl,
+    geometry: Option<MaxPoolGeometry>,
 }
 
 enum ExecStep {
@@ -108,6 +114,29 @@ struct Buffers {
 }
 
 impl Buffers {
+    /// The `bytes` bytes of activation `a`, copied to the host (for checking a kernel).
+    fn act_to_host(
+        &self,
+        a: usize,
+        bytes: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Vec<u8>, EngineError> {
+        let (buf, start) = match self.places[a] {
+            (Place::Input, _) => (&self.input, 0),
+            (Place::Output, _) => (&self.output, 0),
+            (Place::Slab, offset) => (
+                &self.slab,
+                offset.expect("the memory plan places every slab activation"),
+            ),
+        };
+        let v = drv(
+            "copy activation",
+            stream.clone_dtoh(&buf.slice().slice(start..start + bytes)),
+        )?;
+        drv("synchronize", stream.synchronize())?;
+        Ok(v)
+    }
+
     fn act<'a>(&'a self, a: usize, stream: &CudaStream) -> DevPtr<'a> {
         match self.places[a] {
             (Place::Input, _) => self.input.ptr(stream),
@@ -127,6 +156,8 @@ struct Target<'a> {
     weights: &'a ModelWeights,
     opts: &'a FusedOptions,
     cc: ComputeCapability,
+    /// The path's own kernels, or why they could not be loaded (cuDNN then does their work).
+    kernels: &'a Result<Arc<Kernels>, String>,
 }
 
 /// What the algorithm search of one plan works with.
@@ -135,6 +166,8 @@ struct SearchConfig<'a> {
     strategy: PlanStrategy,
     math: MathMode,
     ws_cap: usize,
+    /// Graph or launch, never auto.
+    timing: LayerTiming,
 }
 
 pub struct FusedPrepared {
@@ -153,6 +186,11 @@ pub struct FusedPrepared {
     peak: PoolPeak,
     batch: usize,
     info: BackendInfo,
+    /// Activation shapes, by index.
+    shapes: Vec<Shape>,
+    kernels: Option<Arc<Kernels>>,
+    /// What the max pool's planning found, for `backend.details.pool_search`.
+    pool_note: String,
 }
 
 /// 1.0 and 0.0 as cuDNN's host scaling factors (f32 for every data type used here).
@@ -178,11 +216,20 @@ impl FusedPrepared {
         opts: &FusedOptions,
         cc: ComputeCapability,
     ) -> Result<Self, EngineError> {
+        let kernels = if opts.pool == PoolChoice::Cudnn {
+            Err("not asked for (--fused-pool=cudnn)".to_string())
+        } else {
+            Kernels::load(ctx).map(Arc::new).map_err(|e| {
+                tracing::warn!(error = %e, "the fused path's own kernels did not load; cuDNN runs their steps");
+                e.to_string()
+            })
+        };
         let target = Target {
             job,
             weights,
             opts,
             cc,
+            kernels: &kernels,
         };
         let mut best: Option<(f64, FusedPrepared)> = None;
         let mut tried = Vec::new();
@@ -243,14 +290,28 @@ impl FusedPrepared {
         planner::median(v).ok_or_else(|| EngineError::Setup("no forward pass was timed".into()))
     }
 
-    /// Each step timed on its own (median of `n`), for docs/performance.md.
+    /// Each step timed on its own, for docs/performance.md: inside a CUDA graph when the
+    /// forward pass is one (the GPU's time alone, so the steps add up to about the whole
+    /// graph), else the median of `n` launches.
     fn profile(&self, n: usize) -> Result<String, EngineError> {
+        let timing = if self.graph.is_some() {
+            LayerTiming::Graph
+        } else {
+            LayerTiming::Launch
+        };
         let mut parts = Vec::new();
         for s in &self.steps {
-            let v = (0..n)
-                .map(|_| Ok(self.timer.time(|| self.run_step(s))?.as_secs_f64() * 1e3))
-                .collect::<Result<Vec<_>, EngineError>>()?;
-            let m = planner::median(v).unwrap_or(f64::NAN);
+            let m = match timing {
+                LayerTiming::Graph => self
+                    .time_candidate(LayerTiming::Graph, &|| self.run_step(s))
+                    .map_or(f64::NAN, |t| t as f64 * 1e3),
+                _ => {
+                    let v = (0..n)
+                        .map(|_| Ok(self.timer.time(|| self.run_step(s))?.as_secs_f64() * 1e3))
+                        .collect::<Result<Vec<_>, EngineError>>()?;
+                    planner::median(v).unwrap_or(f64::NAN)
+                }
+            };
             parts.push(format!("{}={m:.4}", s.name()));
         }
         Ok(parts.join(" "))
@@ -269,6 +330,7 @@ impl FusedPrepared {
             weights,
             opts,
             cc,
+            kernels,
         } = target;
         let elem = Elem::of(job.precision);
         let batch = job.batch_size as usize;
@@ -319,16 +381,23 @@ impl FusedPrepared {
             peak: PoolPeak::new(ctx),
             batch,
             info: BackendInfo::default(),
+            shapes: net.acts.iter().map(|a| a.shape).collect(),
+            kernels: kernels.as_ref().ok().cloned(),
+            pool_note: match kernels {
+                Err(e) if opts.pool != PoolChoice::Cudnn => format!("kernel unavailable: {e}"),
+                _ => String::new(),
+            },
         };
         let search = SearchConfig {
             opts,
             strategy,
             math,
             ws_cap: planner::workspace_cap(opts, plan.slab_bytes, search_ws),
+            timing: planner::layer_timing(opts),
         };
         for step in &net.steps {
             let exec = match step {
-                graph::Step::Pool(p) => ExecStep::Pool(me.pool_exec(p, &net.acts[p.x].shape)?),
+                graph::Step::Pool(p) => ExecStep::Pool(me.plan_pool(p, &search)?),
                 graph::Step::Conv(c) => ExecStep::Conv(Box::new(me.plan_conv(c, &search)?)),
             };
             me.steps.push(exec);
@@ -393,6 +462,9 @@ impl FusedPrepared {
                 ExecStep::Conv(c) => {
                     Some(format!("{}:{}/{:?}", c.name, algo_name(c.algo), c.epilogue))
                 }
+                ExecStep::Pool(p) if p.geometry.is_some() => {
+                    Some(format!("{}:{}", p.name, p.imp.as_str()))
+                }
                 ExecStep::Pool(_) => None,
             })
             .collect();
@@ -408,11 +480,110 @@ impl FusedPrepared {
         details.insert("workspace_bytes".into(), self.bufs.ws_size.to_string());
         details.insert("workspace_cap_bytes".into(), search.ws_cap.to_string());
         details.insert("plan".into(), plan_notes.join(" "));
+        details.insert("layer_timing".into(), search.timing.to_string());
+        if !self.pool_note.is_empty() {
+            details.insert("pool_search".into(), self.pool_note.clone());
+        }
         details.insert("fused_options".into(), opts.summary());
         backend_info("candle-cuda", ExecPath::Fused, self.math, details)
     }
 
-    fn pool_exec(&self, p: &graph::PoolStep, x: &Shape) -> Result<PoolExec, EngineError> {
+    /// Plans one pooling step. A 3x3 stride-2 max pool may run on the path's own kernel: it is
+    /// run on the real buffers, its output compared with cuDNN's value for value, and, if they
+    /// agree, both are timed and the faster kept. What was found goes to `pool_search`.
+    fn plan_pool(
+        &mut self,
+        p: &graph::PoolStep,
+        cfg: &SearchConfig<'_>,
+    ) -> Result<PoolExec, EngineError> {
+        let mut exec = self.pool_exec(p)?;
+        if p.kind != PoolKind::Max3x3Stride2 || cfg.opts.pool == PoolChoice::Cudnn {
+            return Ok(exec);
+        }
+        let geometry =
+            planner::maxpool_geometry(&self.shapes[p.x], &self.shapes[p.y], self.elem.size());
+        exec.geometry = geometry.as_ref().ok().copied();
+        let chosen = match (&self.kernels, geometry) {
+            (None, _) => Err("not loaded".to_string()),
+            (Some(_), Err(why)) => Err(format!("cannot take this shape: {why}")),
+            (Some(_), Ok(_)) => self.choose_pool(&mut exec, cfg),
+        };
+        match chosen {
+            Ok(imp) => exec.imp = imp,
+            Err(why) if cfg.opts.pool == PoolChoice::Kernel => {
+                return Err(EngineError::Unsupported(format!(
+                    "the max pool kernel cannot be used: {why}"
+                )));
+            }
+            Err(why) => {
+                // cuDNN's pool stays: nothing the kernel did is kept.
+                self.note_pool(format!("kernel not used: {why}"));
+                let _ = self.stream.synchronize();
+                exec.imp = PoolImpl::Cudnn;
+            }
+        }
+        Ok(exec)
+    }
+
+    /// With the kernel able to take the shape: checks it against cuDNN's pool, then times the
+    /// candidates and returns the faster, or why the kernel cannot be used.
+    fn choose_pool(
+        &mut self,
+        exec: &mut PoolExec,
+        cfg: &SearchConfig<'_>,
+    ) -> Result<PoolImpl, String> {
+        match self.pool_kernel_mismatch(exec) {
+            Ok(None) => {}
+            Ok(Some(at)) => return Err(format!("its output differs from cuDNN's at value {at}")),
+            Err(e) => return Err(format!("it failed: {e}")),
+        }
+        let mut best: Option<(f32, PoolImpl)> = None;
+        let mut times = Vec::new();
+        for imp in planner::pool_candidates(cfg.opts, true) {
+            exec.imp = imp;
+            let t = self.time_candidate(cfg.timing, &|| self.run_pool(&*exec));
+            times.push(format!(
+                "{}:{}",
+                imp.as_str(),
+                t.map_or("failed".into(), |t| format!("{:.4}ms", t * 1e3))
+            ));
+            if let Some(t) = t {
+                if best.is_none_or(|(bt, _)| t < bt) {
+                    best = Some((t, imp));
+                }
+            }
+        }
+        self.note_pool(times.join(" "));
+        best.map(|(_, imp)| imp)
+            .ok_or_else(|| "no candidate could be timed".to_string())
+    }
+
+    fn note_pool(&mut self, note: String) {
+        if !self.pool_note.is_empty() {
+            self.pool_note.push_str("; ");
+        }
+        self.pool_note.push_str(&note);
+    }
+
+    /// Runs the kernel, then cuDNN's pool, on the stem's real output and compares them. The
+    /// kernel runs first, so one that wrote nothing leaves the zeroed slab, not cuDNN's answer,
+    /// to be compared. Returns the first value that differs (±0 count as equal).
+    fn pool_kernel_mismatch(&self, exec: &mut PoolExec) -> Result<Option<usize>, EngineError> {
+        let bytes = self.shapes[exec.y].elems() * self.elem.size();
+        exec.imp = PoolImpl::Kernel;
+        self.run_pool(exec)?;
+        let mine = self.bufs.act_to_host(exec.y, bytes, &self.stream)?;
+        exec.imp = PoolImpl::Cudnn;
+        self.run_pool(exec)?;
+        let theirs = self.bufs.act_to_host(exec.y, bytes, &self.stream)?;
+        Ok(planner::first_mismatch(
+            &self.elem.f32_from_bytes(&mine),
+            &self.elem.f32_from_bytes(&theirs),
+        ))
+    }
+
+    fn pool_exec(&self, p: &graph::PoolStep) -> Result<PoolExec, EngineError> {
+        let x = &self.shapes[p.x];
         let window = match p.kind {
             PoolKind::Max3x3Stride2 => PoolWindow {
                 max: true,
@@ -432,6 +603,8 @@ impl FusedPrepared {
             x: p.x,
             y: p.y,
             pd: PoolDesc::new(&window)?,
+            imp: PoolImpl::Cudnn,
+            geometry: None,
         })
     }
 
@@ -549,7 +722,7 @@ impl FusedPrepared {
                 exec.algo = cand.algo;
                 exec.epilogue = ep;
                 exec.ws = cand.memory;
-                let Some(t) = self.time_conv(&exec) else {
+                let Some(t) = self.time_candidate(cfg.timing, &|| self.run_conv(&exec)) else {
                     continue;
                 };
                 if best.as_ref().is_none_or(|(bt, _, _)| t < *bt) {
@@ -576,11 +749,20 @@ impl FusedPrepared {
         Ok(exec)
     }
 
-    /// The time of one convolution as configured, or `None` if it does not run.
-    fn time_conv(&self, exec: &ConvExec) -> Option<f32> {
+    /// The time of one run of `work` (a step as configured), or `None` if it does not run.
+    /// Launch timing takes the best of three launches after a first; graph timing captures
+    /// several runs into a CUDA graph and times its replays ([`Self::time_in_graph`]). A
+    /// candidate that runs but cannot be captured does not run in the forward pass's graph
+    /// either, so it counts as not running.
+    fn time_candidate(
+        &self,
+        timing: LayerTiming,
+        work: &dyn Fn() -> Result<(), EngineError>,
+    ) -> Option<f32> {
         let mut samples = Vec::with_capacity(4);
-        for _ in 0..4 {
-            match self.timer.time(|| self.run_conv(exec)) {
+        let launches = if timing == LayerTiming::Graph { 1 } else { 4 };
+        for _ in 0..launches {
+            match self.timer.time(work) {
                 Ok(d) => samples.push(d.as_secs_f32()),
                 Err(_) => {
                     // A cuDNN status failure leaves no sticky error; make sure nothing is
@@ -590,7 +772,44 @@ impl FusedPrepared {
                 }
             }
         }
-        planner::layer_time(&samples)
+        if timing != LayerTiming::Graph {
+            return planner::layer_time(&samples);
+        }
+        match self.time_in_graph(planner::graph_reps(samples[0]), work) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::debug!(error = %e, "candidate could not be timed in a graph; skipped");
+                let _ = self.stream.synchronize();
+                None
+            }
+        }
+    }
+
+    /// GPU seconds per run of `work`: `reps` runs captured into one CUDA graph, replayed once
+    /// to warm up, then three times between events; the best replay divided by `reps`. This is
+    /// how the forward pass's own graph runs each step, without the host's enqueue time.
+    fn time_in_graph(
+        &self,
+        reps: usize,
+        work: &dyn Fn() -> Result<(), EngineError>,
+    ) -> Result<f32, EngineError> {
+        drv(
+            "begin capture",
+            self.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+        )?;
+        let run = (0..reps).try_for_each(|_| work());
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        run?;
+        let graph = drv("end capture", graph)?
+            .ok_or_else(|| EngineError::Setup("the captured graph is empty".into()))?;
+        drv("graph launch", graph.launch())?;
+        let mut best = f32::INFINITY;
+        for _ in 0..3 {
+            let d = self.timer.time(|| drv("graph launch", graph.launch()))?;
+            best = best.min(d.as_secs_f32());
+        }
+        Ok(best / reps as f32)
     }
 
     fn run_step(&self, s: &ExecStep) -> Result<(), EngineError> {
@@ -732,6 +951,21 @@ impl FusedPrepared {
 
     fn run_pool(&self, p: &PoolExec) -> Result<(), EngineError> {
         let s = &self.stream;
+        if p.imp == PoolImpl::Kernel {
+            let (Some(k), Some(g)) = (&self.kernels, &p.geometry) else {
+                return Err(EngineError::Setup(format!(
+                    "{}: the max pool kernel was chosen but is not loaded",
+                    p.name
+                )));
+            };
+            return k.maxpool(
+                s,
+                g,
+                self.elem,
+                self.bufs.act(p.x, s),
+                self.bufs.act(p.y, s),
+            );
+        }
         // SAFETY: the pooling descriptor is live and its window fits x's shape (planned by the
         // graph); x and y are live planned activations matching their descriptors; the scaling
         // factors are host f32 statics.
