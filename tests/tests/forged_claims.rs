@@ -1,7 +1,8 @@
 //! A claim authenticates inside its own statement when the caller sends an agent secret
 //! (`CLAIM_BY_SECRET_SQL`). An outsider on a plain tonic client tries to claim as another agent
-//! (its own secret, the victim's id in the body) and for a device it never registered: both
-//! are refused with the code the full path gives, and nothing is leased to anyone.
+//! (its own secret, the victim's id in the body), with the registering token instead of a
+//! secret, with a malformed id, and for a device it never registered: each is refused with the
+//! code the full path gives, and nothing is leased to anyone.
 
 use fleetmark_e2e::*;
 use fleetmark_proto::v1::{self as pb, agent_service_client::AgentServiceClient};
@@ -72,6 +73,22 @@ async fn claims_as_another_agent_or_for_an_unregistered_device_are_refused() {
         );
         untouched().await;
     }
+
+    // The registering token (not an agent's secret) naming the victim, and the attacker's
+    // secret naming no valid id at all: the claim takes the full path, not the one-statement
+    // one, and is refused there too.
+    let err = api
+        .claim_job(claim(&victim.agent_id, "cpu", &coord.agent_token))
+        .await
+        .expect_err("a token naming an agent");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    untouched().await;
+    let err = api
+        .claim_job(claim("not-a-uuid", "cpu", &attacker.agent_secret))
+        .await
+        .expect_err("a malformed agent id");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    untouched().await;
 
     // A secret nobody holds.
     let err = api
