@@ -17,6 +17,10 @@
 #   DEADLINE    [none] epoch seconds by which every phase must have ended: each phase runs
 #               under `timeout` with what is left, less RESERVE [20] seconds kept for the report
 #   FUSED_CAP, STOCK_CAP, PYTORCH_CAP [0: none]  at most this many seconds for that phase
+#   VARIANTS    [--fused-cuda-graph=off;--fused-epilogue=separate;--fused-stem-channels=3;
+#               --fused-algo-candidates=1]  agent flag sets for the variants phase, ';' between
+#               sets, spaces between the flags of one set; the set `defaults` runs no flags
+#   VARIANT_BATCHES [1,16,256], VARIANT_PRECISIONS [f16]
 # Needs python3 with torch, torchvision, numpy, safetensors; the CUDA and cuDNN libraries on
 # LD_LIBRARY_PATH. No network.
 set -uo pipefail
@@ -32,6 +36,9 @@ PY=${PY:-python3}
 ARTICLE=${ARTICLE:-1}
 DEADLINE=${DEADLINE:-0}
 RESERVE=${RESERVE:-20}
+VARIANTS=${VARIANTS:---fused-cuda-graph=off;--fused-epilogue=separate;--fused-stem-channels=3;--fused-algo-candidates=1}
+VARIANT_BATCHES=${VARIANT_BATCHES:-1,16,256}
+VARIANT_PRECISIONS=${VARIANT_PRECISIONS:-f16}
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
 has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
@@ -120,16 +127,19 @@ if has stock; then
 fi
 
 if has variants; then
-  step "fused-path variants (one knob off at a time), batch 1 and 256, f16"
-  for v in "--fused-cuda-graph=off" "--fused-epilogue=separate" "--fused-stem-channels=3" "--fused-algo-candidates=1"; do
+  step "fused-path variants (VARIANTS: flag sets separated by ';'), batches $VARIANT_BATCHES, $VARIANT_PRECISIONS"
+  IFS=';' read -ra variant_sets <<< "$VARIANTS"
+  for v in "${variant_sets[@]}"; do
+    flags=()
+    [ "$v" = defaults ] || read -ra flags <<< "$v"
     echo "--- $v"
-    limit "$agent" run --sweep "$(sweep "var" fused "1,16,256" f16 "$MIN_ITERS")" \
-      --out "/tmp/var.jsonl" --device cuda:0 --name "variant $v" "$v" \
+    limit "$agent" run --sweep "$(sweep "var" fused "$VARIANT_BATCHES" "$VARIANT_PRECISIONS" "$MIN_ITERS")" \
+      --out "/tmp/var.jsonl" --device cuda:0 --name "variant $v" ${flags[@]+"${flags[@]}"} \
       && $PY - "$v" /tmp/var.jsonl >> "$out/variants.txt" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[2]):
-    r = json.loads(line)
-    print(f"{sys.argv[1]:<32} b{r['spec']['batch_size']:<4} {r['spec']['precision']:<5} p50 {r['latency']['p50_ms']:.3f} ms  {r['images_per_sec']:.0f} img/s  peak {r['peak_memory_bytes']/2**20:.0f} MiB  graph={r['backend']['details'].get('cuda_graph')}")
+    r = json.loads(line); d = r['backend']['details']
+    print(f"{sys.argv[1]:<48} b{r['spec']['batch_size']:<4} {r['spec']['precision']:<5} p50 {r['latency']['p50_ms']:.3f} ms  {r['images_per_sec']:.0f} img/s  peak {r['peak_memory_bytes']/2**20:.0f} MiB  graph={d.get('cuda_graph')} stem={d.get('stem_layout')}{d.get('stem_channels')} pool={d.get('pool_search', '-')}")
 PYEOF
   done
   cat "$out/variants.txt"
