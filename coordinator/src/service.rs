@@ -229,7 +229,7 @@ impl AgentService for AgentApi {
                     precisions: declared_precisions(&d.device, &d.precisions)?,
                     health,
                     device: d.device,
-                    kind: d.kind,
+                    kind: fleetmark_core::normalize_kind(&d.kind),
                     name: d.name,
                 })
             })

@@ -16,6 +16,14 @@ pub const KNOWN_KINDS: &[&str] = &[
     "rtx4090",
 ];
 
+/// A kind as an agent reported it, in the one spelling every comparison uses: ASCII
+/// lowercase, as sweep targets parse and listing filters are read. An agent that says `H100`
+/// then claims `h100` jobs, and its results list and compare under `h100`. (The database keeps
+/// kinds in this form by a check constraint, migration `20261204000015`.)
+pub fn normalize_kind(kind: &str) -> String {
+    kind.to_ascii_lowercase()
+}
+
 /// A normalised hardware kind, such as `h100` or `cpu`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -175,6 +183,15 @@ impl From<HardwareTarget> for String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn reported_kinds_compare_in_lowercase() {
+        assert_eq!(super::normalize_kind("H100"), "h100");
+        assert_eq!(super::normalize_kind("NVIDIA-RTX-Ä"), "nvidia-rtx-Ä");
+        let target: HardwareTarget = "H100".parse().unwrap();
+        assert!(target.matches_name(&super::normalize_kind("H100")));
+    }
+
     use super::*;
 
     #[test]

@@ -25,7 +25,7 @@ mod testseries;
 
 pub use capability::{ComputeCapability, DeviceClass, KernelCode, MathMode};
 pub use error::CoreError;
-pub use hardware::{HardwareKind, HardwareTarget};
+pub use hardware::{normalize_kind, HardwareKind, HardwareTarget};
 pub use health::{DeviceHealth, HealthFlag};
 pub use inventory::{GpuInfo, HostInventory};
 pub use job::{
