@@ -646,7 +646,7 @@ impl Store {
                         device,
                         kind,
                         incarnation,
-                        health: serde_json::from_value(health).ok()?,
+                        health: decoded_check(id, health)?,
                         flags,
                         in_force,
                     })
@@ -1578,6 +1578,17 @@ pub(crate) async fn record_health_checks(
     Ok(())
 }
 
+/// A stored health check's report, or `None` (with a warning naming the row) when it cannot be
+/// decoded, such as one written by a coordinator whose report had other fields. Such a row is
+/// left out of listings and of the kind's median rather than failing them.
+fn decoded_check(id: i64, health: serde_json::Value) -> Option<fleetmark_core::DeviceHealth> {
+    serde_json::from_value(health)
+        .map_err(|e| {
+            tracing::warn!(check = id, error = %e, "stored health check cannot be decoded; left out");
+        })
+        .ok()
+}
+
 /// Recomputes and stores the flags of `kind`'s checks in force (see [`record_health_checks`]).
 async fn reflag_kind(conn: &mut sqlx::PgConnection, kind: &str) -> Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 11))")
@@ -1596,7 +1607,7 @@ async fn reflag_kind(conn: &mut sqlx::PgConnection, kind: &str) -> Result<()> {
     .await?;
     let checks: Vec<(i64, fleetmark_core::DeviceHealth, Vec<String>)> = rows
         .into_iter()
-        .filter_map(|(id, h, flags)| Some((id, serde_json::from_value(h).ok()?, flags)))
+        .filter_map(|(id, h, flags)| Some((id, decoded_check(id, h)?, flags)))
         .collect();
     let peers: Vec<&fleetmark_core::DeviceHealth> = checks.iter().map(|(_, h, _)| h).collect();
     for (id, h, old) in &checks {
