@@ -60,7 +60,8 @@ fn finite_in(name: &str, v: f64, max: f64) -> Result<(), HealthError> {
         Ok(())
     } else {
         Err(HealthError(format!(
-            "{name} must be a positive number up to {max}, not {v}"
+            "{name} must be a positive number up to {max}, not {}",
+            crate::limits::Num(v)
         )))
     }
 }

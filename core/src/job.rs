@@ -299,7 +299,8 @@ impl MeasurementSpec {
         if !(tol.is_finite() && tol > 0.0 && tol <= 10.0) {
             return bad(format!(
                 "stability_tolerance must be a fraction above 0 and at most 10 (0.05 = 5%), not \
-                 {tol}"
+                 {}",
+                crate::limits::Num(tol)
             ));
         }
         if self.max_iterations < self.min_iterations || self.max_iterations > MAX_ITERATIONS_LIMIT {
@@ -314,7 +315,8 @@ impl MeasurementSpec {
             if !(w.is_finite() && w > 0.0 && w <= 1.0) {
                 return bad(format!(
                     "percentile_target.within must be a fraction above 0 and at most 1 (0.05 = \
-                     5%), not {w}"
+                     5%), not {}",
+                    crate::limits::Num(w)
                 ));
             }
         }

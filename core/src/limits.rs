@@ -67,6 +67,23 @@ pub enum LimitError {
     Reserved { field: String, excerpt: Excerpt },
 }
 
+/// A number as an error message shows it: as written for ordinary sizes, in scientific
+/// notation with four significant digits for huge or tiny ones. `{}` on an f64 writes every
+/// digit, so a value such as -9e307 from a hostile message would make a 300-character error.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Num(pub f64);
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        if v.is_finite() && v != 0.0 && !(1e-3..1e6).contains(&v.abs()) {
+            write!(f, "{v:.3e}")
+        } else {
+            write!(f, "{v}")
+        }
+    }
+}
+
 /// At most [`EXCERPT_CHARS`] characters of a string, with "…" when cut, and control characters
 /// shown escaped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +225,19 @@ pub fn check_inventory(h: &crate::HostInventory) -> Result<(), LimitError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn numbers_in_errors_stay_short() {
+        let shown = |v: f64| super::Num(v).to_string();
+        assert_eq!(shown(0.05), "0.05");
+        assert_eq!(shown(12.5), "12.5");
+        assert_eq!(shown(0.0), "0");
+        assert_eq!(shown(-8.988465674311579e307), "-8.988e307");
+        assert_eq!(shown(1e-300), "1.000e-300");
+        assert_eq!(shown(f64::NAN), "NaN");
+        assert_eq!(shown(f64::NEG_INFINITY), "-inf");
+        assert!(shown(f64::MAX).len() < 12);
+    }
+
     use super::*;
 
     #[test]
