@@ -30,9 +30,18 @@ UPDATE health_checks
 SET kind = translate(kind, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
 WHERE kind <> translate(kind, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');
 
+-- The result's own JSON (`record`, which listings are built from) says the same. Its
+-- `content_sha256` stays the hash of the record as it was sent, so a re-import of such a record
+-- as it was first sent is no longer recognised as a repeat: it is normalised first, and its hash
+-- differs.
 UPDATE results
 SET hardware_kind = translate(hardware_kind, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ',
-                              'abcdefghijklmnopqrstuvwxyz')
+                              'abcdefghijklmnopqrstuvwxyz'),
+    record = CASE WHEN jsonb_typeof(record->'hardware_kind') = 'string'
+                  THEN jsonb_set(record, '{hardware_kind}',
+                       to_jsonb(translate(hardware_kind, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ',
+                                                         'abcdefghijklmnopqrstuvwxyz')))
+                  ELSE record END
 WHERE hardware_kind <> translate(hardware_kind, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ',
                                  'abcdefghijklmnopqrstuvwxyz');
 

@@ -91,6 +91,18 @@ impl From<sqlx::Error> for CoordinatorError {
                 Some(SQLSTATE_ILLEGAL_TRANSITION) => {
                     return CoordinatorError::StaleLease(db.message().to_string())
                 }
+                // The database keeps hardware kinds in one spelling (migration
+                // 20261204000015); a caller of the store that did not normalise one is refused
+                // as a bad argument, not as a database failure.
+                Some("23514")
+                    if db
+                        .constraint()
+                        .is_some_and(|c| c.ends_with("_kind_lowercase")) =>
+                {
+                    return CoordinatorError::InvalidArgument(
+                        "hardware kinds are stored in lowercase (see normalize_kind)".into(),
+                    )
+                }
                 _ => {}
             }
         }

@@ -419,6 +419,14 @@ impl Store {
     /// Registers an agent, or updates the one with the same name (a restarted agent keeps its
     /// id and its history).
     pub async fn register_agent(&self, reg: &AgentRegistration) -> Result<Uuid> {
+        let devices: Vec<AgentDevice> = reg
+            .devices
+            .iter()
+            .map(|d| AgentDevice {
+                kind: fleetmark_core::normalize_kind(&d.kind),
+                ..d.clone()
+            })
+            .collect();
         let id: Uuid = sqlx::query_scalar(
             "INSERT INTO agents (id, name, labels, price_per_hour, inventory, devices, origin) \
              VALUES ($1, $2, $3, $4, $5, $6, 'registered') \
@@ -432,7 +440,7 @@ impl Store {
         .bind(json(&reg.labels))
         .bind(reg.price_per_hour)
         .bind(json(&reg.inventory))
-        .bind(json(&reg.devices))
+        .bind(json(&devices))
         .fetch_one(&self.pool)
         .await?;
         Ok(id)

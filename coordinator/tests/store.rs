@@ -1150,3 +1150,31 @@ async fn a_progress_batch_renews_only_the_lease_holders_run() {
         assert_eq!((iterations, acked), (7, true), "job {j}");
     }
 }
+
+/// Kinds have one spelling in the database. `register_agent` lowercases a device's kind, so an
+/// agent registered as `CPU` claims `cpu` jobs; a result that reaches the store with `CPU`
+/// (the wire lowercases it first) is refused as a bad argument by the database's check, not
+/// reported as a database failure, and nothing is stored.
+#[tokio::test]
+async fn kinds_are_stored_in_one_spelling() {
+    let (_db, store) = store().await;
+    let a = agent(&store, "shouty", "CPU").await;
+    store
+        .create_sweep(&sweep("batch_sizes=[8]\nprecisions=[\"f32\"]"), "")
+        .await
+        .unwrap();
+    let job = claim_cpu(&store, a).await;
+    let mut r = result_for(&job, 1, "imported-node");
+    r.job_id = None;
+    r.hardware_kind = "CPU".into();
+    let sweeps = store.list_sweeps(100).await.unwrap().len();
+    let err = store
+        .import("shouty run", "tester", &[r])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CoordinatorError::InvalidArgument(m) if m.contains("lowercase")),
+        "{err:?}"
+    );
+    assert_eq!(store.list_sweeps(100).await.unwrap().len(), sweeps);
+}
