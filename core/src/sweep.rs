@@ -398,6 +398,15 @@ min_duration = "2s"
                 "percentile_target = { percentile = \"p99\", within = 2.0 }",
                 "percentile_target.within must be",
             ),
+            // Absurd values make short errors, not 300 digits.
+            (
+                "stability_tolerance = -9e307",
+                "stability_tolerance must be a fraction above 0",
+            ),
+            (
+                "percentile_target = { percentile = \"p99\", within = 9e307 }",
+                "percentile_target.within must be",
+            ),
         ] {
             let err = SweepSpec::from_toml(&format!(
                 "batch_sizes=[1]\nprecisions=[\"f32\"]\n[measurement]\n{field}\n"
@@ -405,6 +414,7 @@ min_duration = "2s"
             .unwrap_err()
             .to_string();
             assert!(err.contains(msg), "{field}: {err}");
+            assert!(err.len() < 200, "{field}: {} characters: {err}", err.len());
         }
     }
 
