@@ -1327,11 +1327,15 @@ fn health_flags(
             }
         }
     }
+    let medians: std::collections::HashMap<&str, fleetmark_core::health::KindMedians> = by_kind
+        .iter()
+        .map(|(kind, peers)| (*kind, fleetmark_core::health::KindMedians::of(peers)))
+        .collect();
     let mut out = std::collections::HashMap::new();
     for a in agents {
         for d in &a.devices {
             if let Some(h) = &d.health {
-                let flags = fleetmark_core::health::flags(h, &by_kind[d.kind.as_str()]);
+                let flags = medians[d.kind.as_str()].flags(h);
                 out.insert(
                     (a.id, d.device.clone()),
                     flags.iter().map(ToString::to_string).collect(),

@@ -1618,11 +1618,9 @@ async fn reflag_kind(conn: &mut sqlx::PgConnection, kind: &str) -> Result<()> {
         .filter_map(|(id, h, flags)| Some((id, decoded_check(id, h)?, flags)))
         .collect();
     let peers: Vec<&fleetmark_core::DeviceHealth> = checks.iter().map(|(_, h, _)| h).collect();
+    let medians = fleetmark_core::health::KindMedians::of(&peers);
     for (id, h, old) in &checks {
-        let now: Vec<String> = fleetmark_core::health::flags(h, &peers)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let now: Vec<String> = medians.flags(h).iter().map(ToString::to_string).collect();
         if now != *old {
             sqlx::query("UPDATE health_checks SET flags = $2, flags_at = now() WHERE id = $1")
                 .bind(id)

@@ -155,41 +155,69 @@ impl fmt::Display for HealthFlag {
 
 /// The metrics on which `me` is more than [`SLOW_FRACTION`] below the median of `kind` (the
 /// health of every device of its kind, `me` included), and ECC off where most of its kind have
-/// it on. A metric that fewer than two devices report is not compared.
+/// it on. A metric that fewer than two devices report is not compared. To flag every device of
+/// a kind, compute [`KindMedians`] once and call [`KindMedians::flags`] for each: this function
+/// recomputes them, so calling it per device costs the square of the kind's size.
 pub fn flags(me: &DeviceHealth, kind: &[&DeviceHealth]) -> Vec<HealthFlag> {
-    let kind_metrics: Vec<Vec<(String, f64)>> = kind.iter().map(|h| h.metrics()).collect();
-    let mut out = Vec::new();
-    for (name, value) in me.metrics() {
-        let peers: Vec<f64> = kind_metrics
-            .iter()
-            .filter_map(|m| m.iter().find(|(n, _)| *n == name).map(|(_, v)| *v))
-            .collect();
-        if peers.len() < 2 {
-            continue;
+    KindMedians::of(kind).flags(me)
+}
+
+/// What a device of a kind is compared with: each metric's median over the kind's devices
+/// that report it (only where at least two do), and whether most of those that report ECC
+/// have it on (only where at least two report it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KindMedians {
+    medians: BTreeMap<String, f64>,
+    ecc_mostly_on: bool,
+}
+
+impl KindMedians {
+    pub fn of(kind: &[&DeviceHealth]) -> Self {
+        let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for h in kind {
+            for (name, v) in h.metrics() {
+                values.entry(name).or_default().push(v);
+            }
         }
-        let Some(mid) = crate::stats::median(&peers) else {
-            continue;
-        };
-        if mid > 0.0 && value < mid * (1.0 - SLOW_FRACTION) {
+        let medians = values
+            .into_iter()
+            .filter(|(_, v)| v.len() >= 2)
+            .filter_map(|(name, v)| crate::stats::median(&v).map(|m| (name, m)))
+            .collect();
+        let ecc: Vec<bool> = kind.iter().filter_map(|h| h.ecc_enabled).collect();
+        let on = ecc.iter().filter(|e| **e).count();
+        KindMedians {
+            medians,
+            ecc_mostly_on: ecc.len() >= 2 && on * 2 > ecc.len(),
+        }
+    }
+
+    /// The metrics on which `me` is more than [`SLOW_FRACTION`] below these medians, in the
+    /// order [`DeviceHealth::metrics`] lists them, then ECC off where most have it on.
+    pub fn flags(&self, me: &DeviceHealth) -> Vec<HealthFlag> {
+        let mut out: Vec<HealthFlag> = me
+            .metrics()
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let mid = *self.medians.get(&name)?;
+                (mid > 0.0 && value < mid * (1.0 - SLOW_FRACTION)).then(|| HealthFlag {
+                    metric: name,
+                    value,
+                    median: mid,
+                    vs_median: value / mid - 1.0,
+                })
+            })
+            .collect();
+        if me.ecc_enabled == Some(false) && self.ecc_mostly_on {
             out.push(HealthFlag {
-                metric: name,
-                value,
-                median: mid,
-                vs_median: value / mid - 1.0,
+                metric: "ecc".into(),
+                value: 0.0,
+                median: 1.0,
+                vs_median: -1.0,
             });
         }
+        out
     }
-    let ecc: Vec<bool> = kind.iter().filter_map(|h| h.ecc_enabled).collect();
-    let on = ecc.iter().filter(|e| **e).count();
-    if me.ecc_enabled == Some(false) && ecc.len() >= 2 && on * 2 > ecc.len() {
-        out.push(HealthFlag {
-            metric: "ecc".into(),
-            value: 0.0,
-            median: 1.0,
-            vs_median: -1.0,
-        });
-    }
-    out
 }
 
 #[cfg(test)]
@@ -228,6 +256,80 @@ mod tests {
             ["gemm_f16_tflops -14%", "power_limit_watts -29%", "ecc off"],
             "{f:?}"
         );
+    }
+
+    /// The flags as first written: each metric's peers gathered and their median taken per
+    /// device. [`KindMedians`] must agree with it on every device.
+    fn flags_one_by_one(me: &DeviceHealth, kind: &[&DeviceHealth]) -> Vec<HealthFlag> {
+        let mut out = Vec::new();
+        for (name, value) in me.metrics() {
+            let peers: Vec<f64> = kind
+                .iter()
+                .filter_map(|h| h.metrics().into_iter().find(|(n, _)| *n == name))
+                .map(|(_, v)| v)
+                .collect();
+            let Some(mid) = crate::stats::median(&peers).filter(|_| peers.len() >= 2) else {
+                continue;
+            };
+            if mid > 0.0 && value < mid * (1.0 - SLOW_FRACTION) {
+                out.push(HealthFlag {
+                    metric: name,
+                    value,
+                    median: mid,
+                    vs_median: value / mid - 1.0,
+                });
+            }
+        }
+        let ecc: Vec<bool> = kind.iter().filter_map(|h| h.ecc_enabled).collect();
+        let on = ecc.iter().filter(|e| **e).count();
+        if me.ecc_enabled == Some(false) && ecc.len() >= 2 && on * 2 > ecc.len() {
+            out.push(HealthFlag {
+                metric: "ecc".into(),
+                value: 0.0,
+                median: 1.0,
+                vs_median: -1.0,
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn medians_computed_once_flag_as_medians_per_device_did() {
+        // A kind of mixed reports: some without power or ECC, some slow, some without bf16.
+        let mut kind = Vec::new();
+        for i in 0..40u32 {
+            let slow = if i % 7 == 0 {
+                0.8
+            } else {
+                1.0 + f64::from(i % 5) * 0.01
+            };
+            let mut h = health(
+                700.0 * slow,
+                3000.0 * if i % 11 == 0 { 0.85 } else { 1.0 },
+                (i % 3 != 0).then_some(700.0 - f64::from(i % 4) * 60.0),
+                match i % 4 {
+                    0 => None,
+                    1 => Some(false),
+                    _ => Some(true),
+                },
+            );
+            if i % 2 == 0 {
+                h.gemm_tflops.insert(Precision::Bf16, 690.0 * slow);
+            }
+            kind.push(h);
+        }
+        for n in [1, 2, 3, 10, 40] {
+            let refs: Vec<&DeviceHealth> = kind[..n].iter().collect();
+            let medians = KindMedians::of(&refs);
+            for me in &refs {
+                assert_eq!(medians.flags(me), flags_one_by_one(me, &refs), "n={n}");
+            }
+        }
+        let flagged = kind
+            .iter()
+            .filter(|h| !flags(h, &kind.iter().collect::<Vec<_>>()).is_empty())
+            .count();
+        assert!(flagged > 0 && flagged < kind.len(), "{flagged}");
     }
 
     #[test]
