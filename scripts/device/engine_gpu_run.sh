@@ -9,6 +9,9 @@
 #   sbs   inventory; stock and fused against PyTorch's golden logits (`verify`, same weights and
 #         input); the fused sweep, the stock sweep and PyTorch (eager/graph, NCHW/channels_last)
 #         on the same card; report.md (scripts/bench/side_by_side.py)
+#   smoke the opt-in levers (--fused-pool, --fused-layer-timing) once each, f16 and f32 at
+#         batch 1 and 256, with each record's pool and stem search: a short first call, so a lost
+#         lease costs little
 #   ptx   the sm_75 build (fleetmark-agent-sm75.xz) on this card through PTX
 #   health  `fleetmark-agent health --device cuda:0` twice, beside nvidia-smi's clocks, power
 #         limit, ECC and PCIe link
@@ -156,6 +159,26 @@ sbs)
   echo "--- every Candle record (fused and stock)"
   summary "$OUT/sbs/candle.jsonl" | tee "$OUT/sbs/candle-summary.txt"
   ;;
+smoke)
+  step "smoke: the opt-in levers once each, f16 and f32 at batch 1 and 256 (short)"
+  [ -n "$agent_xz" ] || { echo "no agent binary in $BIN"; continue; }
+  mkdir -p "$OUT/smoke"; a=/tmp/agents; unpack "$agent_xz" $a || continue
+  for flags in "--fused-pool=kernel --fused-layer-timing=graph" "--fused-pool=auto"; do
+    echo "--- $flags"
+    # shellcheck disable=SC2086  # two flags in one string, split on purpose
+    limit $a run --sweep "$(sweep smoke fused 1,256 f16,f32)" --out "$OUT/smoke/smoke.jsonl" \
+      --device cuda:0 --name smoke $flags
+    echo "exit code $?"
+  done
+  summary "$OUT/smoke/smoke.jsonl"
+  $PY - "$OUT/smoke/smoke.jsonl" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line); d = r["backend"]["details"]
+    print(f"b{r['spec']['batch_size']} {r['spec']['precision']}: pool_search={d.get('pool_search')} "
+          f"layer_timing={d.get('layer_timing')} stem_search={d.get('stem_search')}")
+PYEOF
+  ;;
 ptx)
   step "ptx: the sm_75 build through PTX"
   [ -f "$BIN/fleetmark-agent-sm75.xz" ] || { echo "no $BIN/fleetmark-agent-sm75.xz"; continue; }
@@ -189,7 +212,7 @@ i12)
   limit "$here/scripts/device/coordinator_on_gpu.sh" "$BIN" "$OUT/i12" "${I12_DEVICE:-cuda:all}"
   ;;
 *)
-  echo "unknown mode '$mode' (as75, sbs, ptx, health, i12)"
+  echo "unknown mode '$mode' (as75, sbs, smoke, ptx, health, i12)"
   ;;
 esac
 done
