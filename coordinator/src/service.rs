@@ -1311,8 +1311,6 @@ impl pb::token_service_server::TokenService for TokenApi {
     }
 }
 
-/// The precisions a device declared at registration, checked; `None` when it declared none (an
-/// agent older than the field), which the claim query reads as "offer it every precision".
 /// For every (agent, device) with a health check, the metrics on which it is more than 10%
 /// below the median of the devices of its kind (`fleetmark_core::health::flags`), as text.
 fn health_flags(
@@ -1346,6 +1344,8 @@ fn health_flags(
     out
 }
 
+/// The precisions a device declared at registration, checked; `None` when it declared none (an
+/// agent older than the field), which the claim query reads as "offer it every precision".
 fn declared_precisions(device: &str, given: &[String]) -> Result<Option<Vec<String>>, Status> {
     if given.is_empty() {
         return Ok(None);

@@ -99,7 +99,9 @@ impl StabilityReport {
         if self.stable != agreed {
             return Err(format!(
                 "stability: stable = {} does not follow from spread {:?} and tolerance {}",
-                self.stable, self.spread, self.tolerance
+                self.stable,
+                self.spread,
+                crate::limits::Num(self.tolerance)
             ));
         }
         if self.stop_reason == StopReason::Stable && !self.stable {
@@ -281,6 +283,22 @@ mod tests {
             stability_window: Duration::from_millis(100),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_absurd_tolerance_makes_a_short_error() {
+        let report = StabilityReport {
+            stable: true,
+            stop_reason: StopReason::Stable,
+            spread: None,
+            windows: Vec::new(),
+            required_windows: 3,
+            window_seconds: 1.0,
+            tolerance: 1e300,
+            percentile_target_met: None,
+        };
+        let e = report.validate().unwrap_err();
+        assert!(e.len() < 200 && e.contains("1.000e300"), "{e}");
     }
 
     #[test]

@@ -30,7 +30,12 @@ fn core_err(e: core::CoreError) -> WireError {
 }
 
 pub fn parse_uuid(field: &str, s: &str) -> Result<Uuid, WireError> {
-    Uuid::parse_str(s).map_err(|_| WireError(format!("'{s}' is not a valid {field}")))
+    Uuid::parse_str(s).map_err(|_| {
+        WireError(format!(
+            "'{}' is not a valid {field}",
+            core::limits::Excerpt::of(s)
+        ))
+    })
 }
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -579,6 +584,12 @@ impl TryFrom<pb::DeviceHealth> for fleetmark_core::DeviceHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_bad_id_makes_a_short_error() {
+        let e = parse_uuid("job id", &"x".repeat(1 << 20)).unwrap_err().0;
+        assert!(e.len() < 200 && e.ends_with("is not a valid job id"), "{e}");
+    }
 
     #[test]
     fn job_spec_round_trips_and_bad_precision_is_rejected() {

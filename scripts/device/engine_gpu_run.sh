@@ -163,21 +163,28 @@ smoke)
   step "smoke: the opt-in levers once each, f16 and f32 at batch 1 and 256 (short)"
   [ -n "$agent_xz" ] || { echo "no agent binary in $BIN"; continue; }
   mkdir -p "$OUT/smoke"; a=/tmp/agents; unpack "$agent_xz" $a || continue
+  i=0
   for flags in "--fused-pool=kernel --fused-layer-timing=graph" "--fused-pool=auto"; do
+    i=$((i + 1))
     echo "--- $flags"
+    # The first run leaves half the budget to the second.
     # shellcheck disable=SC2086  # two flags in one string, split on purpose
-    limit $a run --sweep "$(sweep smoke fused 1,256 f16,f32)" --out "$OUT/smoke/smoke.jsonl" \
-      --device cuda:0 --name smoke $flags
+    RESERVE=$(( i == 1 ? BUDGET_S / 2 : 0 )) limit $a run --sweep "$(sweep smoke fused 1,256 f16,f32)" \
+      --out "$OUT/smoke/smoke-$i.jsonl" --device cuda:0 --name "smoke $i" $flags
     echo "exit code $?"
-  done
-  summary "$OUT/smoke/smoke.jsonl"
-  $PY - "$OUT/smoke/smoke.jsonl" <<'PYEOF'
+    summary "$OUT/smoke/smoke-$i.jsonl"
+    [ -s "$OUT/smoke/smoke-$i.jsonl" ] && $PY - "$OUT/smoke/smoke-$i.jsonl" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):
-    r = json.loads(line); d = r["backend"]["details"]
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    d = r["backend"]["details"]
     print(f"b{r['spec']['batch_size']} {r['spec']['precision']}: pool_search={d.get('pool_search')} "
           f"layer_timing={d.get('layer_timing')} stem_search={d.get('stem_search')}")
 PYEOF
+  done
   ;;
 ptx)
   step "ptx: the sm_75 build through PTX"
