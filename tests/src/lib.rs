@@ -344,6 +344,30 @@ impl Default for CoordinatorOpts {
     }
 }
 
+/// A coordinator with the default options on a fresh database, run from a scratch folder: how
+/// most end-to-end tests begin. Fields drop in order: the coordinator before its database.
+pub struct Stack {
+    pub coord: Coordinator,
+    pub db: TestDb,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let dir = scratch();
+        let db = TestDb::new().await;
+        let coord = Coordinator::start(
+            "coordinator",
+            dir.path(),
+            &db.url,
+            free_port(),
+            &CoordinatorOpts::default(),
+        )
+        .await;
+        Stack { coord, db, dir }
+    }
+}
+
 /// A coordinator process and the URL it serves on.
 pub struct Coordinator {
     pub process: Child,

@@ -21,16 +21,8 @@ fn claim(agent_id: &str, device: &str, secret: &str) -> tonic::Request<pb::Claim
 
 #[tokio::test]
 async fn claims_as_another_agent_or_for_an_unregistered_device_are_refused() {
-    let dir = scratch();
-    let db = TestDb::new().await;
-    let coord = Coordinator::start(
-        "coordinator",
-        dir.path(),
-        &db.url,
-        free_port(),
-        &CoordinatorOpts::default(),
-    )
-    .await;
+    let stack = Stack::start().await;
+    let (coord, db, dir) = (&stack.coord, &stack.db, &stack.dir);
     let url = coord.url.as_str();
     let pool = pool(&db.url).await;
     let attacker_token = create_token(&db.url, "agent", &["--name", "rented node"]);

@@ -14,16 +14,8 @@ const ONE_CPU_JOB: &str = "name = \"kind-case\"\nmodel = \"resnet18\"\nbatch_siz
 
 #[tokio::test]
 async fn a_kind_in_capitals_is_the_same_kind() {
-    let dir = scratch();
-    let db = TestDb::new().await;
-    let coord = Coordinator::start(
-        "coordinator",
-        dir.path(),
-        &db.url,
-        free_port(),
-        &CoordinatorOpts::default(),
-    )
-    .await;
+    let stack = Stack::start().await;
+    let (coord, db) = (&stack.coord, &stack.db);
     let channel = raw_channel(&coord.url).await;
     let pool = pool(&db.url).await;
     let admin = coord.token.clone().expect("admin token");

@@ -114,6 +114,18 @@ struct Buffers {
 }
 
 impl Buffers {
+    /// The buffer activation `a` lives in, and its byte offset there.
+    fn place(&self, a: usize) -> (&DeviceBuffer, usize) {
+        match self.places[a] {
+            (Place::Input, _) => (&self.input, 0),
+            (Place::Output, _) => (&self.output, 0),
+            (Place::Slab, offset) => (
+                &self.slab,
+                offset.expect("the memory plan places every slab activation"),
+            ),
+        }
+    }
+
     /// The `bytes` bytes of activation `a`, copied to the host (for checking a kernel).
     fn act_to_host(
         &self,
@@ -121,14 +133,7 @@ impl Buffers {
         bytes: usize,
         stream: &Arc<CudaStream>,
     ) -> Result<Vec<u8>, EngineError> {
-        let (buf, start) = match self.places[a] {
-            (Place::Input, _) => (&self.input, 0),
-            (Place::Output, _) => (&self.output, 0),
-            (Place::Slab, offset) => (
-                &self.slab,
-                offset.expect("the memory plan places every slab activation"),
-            ),
-        };
+        let (buf, start) = self.place(a);
         let v = drv(
             "copy activation",
             stream.clone_dtoh(&buf.slice().slice(start..start + bytes)),
@@ -138,14 +143,8 @@ impl Buffers {
     }
 
     fn act<'a>(&'a self, a: usize, stream: &CudaStream) -> DevPtr<'a> {
-        match self.places[a] {
-            (Place::Input, _) => self.input.ptr(stream),
-            (Place::Output, _) => self.output.ptr(stream),
-            (Place::Slab, offset) => self
-                .slab
-                .ptr(stream)
-                .offset(offset.expect("the memory plan places every slab activation")),
-        }
+        let (buf, offset) = self.place(a);
+        buf.ptr(stream).offset(offset)
     }
 }
 
@@ -294,23 +293,16 @@ impl FusedPrepared {
     /// forward pass is one (the GPU's time alone, so the steps add up to about the whole
     /// graph), else the median of `n` launches.
     fn profile(&self, n: usize) -> Result<String, EngineError> {
-        let timing = if self.graph.is_some() {
-            LayerTiming::Graph
-        } else {
-            LayerTiming::Launch
-        };
         let mut parts = Vec::new();
         for s in &self.steps {
-            let m = match timing {
-                LayerTiming::Graph => self
-                    .time_candidate(LayerTiming::Graph, &|| self.run_step(s))
-                    .map_or(f64::NAN, |t| t as f64 * 1e3),
-                _ => {
-                    let v = (0..n)
-                        .map(|_| Ok(self.timer.time(|| self.run_step(s))?.as_secs_f64() * 1e3))
-                        .collect::<Result<Vec<_>, EngineError>>()?;
-                    planner::median(v).unwrap_or(f64::NAN)
-                }
+            let m = if self.graph.is_some() {
+                self.time_candidate(LayerTiming::Graph, &|| self.run_step(s))
+                    .map_or(f64::NAN, |t| t as f64 * 1e3)
+            } else {
+                let v = (0..n)
+                    .map(|_| Ok(self.timer.time(|| self.run_step(s))?.as_secs_f64() * 1e3))
+                    .collect::<Result<Vec<_>, EngineError>>()?;
+                planner::median(v).unwrap_or(f64::NAN)
             };
             parts.push(format!("{}={m:.4}", s.name()));
         }
@@ -793,16 +785,7 @@ impl FusedPrepared {
         reps: usize,
         work: &dyn Fn() -> Result<(), EngineError>,
     ) -> Result<f32, EngineError> {
-        drv(
-            "begin capture",
-            self.stream
-                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
-        )?;
-        let run = (0..reps).try_for_each(|_| work());
-        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        run?;
-        let graph = drv("end capture", graph)?
-            .ok_or_else(|| EngineError::Setup("the captured graph is empty".into()))?;
+        let graph = self.capture_graph(&|| (0..reps).try_for_each(|_| work()))?;
         drv("graph launch", graph.launch())?;
         let mut best = f32::INFINITY;
         for _ in 0..3 {
@@ -988,17 +971,26 @@ impl FusedPrepared {
         self.steps.iter().try_for_each(|s| self.run_step(s))
     }
 
-    fn capture(&self) -> Result<CudaGraph, EngineError> {
+    /// `work`'s launches captured into a CUDA graph. The capture is always ended, so a step
+    /// that fails mid-capture leaves the stream out of capture mode.
+    fn capture_graph(
+        &self,
+        work: &dyn Fn() -> Result<(), EngineError>,
+    ) -> Result<CudaGraph, EngineError> {
         drv(
             "begin capture",
             self.stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
         )?;
-        let run = self.run_eager();
+        let run = work();
         let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
         run?;
-        let graph = drv("end capture", graph)?
-            .ok_or_else(|| EngineError::Setup("the captured graph is empty".into()))?;
+        drv("end capture", graph)?
+            .ok_or_else(|| EngineError::Setup("the captured graph is empty".into()))
+    }
+
+    fn capture(&self) -> Result<CudaGraph, EngineError> {
+        let graph = self.capture_graph(&|| self.run_eager())?;
         drv("graph upload", graph.upload())?;
         // Replay once and check it ran.
         drv("graph launch", graph.launch())?;
