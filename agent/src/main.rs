@@ -14,7 +14,7 @@ use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 use fleetmark_agent::{parse_labels, Config};
 use fleetmark_core::ComputeCapability;
 use fleetmark_engine::fused::{
-    options::{EpilogueChoice, LayerTiming, PlanChoice, PoolChoice, StemChannels},
+    options::{ConvApi, EpilogueChoice, LayerTiming, PlanChoice, PoolChoice, StemChannels},
     FusedOptions,
 };
 
@@ -107,6 +107,10 @@ struct FusedArgs {
     /// graph (inside a CUDA graph) or auto (graph when the forward pass is one).
     #[arg(long, default_value = "launch", value_parser = parse_with::<LayerTiming>)]
     fused_layer_timing: LayerTiming,
+    /// Fused path: which cuDNN API runs the convolutions: legacy, graph (the backend API's
+    /// engines, split-K variants included) or auto (time both per layer, keep the faster).
+    #[arg(long, default_value = "legacy", value_parser = parse_with::<ConvApi>)]
+    fused_conv_api: ConvApi,
     /// Fused path: time each layer on its own and record it in the result.
     #[arg(long)]
     fused_profile: bool,
@@ -147,6 +151,7 @@ impl FusedArgs {
             plan: self.fused_plan,
             pool: self.fused_pool,
             layer_timing: self.fused_layer_timing,
+            conv_api: self.fused_conv_api,
             profile: self.fused_profile,
         }
     }

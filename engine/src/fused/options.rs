@@ -76,6 +76,21 @@ pub enum LayerTiming {
     Launch,
 }
 
+/// Which cuDNN API runs the convolutions. The default stays the legacy calls until the graph
+/// API's plans have been measured on a GPU (docs/performance.md, "Built, not yet measured").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvApi {
+    /// Per layer, the legacy algorithms and the graph API's engine configurations are timed
+    /// together and the fastest kept.
+    Auto,
+    /// `cudnnConvolutionBiasActivationForward` and friends, algorithms ranked by `FindEx`.
+    #[default]
+    Legacy,
+    /// Only the graph (backend) API: each convolution with its epilogue as an operation graph,
+    /// engine configurations from cuDNN's heuristics plus split-K variants, timed.
+    Graph,
+}
+
 /// Every knob of the fused GPU path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedOptions {
@@ -93,6 +108,7 @@ pub struct FusedOptions {
     pub plan: PlanChoice,
     pub pool: PoolChoice,
     pub layer_timing: LayerTiming,
+    pub conv_api: ConvApi,
     /// Time each step on its own and record it in the result (for docs/performance.md).
     pub profile: bool,
 }
@@ -112,6 +128,7 @@ impl Default for FusedOptions {
             plan: PlanChoice::Both,
             pool: PoolChoice::Cudnn,
             layer_timing: LayerTiming::Launch,
+            conv_api: ConvApi::Legacy,
             profile: false,
         }
     }
@@ -140,7 +157,7 @@ impl FusedOptions {
     pub fn summary(&self) -> String {
         format!(
             "cuda_graph={} epilogue={} stem={} tf32={} algo_candidates={} workspace_limit={} \
-             plan={} pool={} layer_timing={} profile={}",
+             plan={} pool={} layer_timing={} conv_api={} profile={}",
             on_off(self.cuda_graph),
             self.epilogue,
             self.stem,
@@ -151,6 +168,7 @@ impl FusedOptions {
             self.plan,
             self.pool,
             self.layer_timing,
+            self.conv_api,
             on_off(self.profile),
         )
     }
@@ -230,6 +248,28 @@ impl fmt::Display for PoolChoice {
             PoolChoice::Auto => "auto",
             PoolChoice::Cudnn => "cudnn",
             PoolChoice::Kernel => "kernel",
+        })
+    }
+}
+
+impl FromStr for ConvApi {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ConvApi::Auto),
+            "legacy" => Ok(ConvApi::Legacy),
+            "graph" => Ok(ConvApi::Graph),
+            _ => Err(bad("convolution API", s, "auto, legacy or graph")),
+        }
+    }
+}
+
+impl fmt::Display for ConvApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConvApi::Auto => "auto",
+            ConvApi::Legacy => "legacy",
+            ConvApi::Graph => "graph",
         })
     }
 }
@@ -326,6 +366,11 @@ mod tests {
         );
         let e = "graphs".parse::<LayerTiming>().unwrap_err().to_string();
         assert!(e.contains("unknown layer timing 'graphs'"), "{e}");
+        let e = "backend".parse::<ConvApi>().unwrap_err().to_string();
+        assert!(
+            e.contains("unknown convolution API 'backend'") && e.contains("legacy"),
+            "{e}"
+        );
         assert_eq!(
             "8".parse::<StemChannels>().unwrap(),
             StemChannels::Fixed(StemInput::Padded(StemPad::C8))
@@ -391,6 +436,9 @@ mod tests {
         for v in [PoolChoice::Auto, PoolChoice::Cudnn, PoolChoice::Kernel] {
             assert_eq!(v.to_string().parse::<PoolChoice>().unwrap(), v);
         }
+        for v in [ConvApi::Auto, ConvApi::Legacy, ConvApi::Graph] {
+            assert_eq!(v.to_string().parse::<ConvApi>().unwrap(), v);
+        }
         for v in [LayerTiming::Auto, LayerTiming::Graph, LayerTiming::Launch] {
             assert_eq!(v.to_string().parse::<LayerTiming>().unwrap(), v);
         }
@@ -406,7 +454,7 @@ mod tests {
         assert_eq!(
             o.summary(),
             "cuda_graph=on epilogue=auto stem=4 tf32=off algo_candidates=8 \
-             workspace_limit=auto plan=both pool=cudnn layer_timing=launch profile=off"
+             workspace_limit=auto plan=both pool=cudnn layer_timing=launch conv_api=legacy profile=off"
         );
     }
 }

@@ -7,7 +7,9 @@ use fleetmark_core::{capability::cuda_math, ComputeCapability, MathMode, Precisi
 
 use super::{
     graph::{S2dChannels, Shape, StemInput, StemPad},
-    options::{EpilogueChoice, FusedOptions, LayerTiming, PlanChoice, PoolChoice, StemChannels},
+    options::{
+        ConvApi, EpilogueChoice, FusedOptions, LayerTiming, PlanChoice, PoolChoice, StemChannels,
+    },
 };
 
 /// How each layer's algorithm is picked. Timing single layers launch by launch measures launch
@@ -146,6 +148,60 @@ pub fn graph_reps(one_run_secs: f32) -> usize {
     ((GRAPH_TIMING_TARGET_SECS / one_run_secs).ceil() as usize).clamp(2, 20)
 }
 
+/// Which cuDNN APIs a layer's candidates come from: (legacy, graph).
+pub fn conv_apis(opts: &FusedOptions) -> (bool, bool) {
+    match opts.conv_api {
+        ConvApi::Legacy => (true, false),
+        ConvApi::Graph => (false, true),
+        ConvApi::Auto => (true, true),
+    }
+}
+
+/// What cuDNN says about an engine's arithmetic (its numerical notes), as far as the choice
+/// of engine cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineNote {
+    /// Runs on tensor cores (for f32 data: TF32).
+    TensorCore,
+    /// Converts inputs to a narrower type before multiplying.
+    DownConvertInputs,
+    /// Accumulates in less than f32.
+    ReducedPrecisionReduction,
+    /// Anything else (FFT, Winograd, nondeterministic, ...), which the legacy path allows too.
+    Other,
+}
+
+/// Whether an engine with `notes` computes in `math`: f32 math admits no tensor cores (that
+/// would be TF32 under an `f32` label), no math admits converting inputs to a narrower type,
+/// and nothing accumulates in less than f32, which is what the legacy path asks of cuDNN (f32
+/// compute type).
+pub fn engine_allowed(math: MathMode, notes: &[EngineNote]) -> bool {
+    notes.iter().all(|n| match n {
+        EngineNote::ReducedPrecisionReduction => false,
+        // For f32 data this note marks engines that convert inputs to f16, which neither f32
+        // nor TF32 math allows (the legacy path forbids it too); f16/bf16 inputs have nothing
+        // narrower to go to. TF32 engines carry the tensor-core note instead.
+        EngineNote::DownConvertInputs => false,
+        EngineNote::TensorCore => math != MathMode::F32,
+        EngineNote::Other => true,
+    })
+}
+
+/// How many of the heuristics' best engine configurations also get split-K variants.
+pub const SPLIT_CONFIGS: usize = 2;
+
+/// Split factors to try for a split knob whose range is `min..=max` in steps of `stride`,
+/// besides `current` (the heuristics' own choice): powers of two from 2 to 16 that the range
+/// holds. Splitting the reduction lets a layer with few output tiles (the 7x7 layers at batch
+/// 1, which fill a handful of an H100's 132 SMs) keep more of the GPU busy.
+pub fn split_values(min: i64, max: i64, stride: i64, current: Option<i64>) -> Vec<i64> {
+    let stride = stride.max(1);
+    [2, 4, 8, 16]
+        .into_iter()
+        .filter(|&v| v >= min && v <= max && (v - min) % stride == 0 && Some(v) != current)
+        .collect()
+}
+
 /// Which max pools to time after the stem: the path's own kernel only where it can take the
 /// shape (`kernel_fits`).
 pub fn pool_candidates(opts: &FusedOptions, kernel_fits: bool) -> Vec<PoolImpl> {
@@ -232,6 +288,36 @@ pub fn first_mismatch(a: &[f32], b: &[f32]) -> Option<usize> {
         .or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }
 
+/// Largest difference, relative to the output's scale, allowed between two plans of one
+/// convolution in `math` (they may sum in a different order, or split the sum). A plan that
+/// drops the bias, the residual or the ReLU, or writes nothing, misses by far more.
+pub fn plan_tolerance(math: MathMode) -> f32 {
+    match math {
+        MathMode::F32 => 1e-4,
+        MathMode::Tf32 => 1e-2,
+        MathMode::F16 => 2e-2,
+        MathMode::Bf16 => 6e-2,
+    }
+}
+
+/// The first index where `a` differs from the reference `b` by more than `tol` times the
+/// larger of |b| there and b's root mean square (so values near zero are judged on the
+/// tensor's scale), or `None` if they agree. A NaN anywhere in `a` that `b` does not have, or a
+/// length difference, is a mismatch.
+pub fn first_disagreement(a: &[f32], b: &[f32], tol: f32) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    let n = b.len().max(1) as f64;
+    let rms = (b.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n).sqrt() as f32;
+    a.iter().zip(b).position(|(&x, &y)| {
+        if x.is_nan() || y.is_nan() {
+            return x.is_nan() != y.is_nan();
+        }
+        (x - y).abs() > tol * y.abs().max(rms)
+    })
+}
+
 /// Median of whole-forward times, for choosing between plans.
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
@@ -314,6 +400,78 @@ mod tests {
         assert_eq!(layer_time(&[9.0, 2.0, 3.0, 1.5]), Some(1.5));
         assert_eq!(layer_time(&[9.0]), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn conv_apis_follow_the_option() {
+        let mut o = FusedOptions::default();
+        assert_eq!(conv_apis(&o), (true, false), "legacy by default");
+        o.conv_api = ConvApi::Graph;
+        assert_eq!(conv_apis(&o), (false, true));
+        o.conv_api = ConvApi::Auto;
+        assert_eq!(conv_apis(&o), (true, true));
+    }
+
+    #[test]
+    fn f32_math_refuses_tensor_core_engines_and_nothing_accumulates_narrow() {
+        use EngineNote::*;
+        assert!(!engine_allowed(MathMode::F32, &[TensorCore]));
+        assert!(engine_allowed(MathMode::F32, &[Other]));
+        assert!(engine_allowed(MathMode::F32, &[]));
+        assert!(engine_allowed(MathMode::Tf32, &[TensorCore]));
+        assert!(engine_allowed(MathMode::F16, &[TensorCore]));
+        for m in [MathMode::F32, MathMode::Tf32, MathMode::F16, MathMode::Bf16] {
+            assert!(!engine_allowed(m, &[Other, DownConvertInputs]), "{m:?}");
+        }
+        for m in [MathMode::F32, MathMode::Tf32, MathMode::F16, MathMode::Bf16] {
+            assert!(!engine_allowed(m, &[TensorCore, ReducedPrecisionReduction]));
+        }
+    }
+
+    #[test]
+    fn plans_agree_within_the_maths_rounding_and_a_wrong_epilogue_does_not() {
+        let reference: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37) % 101) as f32 / 10.0 - 2.0)
+            .collect();
+        let relu = |v: &[f32]| v.iter().map(|x| x.max(0.0)).collect::<Vec<_>>();
+        let y = relu(&reference);
+        for m in [MathMode::F32, MathMode::Tf32, MathMode::F16, MathMode::Bf16] {
+            let tol = plan_tolerance(m);
+            // Rounding of a tenth of the tolerance passes.
+            let close: Vec<f32> = y.iter().map(|x| x * (1.0 + tol / 10.0)).collect();
+            assert_eq!(first_disagreement(&close, &y, tol), None, "{m:?}");
+            // Without the ReLU, without the bias (a shift of 0.5), or nothing written: caught.
+            assert!(first_disagreement(&reference, &y, tol).is_some(), "{m:?}");
+            let shifted: Vec<f32> = y.iter().map(|x| x - 0.5).collect();
+            assert!(first_disagreement(&shifted, &y, tol).is_some(), "{m:?}");
+            assert!(
+                first_disagreement(&vec![0.0; y.len()], &y, tol).is_some(),
+                "{m:?}"
+            );
+        }
+        let mut nan = y.clone();
+        nan[7] = f32::NAN;
+        assert_eq!(first_disagreement(&nan, &y, 0.1), Some(7));
+        assert_eq!(first_disagreement(&y[1..], &y, 0.1), Some(999));
+    }
+
+    #[test]
+    fn split_values_stay_in_the_knobs_range() {
+        assert_eq!(split_values(1, 32, 1, None), vec![2, 4, 8, 16]);
+        assert_eq!(split_values(1, 32, 1, Some(4)), vec![2, 8, 16]);
+        assert_eq!(split_values(0, 5, 1, None), vec![2, 4]);
+        // A stride of 2 from 1 reaches only odd values: no power of two.
+        assert!(split_values(1, 16, 2, None).is_empty());
+        assert_eq!(split_values(0, 16, 4, None), vec![4, 8, 16]);
+        assert!(
+            split_values(1, 1, 1, None).is_empty(),
+            "a knob that cannot split"
+        );
+        assert_eq!(
+            split_values(2, 8, 0, None),
+            vec![2, 4, 8],
+            "a zero stride counts as 1"
+        );
     }
 
     #[test]
