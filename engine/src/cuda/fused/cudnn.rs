@@ -60,7 +60,7 @@ impl Elem {
         }
     }
 
-    fn dnn(self) -> dnn::cudnnDataType_t {
+    pub(super) fn dnn(self) -> dnn::cudnnDataType_t {
         match self {
             Elem::F32 => dnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
             Elem::F16 => dnn::cudnnDataType_t::CUDNN_DATA_HALF,

@@ -21,9 +21,16 @@
 //! captured CUDA graph, which is declared (and so dropped) before the buffers it points into.
 
 mod cudnn;
+mod graph_api;
 mod kernels;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, HashMap},
+    rc::Rc,
+    sync::Arc,
+    time::Duration,
+};
 
 use candle_core::cuda_backend::cudarc::{
     cudnn::sys as dnn,
@@ -36,14 +43,16 @@ use cudnn::{
     check, drv, math_type, ActDesc, ConvDesc, ConvGeometry, DevPtr, DeviceBuffer, Elem, FilterDesc,
     Handle, PoolDesc, PoolWindow, TensorDesc,
 };
+use graph_api::{GraphCandidates, GraphPlan};
 use kernels::Kernels;
 
 use super::{EventTimer, PoolPeak};
 use crate::{
     backend::{backend_info, ExecPath, MemoryScope, Prepared},
     fused::{
+        conv_graph::{uid, ConvEpilogue, ConvGraphSpec, Filter},
         graph::{self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemInput},
-        options::{LayerTiming, PoolChoice},
+        options::{ConvApi, LayerTiming, PoolChoice},
         planner::{self, Epilogue, MaxPoolGeometry, PlanStrategy, PoolImpl},
         FusedOptions,
     },
@@ -74,6 +83,10 @@ struct ConvExec {
     epilogue: Epilogue,
     /// Workspace bytes the algorithm needs.
     ws: usize,
+    filter: Filter,
+    /// A graph API plan, which then runs the convolution with its whole epilogue instead of
+    /// `algo` and `epilogue`.
+    graph: Option<Rc<GraphPlan>>,
 }
 
 struct PoolExec {
@@ -157,6 +170,18 @@ struct Target<'a> {
     cc: ComputeCapability,
     /// The path's own kernels, or why they could not be loaded (cuDNN then does their work).
     kernels: &'a Result<Arc<Kernels>, String>,
+    /// One cuDNN handle for every candidate plan, so graph API plans made with it can be
+    /// shared between them.
+    handle: &'a Rc<Handle>,
+    graph_cache: &'a GraphCache,
+}
+
+/// Graph API plans already made, by convolution (the same shapes recur within one model and in
+/// every stem candidate's plan, and making a plan can compile kernels), with what their search
+/// found, or why none could be made.
+#[derive(Default)]
+struct GraphCache {
+    entries: RefCell<HashMap<String, Result<Rc<GraphCandidates>, String>>>,
 }
 
 /// What the algorithm search of one plan works with.
@@ -175,7 +200,7 @@ pub struct FusedPrepared {
     steps: Vec<ExecStep>,
     descs: Vec<TensorDesc>,
     relu: ActDesc,
-    handle: Handle,
+    handle: Rc<Handle>,
     bufs: Buffers,
     stream: Arc<CudaStream>,
     elem: Elem,
@@ -190,6 +215,8 @@ pub struct FusedPrepared {
     kernels: Option<Arc<Kernels>>,
     /// What the max pool's planning found, for `backend.details.pool_search`.
     pool_note: String,
+    /// `layer: what the graph API offered`, for `backend.details.graph_api`.
+    graph_notes: RefCell<Vec<String>>,
 }
 
 /// 1.0 and 0.0 as cuDNN's host scaling factors (f32 for every data type used here).
@@ -223,12 +250,16 @@ impl FusedPrepared {
                 e.to_string()
             })
         };
+        let handle = Rc::new(Handle::on_stream(stream)?);
+        let graph_cache = GraphCache::default();
         let target = Target {
             job,
             weights,
             opts,
             cc,
             kernels: &kernels,
+            handle: &handle,
+            graph_cache: &graph_cache,
         };
         let mut best: Option<(f64, FusedPrepared)> = None;
         let mut tried = Vec::new();
@@ -323,6 +354,8 @@ impl FusedPrepared {
             opts,
             cc,
             kernels,
+            handle,
+            graph_cache,
         } = target;
         let elem = Elem::of(job.precision);
         let batch = job.batch_size as usize;
@@ -363,7 +396,7 @@ impl FusedPrepared {
                 .map(|a| TensorDesc::nhwc(&a.shape, elem))
                 .collect::<Result<Vec<_>, _>>()?,
             relu: ActDesc::relu()?,
-            handle: Handle::on_stream(stream)?,
+            handle: handle.clone(),
             bufs,
             stream: stream.clone(),
             elem,
@@ -379,6 +412,7 @@ impl FusedPrepared {
                 Err(e) if opts.pool != PoolChoice::Cudnn => format!("kernel unavailable: {e}"),
                 _ => String::new(),
             },
+            graph_notes: RefCell::new(Vec::new()),
         };
         let search = SearchConfig {
             opts,
@@ -390,7 +424,9 @@ impl FusedPrepared {
         for step in &net.steps {
             let exec = match step {
                 graph::Step::Pool(p) => ExecStep::Pool(me.plan_pool(p, &search)?),
-                graph::Step::Conv(c) => ExecStep::Conv(Box::new(me.plan_conv(c, &search)?)),
+                graph::Step::Conv(c) => {
+                    ExecStep::Conv(Box::new(me.plan_conv(c, &search, graph_cache)?))
+                }
             };
             me.steps.push(exec);
         }
@@ -451,9 +487,10 @@ impl FusedPrepared {
             .steps
             .iter()
             .filter_map(|s| match s {
-                ExecStep::Conv(c) => {
-                    Some(format!("{}:{}/{:?}", c.name, algo_name(c.algo), c.epilogue))
-                }
+                ExecStep::Conv(c) => Some(match &c.graph {
+                    Some(g) => format!("{}:graph/{}", c.name, g.label),
+                    None => format!("{}:{}/{:?}", c.name, algo_name(c.algo), c.epilogue),
+                }),
                 ExecStep::Pool(p) if p.geometry.is_some() => {
                     Some(format!("{}:{}", p.name, p.imp.as_str()))
                 }
@@ -473,8 +510,13 @@ impl FusedPrepared {
         details.insert("workspace_cap_bytes".into(), search.ws_cap.to_string());
         details.insert("plan".into(), plan_notes.join(" "));
         details.insert("layer_timing".into(), search.timing.to_string());
+        details.insert("conv_api".into(), opts.conv_api.to_string());
         if !self.pool_note.is_empty() {
             details.insert("pool_search".into(), self.pool_note.clone());
+        }
+        let graph_notes = self.graph_notes.borrow();
+        if !graph_notes.is_empty() {
+            details.insert("graph_api".into(), graph_notes.join("; "));
         }
         details.insert("fused_options".into(), opts.summary());
         backend_info("candle-cuda", ExecPath::Fused, self.math, details)
@@ -642,6 +684,15 @@ impl FusedPrepared {
             algo: dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
             epilogue: Epilogue::Separate,
             ws: 0,
+            filter: Filter {
+                k,
+                c,
+                r,
+                s,
+                stride: step.stride,
+                pad: step.pad,
+            },
+            graph: None,
         })
     }
 
@@ -691,30 +742,63 @@ impl FusedPrepared {
             .collect())
     }
 
-    /// Times the best few algorithms with each allowed epilogue on the real buffers and keeps
-    /// the fastest that runs.
+    /// Plans one convolution: the candidates of each cuDNN API the options allow are timed on
+    /// the real buffers and the fastest that runs is kept.
     fn plan_conv(
         &self,
         step: &graph::ConvStep,
         cfg: &SearchConfig<'_>,
+        cache: &GraphCache,
     ) -> Result<ConvExec, EngineError> {
         let mut exec = self.conv_exec(step, cfg.math)?;
-        let ranked = self.rank_algorithms(&exec, cfg.ws_cap)?;
-        if ranked.is_empty() {
-            return Err(EngineError::Unsupported(format!(
-                "cuDNN has no algorithm for {} in {:?}",
-                exec.name, self.elem
-            )));
+        let (use_legacy, use_graph) = planner::conv_apis(cfg.opts);
+        let legacy = match (use_legacy, use_graph) {
+            (false, _) => None,
+            (true, false) => self.search_legacy(&mut exec, cfg)?,
+            // With the graph API in the race, a legacy failure (FindEx refusing the layer)
+            // leaves the graph API to plan it.
+            (true, true) => self.search_legacy(&mut exec, cfg).unwrap_or_else(|e| {
+                tracing::info!(layer = %exec.name, error = %e, "legacy cuDNN search failed; graph API only");
+                None
+            }),
+        };
+        let graph = if use_graph {
+            self.search_graph(&mut exec, cfg, cache, legacy.as_ref())?
+        } else {
+            None
+        };
+        match (legacy, graph) {
+            (Some((lt, _, _)), Some((gt, plan))) if gt < lt => exec.use_graph(plan),
+            (None, Some((_, plan))) => exec.use_graph(plan),
+            (Some((_, perf, ep)), _) => exec.use_legacy(&perf, ep)?,
+            (None, None) => {
+                return Err(EngineError::Unsupported(format!(
+                    "no cuDNN plan runs for {} in {:?} ({} API: every candidate failed)",
+                    exec.name, self.elem, cfg.opts.conv_api
+                )))
+            }
         }
+        Ok(exec)
+    }
+
+    /// The legacy API's fastest algorithm and epilogue for `exec`: the best few of cuDNN's
+    /// ranking, each with every allowed epilogue, timed on the real buffers (or, for the
+    /// ranked strategy, the first that runs). `None` if none runs.
+    fn search_legacy(
+        &self,
+        exec: &mut ConvExec,
+        cfg: &SearchConfig<'_>,
+    ) -> Result<Option<LegacyChoice>, EngineError> {
+        let ranked = self.rank_algorithms(exec, cfg.ws_cap)?;
         let epilogues = planner::epilogues(cfg.opts.epilogue, exec.relu);
-        let mut best: Option<(f32, dnn::cudnnConvolutionFwdAlgoPerf_t, Epilogue)> = None;
+        let mut best: Option<LegacyChoice> = None;
         for cand in ranked.iter().take(cfg.opts.algo_candidates.get()) {
             exec.cd.set_math(cand.mathType)?;
             for &ep in &epilogues {
                 exec.algo = cand.algo;
                 exec.epilogue = ep;
                 exec.ws = cand.memory;
-                let Some(t) = self.time_candidate(cfg.timing, &|| self.run_conv(&exec)) else {
+                let Some(t) = self.time_candidate(cfg.timing, &|| self.run_conv(exec)) else {
                     continue;
                 };
                 if best.as_ref().is_none_or(|(bt, _, _)| t < *bt) {
@@ -728,17 +812,157 @@ impl FusedPrepared {
                 break;
             }
         }
-        let (_, perf, ep) = best.ok_or_else(|| {
-            EngineError::Unsupported(format!(
-                "no cuDNN plan runs for {} in {:?} (every algorithm and epilogue failed)",
-                exec.name, self.elem
-            ))
-        })?;
-        exec.cd.set_math(perf.mathType)?;
-        exec.algo = perf.algo;
-        exec.epilogue = ep;
-        exec.ws = perf.memory;
-        Ok(exec)
+        Ok(best)
+    }
+
+    /// The graph API's fastest plan for `exec` within the workspace cap (for the ranked
+    /// strategy, the heuristics' first that runs). Before a plan is timed, its output is
+    /// compared with a reference on the real buffers ([`Self::check_graph_plan`]): the legacy
+    /// winner's where there is one, else that of the first plan that runs (cuDNN's own first
+    /// choice, which the split variants made here are judged against). `None` if none runs;
+    /// an error only when the graph API is the only one allowed and cuDNN could not describe
+    /// the convolution at all.
+    fn search_graph(
+        &self,
+        exec: &mut ConvExec,
+        cfg: &SearchConfig<'_>,
+        cache: &GraphCache,
+        legacy: Option<&LegacyChoice>,
+    ) -> Result<Option<(f32, Rc<GraphPlan>)>, EngineError> {
+        let found = match self.graph_candidates(exec, cfg, cache) {
+            Ok(c) => c,
+            Err(why) if cfg.opts.conv_api == ConvApi::Graph => {
+                return Err(EngineError::Unsupported(format!(
+                    "cuDNN's graph API cannot plan {}: {why}",
+                    exec.name
+                )))
+            }
+            Err(_) => return Ok(None),
+        };
+        let mut reference = match legacy {
+            Some((_, perf, ep)) => {
+                exec.use_legacy(perf, *ep)?;
+                Some(self.conv_output(exec)?)
+            }
+            None => None,
+        };
+        let (mut wrong, mut best) = (0usize, None::<(f32, Rc<GraphPlan>)>);
+        for plan in found.plans.iter().filter(|p| p.ws <= cfg.ws_cap) {
+            exec.use_graph(plan.clone());
+            if !self.check_graph_plan(exec, plan, &mut reference, cfg.math) {
+                wrong += 1;
+                continue;
+            }
+            let Some(t) = self.time_candidate(cfg.timing, &|| self.run_conv(exec)) else {
+                continue;
+            };
+            if best.as_ref().is_none_or(|(bt, _)| t < *bt) {
+                best = Some((t, plan.clone()));
+            }
+            if cfg.strategy == PlanStrategy::Ranked {
+                break;
+            }
+        }
+        exec.graph = None;
+        let mut note = found.note.clone();
+        if wrong > 0 {
+            note.push_str(&format!(
+                ", {wrong} disagreed with the reference or did not run"
+            ));
+        }
+        if let Some((_, p)) = &best {
+            note.push_str(&format!(", best {}", p.label));
+        }
+        self.graph_notes
+            .borrow_mut()
+            .push(format!("{}: {note}", exec.name));
+        Ok(best)
+    }
+
+    /// `exec`'s output as it is configured now, run once on the real buffers.
+    fn conv_output(&self, exec: &ConvExec) -> Result<Vec<f32>, EngineError> {
+        self.run_conv(exec)?;
+        let bytes = self.shapes[exec.y].elems() * self.elem.size();
+        let v = self.bufs.act_to_host(exec.y, bytes, &self.stream)?;
+        Ok(self.elem.f32_from_bytes(&v))
+    }
+
+    /// Whether graph plan `plan` (configured in `exec`) computes the convolution: its output
+    /// agrees with `reference` within [`planner::plan_tolerance`]; with no reference yet, a
+    /// plan that runs becomes the reference. Checked once per plan (plans are shared), and a
+    /// plan that fails to run counts as wrong.
+    fn check_graph_plan(
+        &self,
+        exec: &ConvExec,
+        plan: &GraphPlan,
+        reference: &mut Option<Vec<f32>>,
+        math: MathMode,
+    ) -> bool {
+        if let Some(verdict) = plan.checked.get() {
+            return verdict;
+        }
+        let verdict = match self.conv_output(exec) {
+            Err(e) => {
+                tracing::debug!(plan = %plan.label, error = %e, "graph plan did not run");
+                let _ = self.stream.synchronize();
+                false
+            }
+            Ok(out) => match reference {
+                None => {
+                    *reference = Some(out);
+                    true
+                }
+                Some(r) => {
+                    match planner::first_disagreement(&out, r, planner::plan_tolerance(math)) {
+                        None => true,
+                        Some(at) => {
+                            tracing::info!(layer = %exec.name, plan = %plan.label, at,
+                                "graph plan's output disagrees with the reference; not used");
+                            false
+                        }
+                    }
+                }
+            },
+        };
+        plan.checked.set(Some(verdict));
+        verdict
+    }
+
+    /// The graph API's plans for `exec`'s convolution, made once per shape and reused.
+    fn graph_candidates(
+        &self,
+        exec: &ConvExec,
+        cfg: &SearchConfig<'_>,
+        cache: &GraphCache,
+    ) -> Result<Rc<GraphCandidates>, String> {
+        let spec = ConvGraphSpec::new(
+            &self.shapes[exec.x],
+            &self.shapes[exec.y],
+            exec.filter,
+            ConvEpilogue {
+                bias: exec.bias.is_some(),
+                residual: exec.residual.is_some(),
+                relu: exec.relu,
+            },
+        );
+        let limit = cfg.opts.algo_candidates.get();
+        let key = format!("{spec:?} {:?} {:?} {limit}", self.elem, cfg.math);
+        let found = cache
+            .entries
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| {
+                graph_api::candidates(&self.handle, &spec, self.elem, cfg.math, limit)
+                    .map(Rc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone();
+        if let Err(e) = &found {
+            self.graph_notes
+                .borrow_mut()
+                .push(format!("{}: failed: {e}", exec.name));
+        }
+        found
     }
 
     /// The time of one run of `work` (a step as configured), or `None` if it does not run.
@@ -804,6 +1028,9 @@ impl FusedPrepared {
 
     /// One convolution with its epilogue, enqueued on the stream.
     fn run_conv(&self, st: &ConvExec) -> Result<(), EngineError> {
+        if let Some(plan) = &st.graph {
+            return self.run_conv_graph(st, plan);
+        }
         match st.epilogue {
             Epilogue::Api | Epilogue::ApiF32Bias => self.run_conv_fused(st),
             Epilogue::Separate => self.run_conv_separate(st),
@@ -855,6 +1082,32 @@ impl FusedPrepared {
                 y.dst(),
             )
         })
+    }
+
+    /// A graph API plan: the convolution and its whole epilogue in one execution.
+    fn run_conv_graph(&self, st: &ConvExec, plan: &GraphPlan) -> Result<(), EngineError> {
+        let s = &self.stream;
+        let ptrs = plan
+            .uids()
+            .iter()
+            .map(|&id| match id {
+                uid::X => Ok(self.bufs.act(st.x, s)),
+                uid::W => Ok(st.weight.ptr(s)),
+                uid::Y => Ok(self.bufs.act(st.y, s)),
+                uid::BIAS => st.bias.as_ref().map(|b| b.f32.ptr(s)).ok_or(id),
+                uid::RESIDUAL => st.residual.map(|z| self.bufs.act(z, s)).ok_or(id),
+                other => Err(other),
+            })
+            .collect::<Result<Vec<_>, i64>>()
+            .map_err(|id| {
+                EngineError::Setup(format!("{}: the graph plan wants tensor {id}", st.name))
+            })?;
+        plan.run(
+            &self.handle,
+            &ptrs,
+            self.bufs.workspace.ptr(s),
+            self.bufs.ws_size,
+        )
     }
 
     fn run_conv_separate(&self, st: &ConvExec) -> Result<(), EngineError> {
@@ -1003,6 +1256,29 @@ impl FusedPrepared {
             Some(g) => drv("graph launch", g.launch()),
             None => self.run_eager(),
         }
+    }
+}
+
+/// The legacy search's winner: its time, cuDNN's record of the algorithm, and the epilogue.
+type LegacyChoice = (f32, dnn::cudnnConvolutionFwdAlgoPerf_t, Epilogue);
+
+impl ConvExec {
+    fn use_graph(&mut self, plan: Rc<GraphPlan>) {
+        self.ws = plan.ws;
+        self.graph = Some(plan);
+    }
+
+    fn use_legacy(
+        &mut self,
+        perf: &dnn::cudnnConvolutionFwdAlgoPerf_t,
+        ep: Epilogue,
+    ) -> Result<(), EngineError> {
+        self.cd.set_math(perf.mathType)?;
+        self.algo = perf.algo;
+        self.epilogue = ep;
+        self.ws = perf.memory;
+        self.graph = None;
+        Ok(())
     }
 }
 
