@@ -9,9 +9,9 @@
 #   sbs   inventory; stock and fused against PyTorch's golden logits (`verify`, same weights and
 #         input); the fused sweep, the stock sweep and PyTorch (eager/graph, NCHW/channels_last)
 #         on the same card; report.md (scripts/bench/side_by_side.py)
-#   smoke the opt-in levers (--fused-pool, --fused-layer-timing) once each, f16 and f32 at
-#         batch 1 and 256, with each record's pool and stem search: a short first call, so a lost
-#         lease costs little
+#   smoke the opt-in levers (--fused-pool, --fused-layer-timing, --fused-conv-api) once each,
+#         f16 and f32 at batch 1 and 256, with each record's pool, stem and graph API search: a
+#         short first call, so a lost lease costs little
 #   ptx   the sm_75 build (fleetmark-agent-sm75.xz) on this card through PTX
 #   health  `fleetmark-agent health --device cuda:0` twice, beside nvidia-smi's clocks, power
 #         limit, ECC and PCIe link
@@ -164,12 +164,14 @@ smoke)
   [ -n "$agent_xz" ] || { echo "no agent binary in $BIN"; continue; }
   mkdir -p "$OUT/smoke"; a=/tmp/agents; unpack "$agent_xz" $a || continue
   i=0
-  for flags in "--fused-pool=kernel --fused-layer-timing=graph" "--fused-pool=auto"; do
+  runs=("--fused-pool=kernel --fused-layer-timing=graph" "--fused-pool=auto"
+    "--fused-conv-api=auto --fused-layer-timing=graph")
+  for flags in "${runs[@]}"; do
     i=$((i + 1))
     echo "--- $flags"
-    # The first run leaves half the budget to the second.
-    # shellcheck disable=SC2086  # two flags in one string, split on purpose
-    RESERVE=$(( i == 1 ? BUDGET_S / 2 : 0 )) limit $a run --sweep "$(sweep smoke fused 1,256 f16,f32)" \
+    # Each run leaves the later ones their share of the budget.
+    # shellcheck disable=SC2086  # several flags in one string, split on purpose
+    RESERVE=$(( BUDGET_S * (${#runs[@]} - i) / ${#runs[@]} )) limit $a run --sweep "$(sweep smoke fused 1,256 f16,f32)" \
       --out "$OUT/smoke/smoke-$i.jsonl" --device cuda:0 --name "smoke $i" $flags
     echo "exit code $?"
     summary "$OUT/smoke/smoke-$i.jsonl"
@@ -183,6 +185,9 @@ for line in open(sys.argv[1]):
     d = r["backend"]["details"]
     print(f"b{r['spec']['batch_size']} {r['spec']['precision']}: pool_search={d.get('pool_search')} "
           f"layer_timing={d.get('layer_timing')} stem_search={d.get('stem_search')}")
+    if d.get("conv_api", "legacy") != "legacy":
+        print(f"  plan={d.get('plan')}")
+        print(f"  graph_api={d.get('graph_api')}")
 PYEOF
   done
   ;;

@@ -165,3 +165,46 @@ async fn standalone_results_import_and_compare() {
         .expect("count");
     assert_eq!(total, 2);
 }
+
+/// A misspelt fused-path option stops the agent at start-up with one short line naming the
+/// value and what is accepted, before any job runs (these used to be environment variables
+/// whose bad values fell back silently).
+#[tokio::test]
+async fn a_bad_fused_option_stops_the_agent_with_one_line() {
+    let dir = scratch();
+    let sweep_file = dir.path().join("s.toml");
+    std::fs::write(&sweep_file, sweep_toml("bad-flag", &[1], 32, "100ms")).expect("write");
+    for (flag, value, accepted) in [
+        ("--fused-conv-api", "backend", "auto, legacy or graph"),
+        ("--fused-pool", "cuDNN", "auto, cudnn or kernel"),
+        ("--fused-layer-timing", "graphs", "auto, graph or launch"),
+    ] {
+        let mut run = tokio::process::Command::from(command("fleetmark-agent"));
+        run.arg("run")
+            .arg("--sweep")
+            .arg(&sweep_file)
+            .arg("--out")
+            .arg(dir.path().join("never.jsonl"))
+            .args(["--device", "cpu", &format!("{flag}={value}")])
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(SWEEP_TIMEOUT, run.output())
+            .await
+            .expect("the agent exits")
+            .expect("run fleetmark-agent");
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{flag}={value} was accepted: {err}");
+        assert!(
+            err.contains(value) && err.contains(accepted) && err.contains(flag),
+            "{flag}={value}: {err}"
+        );
+        assert!(
+            err.len() < 400,
+            "a short error, not {} bytes: {err}",
+            err.len()
+        );
+        assert!(
+            !dir.path().join("never.jsonl").exists(),
+            "no job ran for {flag}={value}"
+        );
+    }
+}
