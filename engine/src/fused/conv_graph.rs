@@ -76,7 +76,8 @@ pub struct ConvEpilogue {
     pub relu: bool,
 }
 
-/// A convolution's filter: K output channels over C input channels, R x S.
+/// A convolution's filter: K output channels over C input channels, R x S, with its stride and
+/// padding. The legacy descriptors are made from it too (`cuda/fused/cudnn.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Filter {
     pub k: usize,

@@ -18,7 +18,10 @@ use candle_core::{
 };
 use fleetmark_core::{MathMode, Precision};
 
-use crate::{fused::graph::Shape, EngineError};
+use crate::{
+    fused::{conv_graph::Filter, graph::Shape},
+    EngineError,
+};
 
 pub(super) fn check(what: &str, s: dnn::cudnnStatus_t) -> Result<(), EngineError> {
     if s == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
@@ -295,21 +298,9 @@ impl TensorDesc {
     }
 }
 
-/// A convolution's geometry, as the descriptors need it.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct ConvGeometry {
-    /// Output channels, input channels, kernel height and width (KCRS).
-    pub k: usize,
-    pub c: usize,
-    pub r: usize,
-    pub s: usize,
-    pub stride: usize,
-    pub pad: usize,
-}
-
 impl FilterDesc {
     /// A KRSC ("NHWC") filter.
-    pub(super) fn krsc(g: &ConvGeometry, e: Elem) -> Result<Self, EngineError> {
+    pub(super) fn krsc(g: &Filter, e: Elem) -> Result<Self, EngineError> {
         let f = FilterDesc::create()?;
         // SAFETY: `f.0` is a live descriptor we own; the call only writes into it.
         check("set filter", unsafe {
@@ -329,7 +320,7 @@ impl FilterDesc {
 
 impl ConvDesc {
     /// A cross-correlation with f32 accumulation and `math`.
-    pub(super) fn new(g: &ConvGeometry, math: dnn::cudnnMathType_t) -> Result<Self, EngineError> {
+    pub(super) fn new(g: &Filter, math: dnn::cudnnMathType_t) -> Result<Self, EngineError> {
         let d = ConvDesc::create()?;
         // SAFETY: `d.0` is a live descriptor we own; the call only writes into it.
         check("set conv", unsafe {

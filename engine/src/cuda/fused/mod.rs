@@ -40,7 +40,7 @@ use fleetmark_core::{BackendInfo, ComputeCapability, JobSpec, MathMode};
 
 pub use cudnn::cudnn_version;
 use cudnn::{
-    check, drv, math_type, ActDesc, ConvDesc, ConvGeometry, DevPtr, DeviceBuffer, Elem, FilterDesc,
+    check, drv, math_type, ActDesc, ConvDesc, DevPtr, DeviceBuffer, Elem, FilterDesc,
     Handle, PoolDesc, PoolWindow, TensorDesc,
 };
 use graph_api::{GraphCandidates, GraphPlan};
@@ -648,7 +648,7 @@ impl FusedPrepared {
         // KCRS -> KRSC, the layout the NHWC kernels read.
         let (k, c, r, s) = step.weight.dims4()?;
         let w = step.weight.permute((0, 2, 3, 1))?.contiguous()?;
-        let geometry = ConvGeometry {
+        let filter = Filter {
             k,
             c,
             r,
@@ -679,19 +679,12 @@ impl FusedPrepared {
             relu: step.relu,
             weight: DeviceBuffer::upload(&self.stream, &e.bytes_of(&w)?)?,
             bias,
-            wd: FilterDesc::krsc(&geometry, e)?,
-            cd: ConvDesc::new(&geometry, math_type(math))?,
+            wd: FilterDesc::krsc(&filter, e)?,
+            cd: ConvDesc::new(&filter, math_type(math))?,
             algo: dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
             epilogue: Epilogue::Separate,
             ws: 0,
-            filter: Filter {
-                k,
-                c,
-                r,
-                s,
-                stride: step.stride,
-                pad: step.pad,
-            },
+            filter,
             graph: None,
         })
     }
