@@ -386,7 +386,8 @@ fn knob_name(raw: u32) -> String {
     match raw {
         x if x == K::CUDNN_KNOB_TYPE_SPLIT_K_SLC as u32 => "split_k_slc".into(),
         x if x == K::CUDNN_KNOB_TYPE_SPLIT_K_BUF as u32 => "split_k_buf".into(),
-        other => format!("k{other}"),
+        x if x == K::CUDNN_KNOB_TYPE_KERNEL_CFG as u32 => "kernel_cfg".into(),
+        other => format!("knob{other}"),
     }
 }
 
@@ -499,17 +500,17 @@ impl EngineInfo {
         cfg.finalize()
     }
 
+    /// The engine and every knob choice, in knob order: `e7/kernel_cfg=3/split_k_slc=4`.
+    /// It names the configuration exactly (the heuristics offer one engine several times with
+    /// different knobs), so it also tells configurations apart.
     fn label(&self, knobs: &[(u32, i64)]) -> String {
-        let split: Vec<String> = knobs
-            .iter()
-            .filter(|(t, _)| is_split_knob(*t))
-            .map(|(t, v)| format!("{}={v}", knob_name(*t)))
-            .collect();
-        if split.is_empty() {
-            format!("e{}", self.global_index)
-        } else {
-            format!("e{}/{}", self.global_index, split.join(","))
+        let mut sorted = knobs.to_vec();
+        sorted.sort_unstable();
+        let mut label = format!("e{}", self.global_index);
+        for (t, v) in sorted {
+            label.push_str(&format!("/{}={v}", knob_name(t)));
         }
+        label
     }
 }
 

@@ -182,6 +182,9 @@ struct Target<'a> {
 #[derive(Default)]
 struct GraphCache {
     entries: RefCell<HashMap<String, Result<Rc<GraphCandidates>, String>>>,
+    /// Seconds spent making plans (each fused plan compiles its kernel at run time), for
+    /// `backend.details.graph_api_plan_seconds`.
+    seconds: std::cell::Cell<f64>,
 }
 
 /// What the algorithm search of one plan works with.
@@ -303,6 +306,12 @@ impl FusedPrepared {
             chosen.info.details.insert(
                 "stem_search_failures".into(),
                 planner::failures_detail(&failures),
+            );
+        }
+        if graph_cache.seconds.get() > 0.0 {
+            chosen.info.details.insert(
+                "graph_api_plan_seconds".into(),
+                format!("{:.1}", graph_cache.seconds.get()),
             );
         }
         if opts.profile {
@@ -945,9 +954,12 @@ impl FusedPrepared {
             .borrow_mut()
             .entry(key)
             .or_insert_with(|| {
-                graph_api::candidates(&self.handle, &spec, self.elem, cfg.math, limit)
-                    .map(Rc::new)
-                    .map_err(|e| e.to_string())
+                let started = std::time::Instant::now();
+                let made = graph_api::candidates(&self.handle, &spec, self.elem, cfg.math, limit);
+                cache
+                    .seconds
+                    .set(cache.seconds.get() + started.elapsed().as_secs_f64());
+                made.map(Rc::new).map_err(|e| e.to_string())
             })
             .clone();
         if let Err(e) = &found {
