@@ -75,7 +75,7 @@ impl Desc {
         // SAFETY: `self.0` is a live descriptor we own and have not finalized (setters run
         // only between `new` and `finalize`); `values` is a live slice whose element type is
         // the one `ty` names (the only callers are the setters below: i64 for INT64, f32 for
-        // FLOAT, bool for BOOLEAN, the repr(u32) cuDNN enums for their types, raw descriptor
+        // FLOAT, bool for BOOLEAN, u8 for CHAR, the repr(u32) cuDNN enums for their types, raw descriptor
         // and handle pointers for BACKEND_DESCRIPTOR and HANDLE, raw addresses for VOID_PTR),
         // so cuDNN reads exactly `values.len()` valid elements. cuDNN copies what it keeps.
         let s = unsafe {
@@ -192,6 +192,32 @@ fn data_type(t: TensorType, elem: Elem) -> dnn::cudnnDataType_t {
     }
 }
 
+/// What plans are made for: the executor's cuDNN handle (its GPU), or a device described in
+/// JSON ([`DeviceProps`]), which lets cuDNN 9.8 and later plan on a machine without a GPU, as
+/// the tests below do. Plans made for a description are for looking at, not for running.
+#[derive(Clone, Copy)]
+pub(super) enum PlanFor<'a> {
+    Handle(&'a Handle),
+    #[cfg_attr(not(test), allow(dead_code))]
+    Device(&'a DeviceProps),
+}
+
+/// A device as cuDNN describes it (`CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION`).
+pub(super) struct DeviceProps(Desc);
+
+impl DeviceProps {
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) fn from_json(json: &[u8]) -> Result<Self, EngineError> {
+        let mut d = Desc::new(D::CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR)?;
+        d.set(
+            A::CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,
+            T::CUDNN_TYPE_CHAR,
+            json,
+        )?;
+        Ok(DeviceProps(d.finalize()?))
+    }
+}
+
 /// The descriptors of one convolution's operation graph, kept alive for as long as any plan
 /// made from it (cuDNN's engine configurations and plans refer back to the graph).
 pub(super) struct OpGraph {
@@ -303,13 +329,16 @@ pub(super) fn operations(
 
 impl OpGraph {
     pub(super) fn new(
-        handle: &Handle,
+        target: PlanFor<'_>,
         spec: &ConvGraphSpec,
         elem: Elem,
     ) -> Result<Self, EngineError> {
         let (ops, tensors) = operations(spec, elem)?;
         let mut graph = Desc::new(D::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
-        graph.handle(A::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, handle)?;
+        // Without a handle (optional since cuDNN 9.8), the heuristics get the device instead.
+        if let PlanFor::Handle(handle) = target {
+            graph.handle(A::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, handle)?;
+        }
         graph.descs(
             A::CUDNN_ATTR_OPERATIONGRAPH_OPS,
             &ops.iter().collect::<Vec<_>>(),
@@ -323,9 +352,16 @@ impl OpGraph {
     }
 
     /// The heuristics' engine configurations for this graph in `mode`, best first.
-    fn engine_configs(&self, mode: dnn::cudnnBackendHeurMode_t) -> Result<Vec<Desc>, EngineError> {
+    fn engine_configs(
+        &self,
+        target: PlanFor<'_>,
+        mode: dnn::cudnnBackendHeurMode_t,
+    ) -> Result<Vec<Desc>, EngineError> {
         let mut heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
         heur.descs(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&self.graph])?;
+        if let PlanFor::Device(device) = target {
+            heur.descs(A::CUDNN_ATTR_ENGINEHEUR_DEVICEPROP, &[&device.0])?;
+        }
         heur.set(
             A::CUDNN_ATTR_ENGINEHEUR_MODE,
             T::CUDNN_TYPE_HEUR_MODE,
@@ -471,10 +507,18 @@ impl EngineInfo {
     /// is made afresh from the graph and its global index, the documented way, rather than
     /// reusing the copy read out of the heuristics' configuration. Knobs left out would take
     /// the engine's defaults, so `knobs` carries all of the heuristics' choices.
-    fn config(&self, graph: &OpGraph, knobs: &[(u32, i64)]) -> Result<Desc, EngineError> {
+    fn config(
+        &self,
+        target: PlanFor<'_>,
+        graph: &OpGraph,
+        knobs: &[(u32, i64)],
+    ) -> Result<Desc, EngineError> {
         let mut engine = Desc::new(D::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
         engine.descs(A::CUDNN_ATTR_ENGINE_OPERATION_GRAPH, &[&graph.graph])?;
         engine.i64s(A::CUDNN_ATTR_ENGINE_GLOBAL_INDEX, &[self.global_index])?;
+        if let PlanFor::Device(device) = target {
+            engine.descs(A::CUDNN_ATTR_ENGINE_DEVICEPROP, &[&device.0])?;
+        }
         let engine = engine.finalize()?;
         let mut choices = Vec::with_capacity(knobs.len());
         for &(ty, value) in knobs {
@@ -533,13 +577,16 @@ pub(super) struct GraphPlan {
 
 impl GraphPlan {
     fn new(
-        handle: &Handle,
+        target: PlanFor<'_>,
         graph: &Rc<OpGraph>,
         cfg: Desc,
         label: String,
     ) -> Result<Self, EngineError> {
         let mut plan = Desc::new(D::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
-        plan.handle(A::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, handle)?;
+        // A plan for a description needs nothing more: its configuration carries the device.
+        if let PlanFor::Handle(handle) = target {
+            plan.handle(A::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, handle)?;
+        }
         plan.descs(A::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg])?;
         let plan = plan.finalize()?;
         let ws = plan.get_i64(A::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)?;
@@ -613,6 +660,8 @@ impl GraphPlan {
 pub(super) struct GraphCandidates {
     pub(super) plans: Vec<Rc<GraphPlan>>,
     pub(super) note: String,
+    /// Configurations dropped because their numerical notes do not fit the math.
+    pub(super) refused: usize,
 }
 
 /// Plans for `spec`: the heuristics' configurations that compute in `math`, the first
@@ -620,18 +669,19 @@ pub(super) struct GraphCandidates {
 /// variants with each split knob set to the values [`planner::split_values`] allows.
 /// Configurations cuDNN cannot finalize are counted, not errors.
 pub(super) fn candidates(
-    handle: &Handle,
+    target: PlanFor<'_>,
     spec: &ConvGraphSpec,
     elem: Elem,
     math: MathMode,
     limit: usize,
 ) -> Result<GraphCandidates, EngineError> {
-    let graph = Rc::new(OpGraph::new(handle, spec, elem)?);
+    use dnn::cudnnBackendHeurMode_t::{CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK};
+    let graph = Rc::new(OpGraph::new(target, spec, elem)?);
     // Mode A's ranking first, then the fallback list (engines mode A may leave out).
-    let mut configs = graph.engine_configs(dnn::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A)?;
+    let mut configs = graph.engine_configs(target, CUDNN_HEUR_MODE_A)?;
     configs.extend(
         graph
-            .engine_configs(dnn::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK)
+            .engine_configs(target, CUDNN_HEUR_MODE_FALLBACK)
             .unwrap_or_default(),
     );
     let (mut refused, mut failed) = (0usize, 0usize);
@@ -657,7 +707,7 @@ pub(super) fn candidates(
         if !seen.insert(label.clone()) {
             continue;
         }
-        match GraphPlan::new(handle, &graph, cfg, label) {
+        match GraphPlan::new(target, &graph, cfg, label) {
             Ok(p) => plans.push(Rc::new(p)),
             Err(_) => {
                 failed += 1;
@@ -671,8 +721,8 @@ pub(super) fn candidates(
                     continue;
                 }
                 match info
-                    .config(&graph, &knobs)
-                    .and_then(|c| GraphPlan::new(handle, &graph, c, label))
+                    .config(target, &graph, &knobs)
+                    .and_then(|c| GraphPlan::new(target, &graph, c, label))
                 {
                     Ok(p) => plans.push(Rc::new(p)),
                     Err(_) => failed += 1,
@@ -689,6 +739,7 @@ pub(super) fn candidates(
             failed
         ),
         plans,
+        refused,
     })
 }
 
@@ -820,6 +871,57 @@ mod tests {
         )
         .unwrap();
         assert!(op.finalize().is_err());
+    }
+
+    /// The whole search but the run, planned for an H100 described in JSON
+    /// (`engine/testdata/h100-sxm-deviceprop.json`, written from its published properties):
+    /// heuristics, engine and knob reading, the split variants and every plan's finalize, as
+    /// cuDNN 9.19 does them. Runtime-compiled engines load their kernel through the driver
+    /// after compiling it, so this needs the stand-in driver that
+    /// `scripts/dev/cudnn_graph_probe/stand_in_driver.sh` builds on the library path (CI does
+    /// that); with the toolchain's link-only stub it fails, saying so.
+    #[test]
+    fn cudnn_plans_a_fused_convolution_for_a_described_h100() {
+        let json = include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/h100-sxm-deviceprop.json"
+        ));
+        let device = DeviceProps::from_json(json).expect("cuDNN reads the device description");
+        let fused = spec(ConvEpilogue {
+            bias: true,
+            residual: true,
+            relu: true,
+        });
+        let found = candidates(PlanFor::Device(&device), &fused, Elem::F16, MathMode::F16, 8)
+            .expect("an operation graph and heuristics");
+        assert!(
+            !found.plans.is_empty(),
+            "no plan finalized ({}); is the stand-in driver from \
+             scripts/dev/cudnn_graph_probe/stand_in_driver.sh on LD_LIBRARY_PATH?",
+            found.note
+        );
+        let labels: Vec<&str> = found.plans.iter().map(|p| p.label.as_str()).collect();
+        let unique: HashSet<&str> = labels.iter().copied().collect();
+        assert_eq!(unique.len(), labels.len(), "{labels:?}");
+        assert!(
+            labels.iter().any(|l| l.contains("split_k_slc=2")),
+            "the split variants were made: {labels:?}"
+        );
+        // TF32 engines are allowed for TF32 math, and refused for true f32.
+        let f32_spec = spec(ConvEpilogue {
+            bias: true,
+            residual: true,
+            relu: true,
+        });
+        let device = PlanFor::Device(&device);
+        let tf32 = candidates(device, &f32_spec, Elem::F32, MathMode::Tf32, 8).unwrap();
+        let f32 = candidates(device, &f32_spec, Elem::F32, MathMode::F32, 8).unwrap();
+        assert!(
+            f32.refused > 0 && tf32.refused < f32.refused,
+            "tf32: {}; f32: {}",
+            tf32.note,
+            f32.note
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ use cudnn::{
     check, drv, math_type, ActDesc, ConvDesc, DevPtr, DeviceBuffer, Elem, FilterDesc,
     Handle, PoolDesc, PoolWindow, TensorDesc,
 };
-use graph_api::{GraphCandidates, GraphPlan};
+use graph_api::{GraphCandidates, GraphPlan, PlanFor};
 use kernels::Kernels;
 
 use super::{EventTimer, PoolPeak};
@@ -955,7 +955,13 @@ impl FusedPrepared {
             .entry(key)
             .or_insert_with(|| {
                 let started = std::time::Instant::now();
-                let made = graph_api::candidates(&self.handle, &spec, self.elem, cfg.math, limit);
+                let made = graph_api::candidates(
+                    PlanFor::Handle(&self.handle),
+                    &spec,
+                    self.elem,
+                    cfg.math,
+                    limit,
+                );
                 cache
                     .seconds
                     .set(cache.seconds.get() + started.elapsed().as_secs_f64());
