@@ -165,13 +165,17 @@ smoke)
   mkdir -p "$OUT/smoke"; a=/tmp/agents; unpack "$agent_xz" $a || continue
   i=0
   runs=("--fused-pool=kernel --fused-layer-timing=graph" "--fused-pool=auto"
-    "--fused-conv-api=auto --fused-layer-timing=graph")
+    "--fused-conv-api=auto --fused-layer-timing=graph --fused-stem-channels=s2d")
+  # The graph API compiles each plan's kernel while planning (graph_api_plan_seconds says how
+  # long): its run is at batch 1 only, where split-K is expected to matter, and with the
+  # space-to-depth stems only.
+  batches=("1,256" "1,256" "1")
   for flags in "${runs[@]}"; do
     i=$((i + 1))
     echo "--- $flags"
     # Each run leaves the later ones their share of the budget.
     # shellcheck disable=SC2086  # several flags in one string, split on purpose
-    RESERVE=$(( BUDGET_S * (${#runs[@]} - i) / ${#runs[@]} )) limit $a run --sweep "$(sweep smoke fused 1,256 f16,f32)" \
+    RESERVE=$(( BUDGET_S * (${#runs[@]} - i) / ${#runs[@]} )) limit $a run --sweep "$(sweep smoke fused "${batches[i-1]}" f16,f32)" \
       --out "$OUT/smoke/smoke-$i.jsonl" --device cuda:0 --name "smoke $i" $flags
     echo "exit code $?"
     summary "$OUT/smoke/smoke-$i.jsonl"
@@ -187,7 +191,7 @@ for line in open(sys.argv[1]):
           f"layer_timing={d.get('layer_timing')} stem_search={d.get('stem_search')}")
     if d.get("conv_api", "legacy") != "legacy":
         print(f"  plan={d.get('plan')}")
-        print(f"  graph_api={d.get('graph_api')}")
+        print(f"  graph_api={d.get('graph_api')} plan_seconds={d.get('graph_api_plan_seconds')}")
 PYEOF
   done
   ;;
