@@ -659,9 +659,22 @@ impl GraphPlan {
 /// first, and a note of what failed.
 pub(super) struct GraphCandidates {
     pub(super) plans: Vec<Rc<GraphPlan>>,
-    pub(super) note: String,
     /// Configurations dropped because their numerical notes do not fit the math.
     pub(super) refused: usize,
+    /// Configurations or split variants cuDNN could not finalize.
+    pub(super) failed: usize,
+}
+
+impl GraphCandidates {
+    /// What was found, for `backend.details.graph_api`.
+    pub(super) fn note(&self) -> String {
+        format!(
+            "{} plans ({} refused for their math, {} not finalized)",
+            self.plans.len(),
+            self.refused,
+            self.failed
+        )
+    }
 }
 
 /// Plans for `spec`: the heuristics' configurations that compute in `math`, the first
@@ -732,14 +745,9 @@ pub(super) fn candidates(
         base += 1;
     }
     Ok(GraphCandidates {
-        note: format!(
-            "{} plans ({} refused for their math, {} not finalized)",
-            plans.len(),
-            refused,
-            failed
-        ),
         plans,
         refused,
+        failed,
     })
 }
 
@@ -892,15 +900,22 @@ mod tests {
             residual: true,
             relu: true,
         });
-        let found = candidates(PlanFor::Device(&device), &fused, Elem::F16, MathMode::F16, 8)
-            .expect("an operation graph and heuristics");
+        let found = candidates(
+            PlanFor::Device(&device),
+            &fused,
+            Elem::F16,
+            MathMode::F16,
+            8,
+        )
+        .expect("an operation graph and heuristics");
         assert!(
             !found.plans.is_empty(),
             "no plan finalized ({}); is the stand-in driver from \
              scripts/dev/cudnn_graph_probe/stand_in_driver.sh on LD_LIBRARY_PATH?",
-            found.note
+            found.note()
         );
         let labels: Vec<&str> = found.plans.iter().map(|p| p.label.as_str()).collect();
+        eprintln!("f16: {}: {labels:?}", found.note());
         let unique: HashSet<&str> = labels.iter().copied().collect();
         assert_eq!(unique.len(), labels.len(), "{labels:?}");
         assert!(
@@ -916,11 +931,12 @@ mod tests {
         let device = PlanFor::Device(&device);
         let tf32 = candidates(device, &f32_spec, Elem::F32, MathMode::Tf32, 8).unwrap();
         let f32 = candidates(device, &f32_spec, Elem::F32, MathMode::F32, 8).unwrap();
+        eprintln!("tf32: {}; f32: {}", tf32.note(), f32.note());
         assert!(
             f32.refused > 0 && tf32.refused < f32.refused,
             "tf32: {}; f32: {}",
-            tf32.note,
-            f32.note
+            tf32.note(),
+            f32.note()
         );
     }
 

@@ -40,8 +40,8 @@ use fleetmark_core::{BackendInfo, ComputeCapability, JobSpec, MathMode};
 
 pub use cudnn::cudnn_version;
 use cudnn::{
-    check, drv, math_type, ActDesc, ConvDesc, DevPtr, DeviceBuffer, Elem, FilterDesc,
-    Handle, PoolDesc, PoolWindow, TensorDesc,
+    check, drv, math_type, ActDesc, ConvDesc, DevPtr, DeviceBuffer, Elem, FilterDesc, Handle,
+    PoolDesc, PoolWindow, TensorDesc,
 };
 use graph_api::{GraphCandidates, GraphPlan, PlanFor};
 use kernels::Kernels;
@@ -866,7 +866,7 @@ impl FusedPrepared {
             }
         }
         exec.graph = None;
-        let mut note = found.note.clone();
+        let mut note = found.note();
         if wrong > 0 {
             note.push_str(&format!(
                 ", {wrong} disagreed with the reference or did not run"
