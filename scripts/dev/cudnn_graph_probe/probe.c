@@ -37,8 +37,9 @@ static cudnnBackendDescriptor_t pw(cudnnPointwiseMode_t mode, cudnnBackendDescri
   CK(cudnnBackendFinalize(o)); return o;
 }
 int main(int argc,char**argv){
+  if(argc<5){fprintf(stderr,"usage: probe DEVICE.json N C H\n");return 2;}
   int64_t N=atoi(argv[2]), C=atoi(argv[3]), H=atoi(argv[4]), K=C; cudnnDataType_t dt=CUDNN_DATA_HALF;
-  FILE*f=fopen(argv[1],"rb"); char buf[8192]; size_t n=fread(buf,1,sizeof buf,f); fclose(f);
+  FILE*f=fopen(argv[1],"rb"); if(!f){perror(argv[1]);return 2;} char buf[8192]; size_t n=fread(buf,1,sizeof buf,f); fclose(f);
   cudnnBackendDescriptor_t dp=mk(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR);
   CK(cudnnBackendSetAttribute(dp,CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,CUDNN_TYPE_CHAR,(int64_t)n,buf));
   CK(cudnnBackendFinalize(dp)); printf("deviceprop finalized\n");

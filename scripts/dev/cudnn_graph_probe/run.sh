@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs probe.c: what cuDNN's graph API makes of one fused convolution (N images of
-# C channels, H x H, 3x3, stride 1), planned for the device in h100-sxm.json, with no GPU.
+# C channels, H x H, 3x3, stride 1), planned for the device in
+# engine/testdata/h100-sxm-deviceprop.json, with no GPU.
 #
 # engine/testdata/h100-sxm-deviceprop.json is written by hand from the H100 SXM's published properties (132 SMs, sm_90,
 # 228 KiB shared memory per block opt-in, 50 MiB L2); the field names are those cuDNN 9.19

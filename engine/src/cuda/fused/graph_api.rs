@@ -77,7 +77,9 @@ impl Desc {
         // the one `ty` names (the only callers are the setters below: i64 for INT64, f32 for
         // FLOAT, bool for BOOLEAN, u8 for CHAR, the repr(u32) cuDNN enums for their types, raw descriptor
         // and handle pointers for BACKEND_DESCRIPTOR and HANDLE, raw addresses for VOID_PTR),
-        // so cuDNN reads exactly `values.len()` valid elements. cuDNN copies what it keeps.
+        // so cuDNN reads exactly `values.len()` valid elements. Descriptors passed as values
+        // stay alive as long as anything made from them (`OpGraph`, `GraphPlan` keep them),
+        // in case cuDNN refers to them rather than copying.
         let s = unsafe {
             dnn::cudnnBackendSetAttribute(
                 self.0,
@@ -507,12 +509,14 @@ impl EngineInfo {
     /// is made afresh from the graph and its global index, the documented way, rather than
     /// reusing the copy read out of the heuristics' configuration. Knobs left out would take
     /// the engine's defaults, so `knobs` carries all of the heuristics' choices.
+    /// Returns the configuration and the descriptors it was made from, which live as long as
+    /// it does.
     fn config(
         &self,
         target: PlanFor<'_>,
         graph: &OpGraph,
         knobs: &[(u32, i64)],
-    ) -> Result<Desc, EngineError> {
+    ) -> Result<(Desc, Vec<Desc>), EngineError> {
         let mut engine = Desc::new(D::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
         engine.descs(A::CUDNN_ATTR_ENGINE_OPERATION_GRAPH, &[&graph.graph])?;
         engine.i64s(A::CUDNN_ATTR_ENGINE_GLOBAL_INDEX, &[self.global_index])?;
@@ -541,10 +545,12 @@ impl EngineInfo {
                 &choices.iter().collect::<Vec<_>>(),
             )?;
         }
-        cfg.finalize()
+        let cfg = cfg.finalize()?;
+        choices.push(engine);
+        Ok((cfg, choices))
     }
 
-    /// The engine and every knob choice, in knob order: `e7/kernel_cfg=3/split_k_slc=4`.
+    /// The engine and every knob choice, in knob order: `e7/split_k_slc=4/kernel_cfg=21`.
     /// It names the configuration exactly (the heuristics offer one engine several times with
     /// different knobs), so it also tells configurations apart.
     fn label(&self, knobs: &[(u32, i64)]) -> String {
@@ -564,6 +570,10 @@ pub(super) struct GraphPlan {
     // Declared first, so dropped before the configuration and graph it was made from.
     plan: Desc,
     _cfg: Desc,
+    /// What a configuration made here (a split variant) was made from: its engine and knob
+    /// choices. cuDNN may refer to descriptors set as attributes, so every descriptor lives as
+    /// long as anything made from it.
+    _parts: Vec<Desc>,
     graph: Rc<OpGraph>,
     /// Workspace bytes the plan needs.
     pub(super) ws: usize,
@@ -579,7 +589,7 @@ impl GraphPlan {
     fn new(
         target: PlanFor<'_>,
         graph: &Rc<OpGraph>,
-        cfg: Desc,
+        (cfg, parts): (Desc, Vec<Desc>),
         label: String,
     ) -> Result<Self, EngineError> {
         let mut plan = Desc::new(D::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
@@ -593,6 +603,7 @@ impl GraphPlan {
         Ok(GraphPlan {
             plan,
             _cfg: cfg,
+            _parts: parts,
             graph: graph.clone(),
             ws: ws.max(0) as usize,
             label,
@@ -720,7 +731,7 @@ pub(super) fn candidates(
         if !seen.insert(label.clone()) {
             continue;
         }
-        match GraphPlan::new(target, &graph, cfg, label) {
+        match GraphPlan::new(target, &graph, (cfg, Vec::new()), label) {
             Ok(p) => plans.push(Rc::new(p)),
             Err(_) => {
                 failed += 1;

@@ -253,6 +253,7 @@ impl FusedPrepared {
                 e.to_string()
             })
         };
+        drv("bind context", ctx.bind_to_thread())?;
         let handle = Rc::new(Handle::on_stream(stream)?);
         let graph_cache = GraphCache::default();
         let target = Target {
@@ -780,6 +781,9 @@ impl FusedPrepared {
                 )))
             }
         }
+        // The search leaves y holding whatever ran last (perhaps a plan that was refused);
+        // the next layer is searched on this layer's output, so it is made by the choice.
+        self.run_conv(&exec)?;
         Ok(exec)
     }
 
@@ -867,6 +871,17 @@ impl FusedPrepared {
         }
         exec.graph = None;
         let mut note = found.note();
+        if best.is_none() && cfg.opts.conv_api == ConvApi::Graph {
+            return Err(EngineError::Unsupported(format!(
+                "cuDNN's graph API has no usable plan for {}: {note}{}",
+                exec.name,
+                if wrong > 0 {
+                    format!(", {wrong} disagreed with the reference or did not run")
+                } else {
+                    String::new()
+                }
+            )));
+        }
         if wrong > 0 {
             note.push_str(&format!(
                 ", {wrong} disagreed with the reference or did not run"
@@ -901,6 +916,17 @@ impl FusedPrepared {
         math: MathMode,
     ) -> bool {
         if let Some(verdict) = plan.checked.get() {
+            // A plan judged in an earlier build can still be this search's first that runs:
+            // it is then the reference the unchecked plans after it are judged against.
+            if verdict && reference.is_none() {
+                match self.conv_output(exec) {
+                    Ok(out) => *reference = Some(out),
+                    Err(_) => {
+                        let _ = self.stream.synchronize();
+                        return false;
+                    }
+                }
+            }
             return verdict;
         }
         let verdict = match self.conv_output(exec) {
@@ -926,7 +952,14 @@ impl FusedPrepared {
                 }
             },
         };
-        plan.checked.set(Some(verdict));
+        // A reference with NaN or infinity in it (a layer fed garbage) proves nothing about
+        // the plan, so such a verdict is not kept for the layers that share the plan.
+        if reference
+            .as_ref()
+            .is_some_and(|r| r.iter().all(|v| v.is_finite()))
+        {
+            plan.checked.set(Some(verdict));
+        }
         verdict
     }
 
