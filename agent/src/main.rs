@@ -255,6 +255,13 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Print cuDNN's JSON description of one GPU (cuDNN 9.8 and later), so that the graph API's
+    /// convolutions can be planned for that card on a machine without it (the engine's CI test
+    /// reads such files from engine/testdata/). Needs a build with cuDNN.
+    CudnnDevice {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+    },
 }
 
 fn config_from(
@@ -463,6 +470,13 @@ fn real_main() -> anyhow::Result<()> {
                 eprintln!("error: a device has no health check (see the log above)");
                 std::process::exit(1);
             }
+        }
+        Some(Command::CudnnDevice { device }) => {
+            let ordinal = match fleetmark_engine::device::parse_devices(&device)?.as_slice() {
+                [fleetmark_engine::device::DeviceSpec::Cuda(i)] => *i,
+                _ => anyhow::bail!("--device takes one GPU, such as cuda:0, not '{device}'"),
+            };
+            println!("{}", fleetmark_engine::device::cudnn_device_json(ordinal)?);
         }
     }
     Ok(())

@@ -135,6 +135,23 @@ pub fn open_backend(
     }
 }
 
+/// cuDNN's description of GPU `ordinal` as JSON, for planning the graph API's convolutions on a
+/// machine without that card (docs/performance.md, "Built, not yet measured"). Only a build with
+/// cuDNN (`--features cudnn`) has it.
+pub fn cudnn_device_json(ordinal: usize) -> Result<String, EngineError> {
+    #[cfg(feature = "cudnn")]
+    {
+        crate::cuda::fused::cudnn_device_json(ordinal)
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        let _ = ordinal;
+        Err(EngineError::Unsupported(
+            "this fleetmark-agent was built without cuDNN (--features cudnn)".into(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,6 +163,10 @@ smoke)
   step "smoke: the opt-in levers once each, f16 and f32 at batch 1 and 256 (short)"
   [ -n "$agent_xz" ] || { echo "no agent binary in $BIN"; continue; }
   mkdir -p "$OUT/smoke"; a=/tmp/agents; unpack "$agent_xz" $a || continue
+  # cuDNN's description of this card, for planning the graph API in CI without it: commit it
+  # as engine/testdata/<card>-deviceprop.json.
+  limit $a cudnn-device --device cuda:0 >"$OUT/smoke/cudnn-deviceprop.json" \
+    && echo "cuDNN device description: $(wc -c <"$OUT/smoke/cudnn-deviceprop.json") bytes"
   i=0
   runs=("--fused-pool=kernel --fused-layer-timing=graph" "--fused-pool=auto"
     "--fused-conv-api=auto --fused-layer-timing=graph --fused-stem-channels=s2d")

@@ -208,3 +208,28 @@ async fn a_bad_fused_option_stops_the_agent_with_one_line() {
         );
     }
 }
+
+/// `fleetmark-agent cudnn-device` on a build without cuDNN (this test's, a CPU build) says so
+/// in one line and fails; given something that is not one GPU, it says what it takes.
+#[tokio::test]
+async fn cudnn_device_refuses_clearly_where_it_cannot_run() {
+    for (args, expect) in [
+        (
+            vec!["cudnn-device", "--device", "cuda:0"],
+            "built without cuDNN",
+        ),
+        (vec!["cudnn-device", "--device", "cpu"], "takes one GPU"),
+    ] {
+        let mut cmd = tokio::process::Command::from(command("fleetmark-agent"));
+        cmd.args(&args).kill_on_drop(true);
+        let out = tokio::time::timeout(SWEEP_TIMEOUT, cmd.output())
+            .await
+            .expect("the agent exits")
+            .expect("run fleetmark-agent");
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(stdout(&out).is_empty(), "{args:?}: nothing on stdout");
+    }
+}

@@ -130,7 +130,7 @@ impl Desc {
         let mut n = 0i64;
         // SAFETY: `self.0` is a live, finalized descriptor; `out` is a live, writable slice of
         // `out.len()` elements of the type `ty` names (the getters below pair them: i64 for
-        // INT64, u32 for the repr(u32) enum types, which are read as plain integers so that a
+        // INT64, u8 for CHAR, u32 for the repr(u32) enum types, which are read as plain integers so that a
         // value this build's bindings do not know is still a valid u32, and live created
         // descriptors for BACKEND_DESCRIPTOR); cuDNN writes at most `out.len()` elements and
         // the count into `n`.
@@ -208,6 +208,33 @@ pub(super) enum PlanFor<'a> {
 pub(super) struct DeviceProps(Desc);
 
 impl DeviceProps {
+    /// The description of the GPU `handle` runs on.
+    pub(super) fn of_handle(handle: &Handle) -> Result<Self, EngineError> {
+        let mut d = Desc::new(D::CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR)?;
+        d.handle(A::CUDNN_ATTR_DEVICEPROP_HANDLE, handle)?;
+        Ok(DeviceProps(d.finalize()?))
+    }
+
+    /// The description as cuDNN serializes it: the bytes [`Self::from_json`] reads back.
+    pub(super) fn json(&self) -> Result<Vec<u8>, EngineError> {
+        let n = self.0.count(
+            A::CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,
+            T::CUDNN_TYPE_CHAR,
+        )?;
+        let mut bytes = vec![0u8; n];
+        let got = self.0.get(
+            A::CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION,
+            T::CUDNN_TYPE_CHAR,
+            &mut bytes,
+        )?;
+        bytes.truncate(got);
+        // A C string may end in its NUL; the file should not.
+        while bytes.last() == Some(&0) {
+            bytes.pop();
+        }
+        Ok(bytes)
+    }
+
     #[cfg_attr(not(test), allow(dead_code))]
     pub(super) fn from_json(json: &[u8]) -> Result<Self, EngineError> {
         let mut d = Desc::new(D::CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR)?;
@@ -892,60 +919,62 @@ mod tests {
         assert!(op.finalize().is_err());
     }
 
-    /// The whole search but the run, planned for an H100 described in JSON
-    /// (`engine/testdata/h100-sxm-deviceprop.json`, written from its published properties):
+    /// The whole search but the run, planned for each device described in
+    /// `engine/testdata/*-deviceprop.json` (an H100 written from its published properties;
+    /// captures from real cards by `fleetmark-agent cudnn-device` belong there too):
     /// heuristics, engine and knob reading, the split variants and every plan's finalize, as
     /// cuDNN 9.19 does them. Runtime-compiled engines load their kernel through the driver
     /// after compiling it, so this needs the stand-in driver that
     /// `scripts/dev/cudnn_graph_probe/stand_in_driver.sh` builds on the library path (CI does
     /// that); with the toolchain's link-only stub it fails, saying so.
     #[test]
-    fn cudnn_plans_a_fused_convolution_for_a_described_h100() {
-        let json = include_bytes!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/testdata/h100-sxm-deviceprop.json"
-        ));
-        let device = DeviceProps::from_json(json).expect("cuDNN reads the device description");
+    fn cudnn_plans_a_fused_convolution_for_each_described_device() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("engine/testdata")
+            .map(|e| e.expect("a directory entry").path())
+            .filter(|p| p.to_string_lossy().ends_with("-deviceprop.json"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no device descriptions in {dir:?}");
+        for file in files {
+            let json = std::fs::read(&file).expect("read the description");
+            plan_for_described_device(&json, &file.display().to_string());
+        }
+    }
+
+    fn plan_for_described_device(json: &[u8], name: &str) {
+        let device = DeviceProps::from_json(json)
+            .unwrap_or_else(|e| panic!("{name}: cuDNN does not read it: {e}"));
         let fused = spec(ConvEpilogue {
             bias: true,
             residual: true,
             relu: true,
         });
-        let found = candidates(
-            PlanFor::Device(&device),
-            &fused,
-            Elem::F16,
-            MathMode::F16,
-            8,
-        )
-        .expect("an operation graph and heuristics");
+        let target = PlanFor::Device(&device);
+        let found = candidates(target, &fused, Elem::F16, MathMode::F16, 8)
+            .unwrap_or_else(|e| panic!("{name}: no operation graph or heuristics: {e}"));
         assert!(
             !found.plans.is_empty(),
-            "no plan finalized ({}); is the stand-in driver from \
+            "{name}: no plan finalized ({}); is the stand-in driver from \
              scripts/dev/cudnn_graph_probe/stand_in_driver.sh on LD_LIBRARY_PATH?",
             found.note()
         );
         let labels: Vec<&str> = found.plans.iter().map(|p| p.label.as_str()).collect();
-        eprintln!("f16: {}: {labels:?}", found.note());
+        eprintln!("{name}: f16: {}: {labels:?}", found.note());
         let unique: HashSet<&str> = labels.iter().copied().collect();
-        assert_eq!(unique.len(), labels.len(), "{labels:?}");
+        assert_eq!(unique.len(), labels.len(), "{name}: {labels:?}");
         assert!(
             labels.iter().any(|l| l.contains("split_k_slc=2")),
-            "the split variants were made: {labels:?}"
+            "{name}: the split variants were made: {labels:?}"
         );
         // TF32 engines are allowed for TF32 math, and refused for true f32.
-        let f32_spec = spec(ConvEpilogue {
-            bias: true,
-            residual: true,
-            relu: true,
-        });
-        let device = PlanFor::Device(&device);
-        let tf32 = candidates(device, &f32_spec, Elem::F32, MathMode::Tf32, 8).unwrap();
-        let f32 = candidates(device, &f32_spec, Elem::F32, MathMode::F32, 8).unwrap();
-        eprintln!("tf32: {}; f32: {}", tf32.note(), f32.note());
+        let tf32 = candidates(target, &fused, Elem::F32, MathMode::Tf32, 8).unwrap();
+        let f32 = candidates(target, &fused, Elem::F32, MathMode::F32, 8).unwrap();
+        eprintln!("{name}: tf32: {}; f32: {}", tf32.note(), f32.note());
         assert!(
             f32.refused > 0 && tf32.refused < f32.refused,
-            "tf32: {}; f32: {}",
+            "{name}: tf32: {}; f32: {}",
             tf32.note(),
             f32.note()
         );

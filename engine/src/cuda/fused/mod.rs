@@ -1326,6 +1326,19 @@ impl ConvExec {
     }
 }
 
+/// cuDNN's description of GPU `ordinal` as JSON (`CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION`):
+/// what cuDNN 9.8 and later needs to plan for that card on a machine without it. The CI test of
+/// the graph API's search plans for such a description (`engine/testdata/`).
+pub fn cudnn_device_json(ordinal: usize) -> Result<String, EngineError> {
+    let ctx = drv("open context", CudaContext::new(ordinal))?;
+    drv("bind context", ctx.bind_to_thread())?;
+    let stream = ctx.default_stream();
+    let handle = Handle::on_stream(&stream)?;
+    let json = graph_api::DeviceProps::of_handle(&handle)?.json()?;
+    String::from_utf8(json)
+        .map_err(|e| EngineError::Setup(format!("cuDNN's device description is not UTF-8: {e}")))
+}
+
 /// The input batch as the stem reads it: NHWC in the `stem` layout, its 3 channels
 /// zero-padded or rearranged space-to-depth ([`StemInput::arrange_nhwc`]).
 ///
