@@ -665,24 +665,54 @@ impl Store {
 
     /// Retires registered agents silent for at least `offline_for` and holding no lease; with
     /// `dry_run`, only names them. Returns their names.
+    ///
+    /// A retired agent's checks leave the set each kind's health flags are judged against, so
+    /// the flags of every kind it had a device of are recomputed in the same transaction (as a
+    /// registration does): a slow node retired no longer drags its kind's median down, and a
+    /// node flagged against retired peers is judged again without them.
     pub async fn prune_agents(&self, offline_for: Duration, dry_run: bool) -> Result<Vec<String>> {
-        let sql = if dry_run {
-            "SELECT name FROM agents a \
-             WHERE origin = 'registered' AND last_seen_at < now() - $1 * interval '1 millisecond' \
-               AND (retired_at IS NULL OR last_seen_at > retired_at) \
-               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_agent_id = a.id) \
-             ORDER BY name"
-        } else {
+        let offline_ms = offline_for.as_millis() as f64;
+        if dry_run {
+            let mut names: Vec<String> = sqlx::query_scalar(
+                "SELECT name FROM agents a \
+                 WHERE origin = 'registered' \
+                   AND last_seen_at < now() - $1 * interval '1 millisecond' \
+                   AND (retired_at IS NULL OR last_seen_at > retired_at) \
+                   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_agent_id = a.id) \
+                 ORDER BY name",
+            )
+            .bind(offline_ms)
+            .fetch_all(&self.pool)
+            .await?;
+            names.sort();
+            return Ok(names);
+        }
+        let mut tx = self.pool.begin().await?;
+        let retired: Vec<(Uuid, String)> = sqlx::query_as(
             "UPDATE agents a SET retired_at = now() \
              WHERE origin = 'registered' AND last_seen_at < now() - $1 * interval '1 millisecond' \
                AND (retired_at IS NULL OR last_seen_at > retired_at) \
                AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.lease_agent_id = a.id) \
-             RETURNING name"
-        };
-        let mut names: Vec<String> = sqlx::query_scalar(sql)
-            .bind(offline_for.as_millis() as f64)
-            .fetch_all(&self.pool)
-            .await?;
+             RETURNING id, name",
+        )
+        .bind(offline_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = retired.iter().map(|(id, _)| *id).collect();
+        let mut kinds: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT h.kind FROM health_checks h JOIN agents a ON a.id = h.agent_id \
+             WHERE h.agent_id = ANY($1) AND h.incarnation = a.incarnation",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        // One order for the per-kind locks, as registrations take one kind at a time.
+        kinds.sort();
+        for kind in &kinds {
+            reflag_kind(&mut tx, kind).await?;
+        }
+        tx.commit().await?;
+        let mut names: Vec<String> = retired.into_iter().map(|(_, name)| name).collect();
         names.sort();
         Ok(names)
     }

@@ -252,3 +252,86 @@ async fn results_name_the_health_check_in_force_and_flagged_nodes_show_everywher
         stdout(&out)
     );
 }
+
+/// The flags of the checks in force of `name`.
+async fn flags_in_force(
+    sweeps: &mut SweepServiceClient<Channel>,
+    admin: &str,
+    name: &str,
+) -> Vec<String> {
+    let checks = sweeps
+        .list_health_checks(bearer(
+            pb::ListHealthChecksRequest {
+                agent_name: name.into(),
+                ..Default::default()
+            },
+            admin,
+        ))
+        .await
+        .expect("checks")
+        .into_inner()
+        .checks;
+    checks
+        .into_iter()
+        .filter(|c| c.in_force)
+        .flat_map(|c| c.flags)
+        .collect()
+}
+
+/// Retiring agents (`PruneAgents`, over the wire, as an administrator) judges their kind's
+/// remaining checks again without them. Two nodes of a kind report a GEMM half that of three
+/// others and are flagged against those three; when the three are retired, the two are each
+/// other's only peers and their flags go, without waiting for another registration.
+#[tokio::test]
+async fn retiring_agents_judges_their_kind_again_without_them() {
+    let stack = Stack::start().await;
+    let admin = stack.coord.token.clone().expect("admin token");
+    let channel = raw_channel(&stack.coord.url).await;
+    let pool = pool(&stack.db.url).await;
+    for (name, gemm) in [
+        ("slow-a", 0.050),
+        ("slow-b", 0.051),
+        ("fast-c", 0.100),
+        ("fast-d", 0.101),
+        ("fast-e", 0.102),
+    ] {
+        register(&channel, &stack.coord.agent_token, name, gemm).await;
+    }
+    let mut sweeps = SweepServiceClient::new(channel.clone());
+    for slow in ["slow-a", "slow-b"] {
+        let flags = flags_in_force(&mut sweeps, &admin, slow).await;
+        assert!(
+            flags.len() == 1 && flags[0].starts_with("gemm_f32_tflops -"),
+            "{slow} is flagged against the fast three: {flags:?}"
+        );
+    }
+    // The fast three went silent two hours ago (the clock is the database's: it is moved for
+    // them alone, not waited for).
+    sqlx::query(
+        "UPDATE agents SET last_seen_at = now() - interval '2 hours' \
+         WHERE name IN ('fast-c', 'fast-d', 'fast-e')",
+    )
+    .execute(&pool)
+    .await
+    .expect("age the fast nodes");
+    let retired = sweeps
+        .prune_agents(bearer(
+            pb::PruneAgentsRequest {
+                offline_for_seconds: 3600,
+                dry_run: false,
+            },
+            &admin,
+        ))
+        .await
+        .expect("prune")
+        .into_inner()
+        .names;
+    assert_eq!(retired, ["fast-c", "fast-d", "fast-e"]);
+    for slow in ["slow-a", "slow-b"] {
+        let flags = flags_in_force(&mut sweeps, &admin, slow).await;
+        assert!(
+            flags.is_empty(),
+            "{slow} judged without the retired: {flags:?}"
+        );
+    }
+}
