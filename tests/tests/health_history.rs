@@ -129,16 +129,11 @@ fn flags_of(results: &[pb::StoredResult], agent: &str) -> Vec<Vec<String>> {
 
 #[tokio::test]
 async fn results_name_the_health_check_in_force_and_flagged_nodes_show_everywhere() {
-    let dir = scratch();
-    let db = TestDb::new().await;
-    let coord = Coordinator::start(
-        "coordinator",
-        dir.path(),
-        &db.url,
-        free_port(),
-        &Default::default(),
-    )
-    .await;
+    let Stack {
+        coord,
+        db,
+        dir: _dir,
+    } = Stack::start().await;
     let admin = coord.token.clone().expect("admin token");
     let channel = raw_channel(&coord.url).await;
     let pool = pool(&db.url).await;

@@ -179,18 +179,18 @@ async fn a_bad_fused_option_stops_the_agent_with_one_line() {
         ("--fused-pool", "cuDNN", "auto, cudnn or kernel"),
         ("--fused-layer-timing", "graphs", "auto, graph or launch"),
     ] {
-        let mut run = tokio::process::Command::from(command("fleetmark-agent"));
-        run.arg("run")
-            .arg("--sweep")
-            .arg(&sweep_file)
-            .arg("--out")
-            .arg(dir.path().join("never.jsonl"))
-            .args(["--device", "cpu", &format!("{flag}={value}")])
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(SWEEP_TIMEOUT, run.output())
-            .await
-            .expect("the agent exits")
-            .expect("run fleetmark-agent");
+        let never = dir.path().join("never.jsonl");
+        let out = agent_output(&[
+            "run".as_ref(),
+            "--sweep".as_ref(),
+            sweep_file.as_os_str(),
+            "--out".as_ref(),
+            never.as_os_str(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            format!("{flag}={value}").as_ref(),
+        ])
+        .await;
         let err = stderr(&out);
         assert!(!out.status.success(), "{flag}={value} was accepted: {err}");
         assert!(
@@ -220,16 +220,22 @@ async fn cudnn_device_refuses_clearly_where_it_cannot_run() {
         ),
         (vec!["cudnn-device", "--device", "cpu"], "takes one GPU"),
     ] {
-        let mut cmd = tokio::process::Command::from(command("fleetmark-agent"));
-        cmd.args(&args).kill_on_drop(true);
-        let out = tokio::time::timeout(SWEEP_TIMEOUT, cmd.output())
-            .await
-            .expect("the agent exits")
-            .expect("run fleetmark-agent");
+        let os_args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        let out = agent_output(&os_args).await;
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?} succeeded: {err}");
         assert!(err.contains(expect), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
         assert!(stdout(&out).is_empty(), "{args:?}: nothing on stdout");
     }
+}
+
+/// `fleetmark-agent ARGS`, run to its end (within the sweep timeout), and what it printed.
+async fn agent_output(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::from(command("fleetmark-agent"));
+    cmd.args(args).kill_on_drop(true);
+    tokio::time::timeout(SWEEP_TIMEOUT, cmd.output())
+        .await
+        .expect("the agent exits")
+        .expect("run fleetmark-agent")
 }
