@@ -306,6 +306,11 @@ def build(args):
     if candle:
         w(f"- Fleetmark commit: {joined(commits)}; Candle {joined(candle_v)}, "
           f"cuDNN {joined(candle_cudnn)}")
+        fused_opts = sorted({str(dig(r, "backend", "details", "fused_options"))
+                             for r in candle if dig(r, "backend", "path") == "fused"
+                             and dig(r, "backend", "details", "fused_options")})
+        if fused_opts:
+            w(f"- Candle fused options: {'; '.join(f'`{o}`' for o in fused_opts)}")
     else:
         w(f"- Candle: no records{' in ' + args.candle if args.candle else ''}")
     if torch_recs:

@@ -21,6 +21,9 @@
 #               --fused-algo-candidates=1]  agent flag sets for the variants phase, ';' between
 #               sets, spaces between the flags of one set; the set `defaults` runs no flags
 #   VARIANT_BATCHES [1,16,256], VARIANT_PRECISIONS [f16]
+#   FUSED_FLAGS [none]  agent flags for the `candle` phase (the report's fused column), e.g.
+#               "--fused-pool=auto --fused-layer-timing=graph"; spaces between flags
+#   PROFILE_FLAGS [none], PROFILE_BATCHES [1,256], PROFILE_PRECISIONS [f16,bf16]  the profile phase
 # Needs python3 with torch, torchvision, numpy, safetensors; the CUDA and cuDNN libraries on
 # LD_LIBRARY_PATH. No network.
 set -uo pipefail
@@ -39,6 +42,8 @@ RESERVE=${RESERVE:-20}
 VARIANTS=${VARIANTS:---fused-cuda-graph=off;--fused-epilogue=separate;--fused-stem-channels=3;--fused-algo-candidates=1}
 VARIANT_BATCHES=${VARIANT_BATCHES:-1,16,256}
 VARIANT_PRECISIONS=${VARIANT_PRECISIONS:-f16}
+read -ra fused_flags <<< "${FUSED_FLAGS:-}"
+read -ra profile_flags <<< "${PROFILE_FLAGS:-}"
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
 has() { case ",$PHASES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
@@ -114,9 +119,9 @@ if has pytorch; then
 fi
 
 if has candle; then
-  step "Candle fused path, every point"
+  step "Candle fused path, every point (flags: ${FUSED_FLAGS:-none})"
   cap=${FUSED_CAP:-0} limit "$agent" run --sweep "$(sweep fused fused "$BATCHES" "$PRECISIONS" "$MIN_ITERS")" \
-    --out "$out/candle.jsonl" --device cuda:0 --name h100-fused
+    --out "$out/candle.jsonl" --device cuda:0 --name h100-fused ${fused_flags[@]+"${fused_flags[@]}"}
 fi
 
 if has stock; then
@@ -146,9 +151,10 @@ PYEOF
 fi
 
 if has profile; then
-  step "per-layer profile of the fused plan (f16, batch 1 and 256)"
-  limit "$agent" run --sweep "$(sweep prof fused "1,256" f16,bf16 10)" \
-    --out /tmp/prof.jsonl --device cuda:0 --name profile --fused-profile
+  step "per-layer profile of the fused plan (${PROFILE_PRECISIONS:-f16,bf16}, batches ${PROFILE_BATCHES:-1,256}, flags: ${PROFILE_FLAGS:-none})"
+  limit "$agent" run --sweep "$(sweep prof fused "${PROFILE_BATCHES:-1,256}" "${PROFILE_PRECISIONS:-f16,bf16}" 10)" \
+    --out /tmp/prof.jsonl --device cuda:0 --name profile --fused-profile ${profile_flags[@]+"${profile_flags[@]}"}
+  cp /tmp/prof.jsonl "$out/profile.jsonl"
   $PY - /tmp/prof.jsonl <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):
