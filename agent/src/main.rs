@@ -14,7 +14,9 @@ use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 use fleetmark_agent::{parse_labels, Config};
 use fleetmark_core::ComputeCapability;
 use fleetmark_engine::fused::{
-    options::{ConvApi, EpilogueChoice, LayerTiming, PlanChoice, PoolChoice, StemChannels},
+    options::{
+        ConvApi, EpilogueChoice, LayerTiming, PlanChoice, PoolChoice, StemChannels, StemChunk,
+    },
     FusedOptions,
 };
 
@@ -111,6 +113,11 @@ struct FusedArgs {
     /// engines, split-K variants included) or auto (time both per layer, keep the faster).
     #[arg(long, default_value = "legacy", value_parser = parse_with::<ConvApi>)]
     fused_conv_api: ConvApi,
+    /// Fused path: run the stem and the max pool a few images at a time, so the stem's output
+    /// can stay in the L2 cache: off, auto (plan both, keep the faster) or at most N images per
+    /// chunk.
+    #[arg(long, default_value = "off", value_parser = parse_with::<StemChunk>)]
+    fused_stem_chunk: StemChunk,
     /// Fused path: time each layer on its own and record it in the result.
     #[arg(long)]
     fused_profile: bool,
@@ -152,6 +159,7 @@ impl FusedArgs {
             pool: self.fused_pool,
             layer_timing: self.fused_layer_timing,
             conv_api: self.fused_conv_api,
+            stem_chunk: self.fused_stem_chunk,
             profile: self.fused_profile,
         }
     }

@@ -129,6 +129,7 @@ fn nhwc_executor(
             batch: job.batch_size as usize,
             image_size: job.image_size as usize,
             stem: StemInput::PLAIN,
+            stem_chunk: None,
         },
     )?;
     let mut exec = CpuExecutor::new(&graph, CpuExecConfig::for_host())?;

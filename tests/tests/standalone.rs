@@ -178,6 +178,11 @@ async fn a_bad_fused_option_stops_the_agent_with_one_line() {
         ("--fused-conv-api", "backend", "auto, legacy or graph"),
         ("--fused-pool", "cuDNN", "auto, cudnn or kernel"),
         ("--fused-layer-timing", "graphs", "auto, graph or launch"),
+        (
+            "--fused-stem-chunk",
+            "many",
+            "off, auto or a number of images",
+        ),
     ] {
         let never = dir.path().join("never.jsonl");
         let out = agent_output(&[

@@ -134,13 +134,22 @@ impl CpuExecutor {
     /// buffer.
     pub fn new(graph: &NetGraph, config: CpuExecConfig) -> Result<Self, EngineError> {
         const F32_BYTES: usize = 4;
+        if graph.stem_chunks.is_some() {
+            // Chunking keeps the stem's output in a GPU's L2 cache; the CPU path has no use for
+            // it and runs every step over the whole batch.
+            return Err(EngineError::Unsupported(
+                "the CPU executor runs the stem over the whole batch, not in chunks".into(),
+            ));
+        }
         let plan = graph.memory_plan(F32_BYTES);
         let loc = |a: usize| -> Loc {
             let act = &graph.acts[a];
             match act.place {
                 Place::Input => Loc::Input,
                 Place::Output => Loc::Output,
-                Place::Slab => {
+                // Only chunked graphs have chunks, and those were refused above; a chunk's
+                // whole is where it lives.
+                Place::Slab | Place::Chunk { .. } => {
                     let start =
                         plan.offsets[a].expect("slab activations have an offset") / F32_BYTES;
                     Loc::Slab(start..start + act.shape.elems())
@@ -596,6 +605,7 @@ mod tests {
                 batch,
                 image_size: size,
                 stem: StemInput::PLAIN,
+                stem_chunk: None,
             },
         )
         .unwrap();
@@ -737,6 +747,7 @@ mod tests {
             ],
             input: 0,
             output: 3,
+            stem_chunks: None,
         }
     }
 

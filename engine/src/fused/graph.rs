@@ -40,7 +40,22 @@ pub enum Place {
     Output,
     /// In the shared slab, at the offset the memory plan gives it.
     Slab,
+    /// One chunk of activation `of` (see [`StemChunks`]): its shape is the chunk's, and chunk
+    /// `k` lies `k` times its size past the start of `of`.
+    Chunk { of: usize },
 }
+
+/// The stem and the max pool run over the batch `images` at a time, `count` times: steps
+/// `0..STEM_CHUNK_STEPS` are repeated with every [`Place::Chunk`] activation moved on by one
+/// chunk, and the stem's output, sized for one chunk, is reused by each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StemChunks {
+    pub images: usize,
+    pub count: usize,
+}
+
+/// How many of the graph's first steps a chunked stem repeats: the stem and the max pool.
+pub const STEM_CHUNK_STEPS: usize = 2;
 
 /// One activation and the steps that use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,6 +313,16 @@ impl StemInput {
     }
 }
 
+/// Channels of the stem's output in ResNet18.
+const STEM_OUT_CHANNELS: usize = 64;
+
+/// Bytes of the stem's output for one image of `size` pixels a side, whatever the input layout
+/// (every [`StemInput`] computes the same output), in elements of `elem_bytes`.
+pub fn stem_output_bytes(size: usize, elem_bytes: usize) -> usize {
+    let out = out_dim(size, STEM_KERNEL, STEM_STRIDE, STEM_PAD);
+    out * out * STEM_OUT_CHANNELS * elem_bytes
+}
+
 /// Side of the space-to-depth input for an image side of `size`: the stem's output side plus
 /// the 4x4 kernel's 3.
 fn s2d_blocks(size: usize) -> usize {
@@ -311,6 +336,28 @@ pub struct GraphConfig {
     pub image_size: usize,
     /// How the input is stored for the stem. The CPU paths use [`StemInput::PLAIN`].
     pub stem: StemInput,
+    /// Images per chunk of the stem and max pool ([`StemChunks`]); `None` runs the batch at
+    /// once. It must divide the batch and be smaller than it.
+    pub stem_chunk: Option<usize>,
+}
+
+impl GraphConfig {
+    /// The chunking asked for, checked against the batch.
+    fn chunks(&self) -> Result<Option<StemChunks>, EngineError> {
+        match self.stem_chunk {
+            None => Ok(None),
+            Some(c) if c > 0 && c < self.batch && self.batch.is_multiple_of(c) => {
+                Ok(Some(StemChunks {
+                    images: c,
+                    count: self.batch / c,
+                }))
+            }
+            Some(c) => Err(EngineError::Unsupported(format!(
+                "a stem chunk of {c} images must be smaller than the batch of {} and divide it",
+                self.batch
+            ))),
+        }
+    }
 }
 
 /// The network as a list of steps over activations.
@@ -320,6 +367,8 @@ pub struct NetGraph {
     pub steps: Vec<Step>,
     pub input: usize,
     pub output: usize,
+    /// Whether the first [`STEM_CHUNK_STEPS`] steps run chunk by chunk.
+    pub stem_chunks: Option<StemChunks>,
 }
 
 /// Where each slab activation sits, and how big the slab is.
@@ -355,6 +404,17 @@ fn out_dim(input: usize, kernel: usize, stride: usize, pad: usize) -> usize {
     (input + 2 * pad - kernel) / stride + 1
 }
 
+fn pool_shape(kind: PoolKind, s: Shape) -> Shape {
+    match kind {
+        PoolKind::Max3x3Stride2 => Shape {
+            h: out_dim(s.h, 3, 2, 1),
+            w: out_dim(s.w, 3, 2, 1),
+            ..s
+        },
+        PoolKind::GlobalAverage => Shape { h: 1, w: 1, ..s },
+    }
+}
+
 #[derive(Default)]
 struct Builder {
     acts: Vec<Activation>,
@@ -375,9 +435,17 @@ impl Builder {
     fn push(&mut self, step: Step) {
         let at = self.steps.len();
         for a in step.uses() {
-            let act = &mut self.acts[a];
-            act.first_use = act.first_use.min(at);
-            act.last_use = act.last_use.max(at);
+            // A chunk's use is a use of the whole activation: it must stay put while any of
+            // its chunks is read or written.
+            let whole = match self.acts[a].place {
+                Place::Chunk { of } => Some(of),
+                _ => None,
+            };
+            for a in std::iter::once(a).chain(whole) {
+                let act = &mut self.acts[a];
+                act.first_use = act.first_use.min(at);
+                act.last_use = act.last_use.max(at);
+            }
         }
         self.steps.push(step);
     }
@@ -434,18 +502,25 @@ impl Builder {
     }
 
     fn pool(&mut self, name: &'static str, kind: PoolKind, x: usize) -> usize {
-        let s = self.acts[x].shape;
-        let shape = match kind {
-            PoolKind::Max3x3Stride2 => Shape {
-                h: out_dim(s.h, 3, 2, 1),
-                w: out_dim(s.w, 3, 2, 1),
-                ..s
-            },
-            PoolKind::GlobalAverage => Shape { h: 1, w: 1, ..s },
-        };
-        let y = self.act(shape, Place::Slab);
+        let y = self.act(pool_shape(kind, self.acts[x].shape), Place::Slab);
         self.push(Step::Pool(PoolStep { name, kind, x, y }));
         y
+    }
+
+    /// A pool over one chunk of the batch, writing its chunk of a whole-batch output of
+    /// `batch` images, which is returned.
+    fn chunked_pool(
+        &mut self,
+        name: &'static str,
+        kind: PoolKind,
+        x: usize,
+        batch: usize,
+    ) -> usize {
+        let part = pool_shape(kind, self.acts[x].shape);
+        let whole = self.act(Shape { n: batch, ..part }, Place::Slab);
+        let y = self.act(part, Place::Chunk { of: whole });
+        self.push(Step::Pool(PoolStep { name, kind, x, y }));
+        whole
     }
 
     /// One basic block: conv1+ReLU, then conv2 with the residual, the downsample's bias and
@@ -501,26 +576,39 @@ impl NetGraph {
     pub fn resnet18(weights: &ModelWeights, cfg: GraphConfig) -> Result<Self, EngineError> {
         let vb = VarBuilder::from_tensors(weights.tensors.clone(), DType::F32, &Device::Cpu);
         let model = ResNet18::load(vb, true)?;
+        let stem_chunks = cfg.chunks()?;
         let mut b = Builder::default();
-        let input = b.act(
-            Shape {
-                n: cfg.batch,
-                h: cfg.stem.input_size(cfg.image_size),
-                w: cfg.stem.input_size(cfg.image_size),
-                c: cfg.stem.channels(),
-            },
-            Place::Input,
-        );
+        let input_shape = Shape {
+            n: cfg.batch,
+            h: cfg.stem.input_size(cfg.image_size),
+            w: cfg.stem.input_size(cfg.image_size),
+            c: cfg.stem.channels(),
+        };
+        let input = b.act(input_shape, Place::Input);
+        let stem_x = match stem_chunks {
+            Some(ch) => b.act(
+                Shape {
+                    n: ch.images,
+                    ..input_shape
+                },
+                Place::Chunk { of: input },
+            ),
+            None => input,
+        };
+        // The stem's output has its input's batch: one chunk's when chunked.
         let stem = b.conv(ConvConfig {
             name: "stem".into(),
             layer: &model.stem,
-            x: input,
+            x: stem_x,
             residual: None,
             relu: true,
             bias: BiasSource::Folded,
             stem: Some(cfg.stem),
         })?;
-        let mut x = b.pool("maxpool", PoolKind::Max3x3Stride2, stem);
+        let mut x = match stem_chunks {
+            Some(_) => b.chunked_pool("maxpool", PoolKind::Max3x3Stride2, stem, cfg.batch),
+            None => b.pool("maxpool", PoolKind::Max3x3Stride2, stem),
+        };
         for (li, layer) in model.layers.iter().enumerate() {
             for (bi, block) in layer.iter().enumerate() {
                 x = b.block(&format!("l{}.{}", li + 1, bi), block, x)?;
@@ -549,11 +637,21 @@ impl NetGraph {
             residual: None,
             relu: false,
         }));
+        let mut acts = b.acts;
+        if stem_chunks.is_some() {
+            // The chunked steps run again and again: whatever they touch is live through all
+            // of them, so no activation they use shares memory with another they use.
+            for a in acts.iter_mut().filter(|a| a.first_use < STEM_CHUNK_STEPS) {
+                a.first_use = 0;
+                a.last_use = a.last_use.max(STEM_CHUNK_STEPS - 1);
+            }
+        }
         Ok(NetGraph {
-            acts: b.acts,
+            acts,
             steps: b.steps,
             input,
             output,
+            stem_chunks,
         })
     }
 
@@ -586,39 +684,80 @@ impl NetGraph {
     pub fn forward_cpu(&self, x: &Tensor) -> Result<Tensor, EngineError> {
         let mut vals: Vec<Option<Tensor>> = vec![None; self.acts.len()];
         vals[self.input] = Some(x.clone());
-        let get = |vals: &[Option<Tensor>], i: usize| {
-            vals[i].clone().ok_or_else(|| {
-                EngineError::Unsupported(format!("activation {i} read before written"))
-            })
+        let (chunked, rounds) = match self.stem_chunks {
+            Some(ch) => (STEM_CHUNK_STEPS, ch.count),
+            None => (0, 0),
         };
-        for step in &self.steps {
-            match step {
-                Step::Conv(c) => {
-                    let mut y = get(&vals, c.x)?.conv2d(&c.weight, c.pad, c.stride, 1, 1)?;
-                    if let Some(b) = &c.bias {
-                        y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
-                    }
-                    if let Some(r) = c.residual {
-                        y = (y + get(&vals, r)?)?;
-                    }
-                    if c.relu {
-                        y = y.relu()?;
-                    }
-                    vals[c.y] = Some(y);
+        // The chunked steps, chunk by chunk: a chunk read is cut from its whole activation, a
+        // chunk written is gathered and joined into it afterwards.
+        let chunks: Vec<(usize, usize, bool)> = (self.acts.iter().enumerate())
+            .filter_map(|(a, act)| match act.place {
+                Place::Chunk { of } => Some((a, of, vals[of].is_some())),
+                _ => None,
+            })
+            .collect();
+        let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); self.acts.len()];
+        for k in 0..rounds {
+            for &(a, of, read) in &chunks {
+                if read {
+                    let n = self.acts[a].shape.n;
+                    vals[a] = Some(get_val(&vals, of)?.narrow(0, k * n, n)?);
                 }
-                Step::Pool(p) => {
-                    let x = get(&vals, p.x)?;
-                    vals[p.y] = Some(match p.kind {
-                        PoolKind::Max3x3Stride2 => stem_max_pool(&x)?,
-                        PoolKind::GlobalAverage => {
-                            x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?
-                        }
-                    });
+            }
+            for step in &self.steps[..chunked] {
+                self.step_cpu(step, &mut vals)?;
+            }
+            for &(a, of, read) in &chunks {
+                if !read {
+                    parts[of].push(get_val(&vals, a)?);
                 }
             }
         }
-        Ok(get(&vals, self.output)?.flatten_from(1)?)
+        for (a, p) in parts.iter().enumerate() {
+            if !p.is_empty() {
+                vals[a] = Some(Tensor::cat(p, 0)?);
+            }
+        }
+        for step in &self.steps[chunked..] {
+            self.step_cpu(step, &mut vals)?;
+        }
+        Ok(get_val(&vals, self.output)?.flatten_from(1)?)
     }
+
+    /// One step of [`NetGraph::forward_cpu`].
+    fn step_cpu(&self, step: &Step, vals: &mut [Option<Tensor>]) -> Result<(), EngineError> {
+        match step {
+            Step::Conv(c) => {
+                let mut y = get_val(vals, c.x)?.conv2d(&c.weight, c.pad, c.stride, 1, 1)?;
+                if let Some(b) = &c.bias {
+                    y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+                }
+                if let Some(r) = c.residual {
+                    y = (y + get_val(vals, r)?)?;
+                }
+                if c.relu {
+                    y = y.relu()?;
+                }
+                vals[c.y] = Some(y);
+            }
+            Step::Pool(p) => {
+                let x = get_val(vals, p.x)?;
+                vals[p.y] = Some(match p.kind {
+                    PoolKind::Max3x3Stride2 => stem_max_pool(&x)?,
+                    PoolKind::GlobalAverage => {
+                        x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn get_val(vals: &[Option<Tensor>], i: usize) -> Result<Tensor, EngineError> {
+    vals[i]
+        .clone()
+        .ok_or_else(|| EngineError::Unsupported(format!("activation {i} read before written")))
 }
 
 #[cfg(test)]
@@ -642,6 +781,7 @@ mod tests {
                 batch,
                 image_size: size,
                 stem,
+                stem_chunk: None,
             },
         )
         .unwrap()
@@ -791,6 +931,7 @@ mod tests {
                         batch,
                         image_size: size,
                         stem,
+                        stem_chunk: None,
                     },
                 )
                 .unwrap();
@@ -799,6 +940,116 @@ mod tests {
                 let err = rel_err(&got, &want);
                 assert!(err < 1e-4, "stem {stem:?}, {size} px: relative error {err}");
             }
+        }
+    }
+
+    fn chunked(batch: usize, size: usize, stem: StemInput, chunk: usize) -> NetGraph {
+        let w = ModelWeights::seeded(0).unwrap();
+        NetGraph::resnet18(
+            &w,
+            GraphConfig {
+                batch,
+                image_size: size,
+                stem,
+                stem_chunk: Some(chunk),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_chunked_stem_computes_what_the_whole_batch_does() {
+        let batch = 4;
+        for size in [64, 33] {
+            let x = input_batch(INPUT_SEED, batch, size).unwrap();
+            for stem in [PAD8, S2D16] {
+                let x = stem.arrange_nchw(&x).unwrap();
+                let want = graph(batch, size, stem).forward_cpu(&x).unwrap();
+                for chunk in [1, 2] {
+                    let g = chunked(batch, size, stem, chunk);
+                    assert_eq!(
+                        g.stem_chunks,
+                        Some(StemChunks {
+                            images: chunk,
+                            count: batch / chunk
+                        })
+                    );
+                    let got = g.forward_cpu(&x).unwrap();
+                    let err = rel_err(&got, &want);
+                    assert!(err < 1e-6, "{stem:?} {size} px, chunk {chunk}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunked_stem_keeps_one_chunk_of_its_output_and_the_pool_output_whole() {
+        let (batch, chunk) = (8, 2);
+        let whole = graph(batch, 224, PAD8);
+        let g = chunked(batch, 224, PAD8, chunk);
+        let Step::Conv(stem) = &g.steps[0] else {
+            panic!()
+        };
+        let Step::Pool(pool) = &g.steps[1] else {
+            panic!()
+        };
+        let x = g.acts[stem.x];
+        assert_eq!(x.place, Place::Chunk { of: g.input });
+        assert_eq!((x.shape.n, g.acts[stem.y].shape.n), (chunk, chunk));
+        assert_eq!(g.acts[stem.y].place, Place::Slab);
+        let Place::Chunk { of: pooled } = g.acts[pool.y].place else {
+            panic!("the pool writes a chunk")
+        };
+        assert_eq!(g.acts[pool.y].shape.n, chunk);
+        assert_eq!(g.acts[pooled].shape.n, batch);
+        // The whole pooled output is live from the first chunk's stem to layer 1's last read.
+        assert_eq!(g.acts[pooled].first_use, 0);
+        let Step::Conv(next) = &g.steps[2] else {
+            panic!()
+        };
+        assert_eq!(next.x, pooled);
+        // ... so the memory plan keeps it apart from the stem's output, and the slab shrinks:
+        // the stem's output is a quarter of what it was.
+        let plan = g.memory_plan(2);
+        let (a, b) = (stem.y, pooled);
+        let (oa, ob) = (plan.offsets[a].unwrap(), plan.offsets[b].unwrap());
+        let bytes = |i: usize| g.acts[i].shape.elems() * 2;
+        assert!(oa + bytes(a) <= ob || ob + bytes(b) <= oa);
+        let before = whole.memory_plan(2).slab_bytes;
+        assert!(
+            plan.slab_bytes < before * 3 / 4,
+            "{} vs {before}",
+            plan.slab_bytes
+        );
+        // Chunks are views: the slab holds only their whole activations.
+        assert_eq!((plan.offsets[stem.x], plan.offsets[pool.y]), (None, None));
+    }
+
+    #[test]
+    fn the_stem_output_size_is_the_graphs() {
+        for (size, stem) in [(224, PAD8), (224, S2D16), (33, S2D12)] {
+            let g = graph(1, size, stem);
+            let Step::Conv(c) = &g.steps[0] else { panic!() };
+            assert_eq!(stem_output_bytes(size, 2), g.acts[c.y].shape.elems() * 2);
+        }
+    }
+
+    #[test]
+    fn a_stem_chunk_must_divide_the_batch_and_be_smaller() {
+        let w = ModelWeights::seeded(0).unwrap();
+        for chunk in [0, 3, 8, 16] {
+            let e = NetGraph::resnet18(
+                &w,
+                GraphConfig {
+                    batch: 8,
+                    image_size: 32,
+                    stem: PAD8,
+                    stem_chunk: Some(chunk),
+                },
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("stem chunk of {chunk} images")), "{e}");
         }
     }
 

@@ -9,6 +9,7 @@ use super::{
     graph::{S2dChannels, Shape, StemInput, StemPad},
     options::{
         ConvApi, EpilogueChoice, FusedOptions, LayerTiming, PlanChoice, PoolChoice, StemChannels,
+        StemChunk,
     },
 };
 
@@ -76,6 +77,31 @@ fn padded_candidates(precision: Precision) -> Vec<StemInput> {
         Precision::F16 | Precision::Bf16 => {
             vec![pad(StemPad::C8), pad(StemPad::C4), pad(StemPad::C3)]
         }
+    }
+}
+
+/// Most bytes of stem output one chunk may hold when the planner sizes the chunks
+/// ([`StemChunk::Auto`]): a third of an H100's or H200's 50 MB L2 cache, which leaves room for
+/// the input and the pool's output passing through it.
+pub const STEM_CHUNK_BYTES: usize = 16 << 20;
+
+/// Images per chunk of the stem and max pool to plan (`None`: the whole batch), for a batch of
+/// `batch` images whose stem output takes `per_image` bytes each. A chunk size always divides
+/// the batch and is smaller than it; where none fits, the batch runs whole.
+pub fn stem_chunks(choice: StemChunk, batch: usize, per_image: usize) -> Vec<Option<usize>> {
+    let divisor_up_to = |most: usize| {
+        (1..=most.min(batch))
+            .rev()
+            .find(|d| batch.is_multiple_of(*d))
+    };
+    let chunk = |most: usize| divisor_up_to(most).filter(|&d| d < batch);
+    match choice {
+        StemChunk::Off => vec![None],
+        StemChunk::Images(n) => vec![chunk(n.get())],
+        StemChunk::Auto => match chunk(STEM_CHUNK_BYTES / per_image.max(1)) {
+            Some(d) => vec![None, Some(d)],
+            None => vec![None],
+        },
     }
 }
 
@@ -349,6 +375,34 @@ mod tests {
 
     fn names(v: Vec<StemInput>) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn stem_chunks_divide_the_batch_and_fit_the_cache() {
+        use std::num::NonZeroUsize;
+        let images = |n| StemChunk::Images(NonZeroUsize::new(n).unwrap());
+        // 224-pixel images: the stem's output is 112x112x64, 1.6 MB in f16, 3.2 MB in f32.
+        let (f16, f32) = (112 * 112 * 64 * 2, 112 * 112 * 64 * 4);
+        assert_eq!(stem_chunks(StemChunk::Off, 256, f16), [None]);
+        assert_eq!(stem_chunks(StemChunk::Auto, 256, f16), [None, Some(8)]);
+        assert_eq!(stem_chunks(StemChunk::Auto, 256, f32), [None, Some(4)]);
+        assert_eq!(stem_chunks(StemChunk::Auto, 64, f16), [None, Some(8)]);
+        assert_eq!(stem_chunks(StemChunk::Auto, 12, f16), [None, Some(6)]);
+        assert_eq!(stem_chunks(StemChunk::Auto, 6, f16), [None]);
+        // A batch that already fits is not cut; neither is one image too big for the cache.
+        assert_eq!(stem_chunks(StemChunk::Auto, 8, f16), [None]);
+        assert_eq!(stem_chunks(StemChunk::Auto, 1, f16), [None]);
+        assert_eq!(
+            stem_chunks(StemChunk::Auto, 4, STEM_CHUNK_BYTES + 1),
+            [None]
+        );
+        // Asked for: the largest divisor not above it, and never the whole batch.
+        assert_eq!(stem_chunks(images(10), 256, f16), [Some(8)]);
+        assert_eq!(stem_chunks(images(4), 6, f16), [Some(3)]);
+        assert_eq!(stem_chunks(images(4), 7, f16), [Some(1)]);
+        assert_eq!(stem_chunks(images(256), 256, f16), [None]);
+        assert_eq!(stem_chunks(images(300), 256, f16), [None]);
+        assert_eq!(stem_chunks(images(1), 1, f16), [None]);
     }
 
     #[test]

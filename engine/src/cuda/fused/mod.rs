@@ -25,7 +25,7 @@ mod graph_api;
 mod kernels;
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::{BTreeMap, HashMap},
     rc::Rc,
     sync::Arc,
@@ -51,7 +51,10 @@ use crate::{
     backend::{backend_info, ExecPath, MemoryScope, Prepared},
     fused::{
         conv_graph::{uid, ConvEpilogue, ConvGraphSpec, Filter},
-        graph::{self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemInput},
+        graph::{
+            self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemChunks, StemInput,
+            STEM_CHUNK_STEPS,
+        },
         options::{ConvApi, LayerTiming, PoolChoice},
         planner::{self, Epilogue, MaxPoolGeometry, PlanStrategy, PoolImpl},
         FusedOptions,
@@ -118,6 +121,12 @@ struct Buffers {
     slab: DeviceBuffer,
     /// Each activation's place and, for slab ones, its offset.
     places: Vec<(Place, Option<usize>)>,
+    /// Each activation's size in bytes (a chunk's is one chunk's).
+    bytes: Vec<usize>,
+    /// Which chunk of a chunked stem the [`Place::Chunk`] activations address: set by
+    /// [`FusedPrepared::run_eager`] around each round of the chunked steps, 0 otherwise (so
+    /// planning, which runs those steps once, works on the first chunk).
+    chunk: Cell<usize>,
     input: DeviceBuffer,
     output: DeviceBuffer,
     /// The search workspace while planning, then one just big enough for the plan.
@@ -136,6 +145,12 @@ impl Buffers {
                 &self.slab,
                 offset.expect("the memory plan places every slab activation"),
             ),
+            // Inside its whole: the graph makes chunks `count` times smaller than it, and
+            // `chunk` stays below `count`.
+            (Place::Chunk { of }, _) => {
+                let (buf, start) = self.place(of);
+                (buf, start + self.chunk.get() * self.bytes[a])
+            }
         }
     }
 
@@ -215,6 +230,8 @@ pub struct FusedPrepared {
     info: BackendInfo,
     /// Activation shapes, by index.
     shapes: Vec<Shape>,
+    /// Whether the stem and max pool (the first [`STEM_CHUNK_STEPS`] steps) run chunk by chunk.
+    stem_chunks: Option<StemChunks>,
     kernels: Option<Arc<Kernels>>,
     /// What the max pool's planning found, for `backend.details.pool_search`.
     pool_note: String,
@@ -269,10 +286,20 @@ impl FusedPrepared {
         let mut tried = Vec::new();
         let mut failures = Vec::new();
         let mut first_error: Option<EngineError> = None;
-        for stem in planner::stem_candidates(opts, job.precision) {
+        let per_image =
+            graph::stem_output_bytes(job.image_size as usize, Elem::of(job.precision).size());
+        let chunks = planner::stem_chunks(opts.stem_chunk, job.batch_size as usize, per_image);
+        let layouts = planner::stem_candidates(opts, job.precision);
+        let candidates = layouts
+            .iter()
+            .flat_map(|&stem| chunks.iter().map(move |&chunk| (stem, chunk)));
+        for (stem, chunk) in candidates {
             for strategy in planner::strategies(opts) {
-                let tag = format!("{stem}/{}", strategy.as_str());
-                let timed = Self::build(ctx, stream, target, stem, strategy)
+                let tag = match chunk {
+                    Some(c) => format!("{stem}/chunk{c}/{}", strategy.as_str()),
+                    None => format!("{stem}/{}", strategy.as_str()),
+                };
+                let timed = Self::build(ctx, stream, target, (stem, chunk), strategy)
                     .and_then(|c| Ok((c.median_forward_ms(10)?, c)));
                 match timed {
                     Ok((t, candidate)) => {
@@ -284,7 +311,7 @@ impl FusedPrepared {
                     }
                     Err(e) => {
                         tried.push(format!("{tag}:failed"));
-                        tracing::info!(%stem, strategy = strategy.as_str(), error = %e,
+                        tracing::info!(%stem, ?chunk, strategy = strategy.as_str(), error = %e,
                             "plan candidate failed; skipped");
                         failures.push(format!("{tag}: {e}"));
                         first_error.get_or_insert(e);
@@ -335,7 +362,8 @@ impl FusedPrepared {
     /// graph), else the median of `n` launches.
     fn profile(&self, n: usize) -> Result<String, EngineError> {
         let mut parts = Vec::new();
-        for s in &self.steps {
+        let (chunked, rounds) = self.chunk_rounds();
+        for (i, s) in self.steps.iter().enumerate() {
             let m = if self.graph.is_some() {
                 self.time_candidate(LayerTiming::Graph, &|| self.run_step(s))
                     .map_or(f64::NAN, |t| t as f64 * 1e3)
@@ -345,17 +373,19 @@ impl FusedPrepared {
                     .collect::<Result<Vec<_>, EngineError>>()?;
                 planner::median(v).unwrap_or(f64::NAN)
             };
+            // A chunked step ran once, on the first chunk: its share is that times the chunks.
+            let m = if i < chunked { m * rounds as f64 } else { m };
             parts.push(format!("{}={m:.4}", s.name()));
         }
         Ok(parts.join(" "))
     }
 
-    /// One complete plan for one stem layout and strategy.
+    /// One complete plan for one stem layout (and chunking of the stem) and strategy.
     fn build(
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         target: Target<'_>,
-        stem: StemInput,
+        (stem, stem_chunk): (StemInput, Option<usize>),
         strategy: PlanStrategy,
     ) -> Result<Self, EngineError> {
         let Target {
@@ -376,6 +406,7 @@ impl FusedPrepared {
                 batch,
                 image_size: size,
                 stem,
+                stem_chunk,
             },
         )?;
         let plan = net.memory_plan(elem.size());
@@ -391,6 +422,12 @@ impl FusedPrepared {
                 .zip(&plan.offsets)
                 .map(|(a, o)| (a.place, *o))
                 .collect(),
+            bytes: net
+                .acts
+                .iter()
+                .map(|a| a.shape.elems() * elem.size())
+                .collect(),
+            chunk: Cell::new(0),
             input: DeviceBuffer::upload(stream, &host_input)?,
             output: DeviceBuffer::zeroed(stream, batch * 1000 * elem.size())?,
             workspace: DeviceBuffer::zeroed(stream, search_ws)?,
@@ -417,6 +454,7 @@ impl FusedPrepared {
             batch,
             info: BackendInfo::default(),
             shapes: net.acts.iter().map(|a| a.shape).collect(),
+            stem_chunks: net.stem_chunks,
             kernels: kernels.as_ref().ok().cloned(),
             pool_note: match kernels {
                 Err(e) if opts.pool != PoolChoice::Cudnn => format!("kernel unavailable: {e}"),
@@ -514,6 +552,13 @@ impl FusedPrepared {
         details.insert("cuda_graph".into(), graph_note);
         details.insert("stem_channels".into(), stem.channels().to_string());
         details.insert("stem_layout".into(), stem.layout_name().into());
+        details.insert(
+            "stem_chunk".into(),
+            self.stem_chunks.map_or_else(
+                || "off".into(),
+                |c| format!("{} images x {}", c.images, c.count),
+            ),
+        );
         details.insert("epilogue".into(), opts.epilogue.to_string());
         details.insert("slab_bytes".into(), slab_bytes.to_string());
         details.insert("workspace_bytes".into(), self.bufs.ws_size.to_string());
@@ -1263,9 +1308,32 @@ impl FusedPrepared {
         })
     }
 
-    /// The forward pass, launch by launch.
+    /// The forward pass, launch by launch: a chunked stem's steps once per chunk, then the
+    /// rest.
     fn run_eager(&self) -> Result<(), EngineError> {
-        self.steps.iter().try_for_each(|s| self.run_step(s))
+        let (chunked, rounds) = self.chunk_rounds();
+        for k in 0..rounds {
+            self.bufs.chunk.set(k);
+            let round = self.steps[..chunked]
+                .iter()
+                .try_for_each(|s| self.run_step(s));
+            if round.is_err() {
+                self.bufs.chunk.set(0);
+                return round;
+            }
+        }
+        self.bufs.chunk.set(0);
+        self.steps[chunked..]
+            .iter()
+            .try_for_each(|s| self.run_step(s))
+    }
+
+    /// How many of the first steps repeat per chunk, and how many times (0 and 0 unchunked).
+    fn chunk_rounds(&self) -> (usize, usize) {
+        match self.stem_chunks {
+            Some(ch) => (STEM_CHUNK_STEPS, ch.count),
+            None => (0, 0),
+        }
     }
 
     /// `work`'s launches captured into a CUDA graph. The capture is always ended, so a step
