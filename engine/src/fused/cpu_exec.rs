@@ -147,9 +147,8 @@ impl CpuExecutor {
             match act.place {
                 Place::Input => Loc::Input,
                 Place::Output => Loc::Output,
-                // Only chunked graphs have chunks, and those were refused above; a chunk's
-                // whole is where it lives.
-                Place::Slab | Place::Chunk { .. } => {
+                Place::Chunk { .. } => unreachable!("chunked graphs are refused above"),
+                Place::Slab => {
                     let start =
                         plan.offsets[a].expect("slab activations have an offset") / F32_BYTES;
                     Loc::Slab(start..start + act.shape.elems())

@@ -316,11 +316,29 @@ impl StemInput {
 /// Channels of the stem's output in ResNet18.
 const STEM_OUT_CHANNELS: usize = 64;
 
-/// Bytes of the stem's output for one image of `size` pixels a side, whatever the input layout
-/// (every [`StemInput`] computes the same output), in elements of `elem_bytes`.
-pub fn stem_output_bytes(size: usize, elem_bytes: usize) -> usize {
-    let out = out_dim(size, STEM_KERNEL, STEM_STRIDE, STEM_PAD);
-    out * out * STEM_OUT_CHANNELS * elem_bytes
+/// Bytes per image, in elements of `elem_bytes`, of what a chunked stem cuts into chunks, for
+/// images of `size` pixels a side stored as `stem` lays them out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StemImageBytes {
+    /// The stored input: chunks of it are views.
+    pub input: usize,
+    /// The stem's output (the same for every layout): one chunk of it is kept.
+    pub stem_out: usize,
+    /// The max pool's output: chunks of it are views.
+    pub pooled: usize,
+}
+
+impl StemImageBytes {
+    pub fn new(stem: StemInput, size: usize, elem_bytes: usize) -> Self {
+        let side = stem.input_size(size);
+        let out = out_dim(size, STEM_KERNEL, STEM_STRIDE, STEM_PAD);
+        let pooled = out_dim(out, 3, 2, 1);
+        StemImageBytes {
+            input: side * side * stem.channels() * elem_bytes,
+            stem_out: out * out * STEM_OUT_CHANNELS * elem_bytes,
+            pooled: pooled * pooled * STEM_OUT_CHANNELS * elem_bytes,
+        }
+    }
 }
 
 /// Side of the space-to-depth input for an image side of `size`: the stem's output side plus
@@ -690,7 +708,10 @@ impl NetGraph {
         };
         // The chunked steps, chunk by chunk: a chunk read is cut from its whole activation, a
         // chunk written is gathered and joined into it afterwards.
-        let chunks: Vec<(usize, usize, bool)> = (self.acts.iter().enumerate())
+        let chunks: Vec<(usize, usize, bool)> = self
+            .acts
+            .iter()
+            .enumerate()
             .filter_map(|(a, act)| match act.place {
                 Place::Chunk { of } => Some((a, of, vals[of].is_some())),
                 _ => None,
@@ -1026,11 +1047,19 @@ mod tests {
     }
 
     #[test]
-    fn the_stem_output_size_is_the_graphs() {
-        for (size, stem) in [(224, PAD8), (224, S2D16), (33, S2D12)] {
+    fn the_stem_byte_counts_are_the_graphs() {
+        for (size, stem) in [(224, PAD8), (224, S2D16), (33, S2D12), (225, PAD3)] {
             let g = graph(1, size, stem);
-            let Step::Conv(c) = &g.steps[0] else { panic!() };
-            assert_eq!(stem_output_bytes(size, 2), g.acts[c.y].shape.elems() * 2);
+            let (Step::Conv(c), Step::Pool(p)) = (&g.steps[0], &g.steps[1]) else {
+                panic!()
+            };
+            let bytes = |a: usize| g.acts[a].shape.elems() * 2;
+            let want = StemImageBytes {
+                input: bytes(c.x),
+                stem_out: bytes(c.y),
+                pooled: bytes(p.y),
+            };
+            assert_eq!(StemImageBytes::new(stem, size, 2), want, "{stem:?} {size}");
         }
     }
 

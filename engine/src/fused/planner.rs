@@ -6,7 +6,7 @@
 use fleetmark_core::{capability::cuda_math, ComputeCapability, MathMode, Precision};
 
 use super::{
-    graph::{S2dChannels, Shape, StemInput, StemPad},
+    graph::{S2dChannels, Shape, StemImageBytes, StemInput, StemPad},
     options::{
         ConvApi, EpilogueChoice, FusedOptions, LayerTiming, PlanChoice, PoolChoice, StemChannels,
         StemChunk,
@@ -85,20 +85,35 @@ fn padded_candidates(precision: Precision) -> Vec<StemInput> {
 /// the input and the pool's output passing through it.
 pub const STEM_CHUNK_BYTES: usize = 16 << 20;
 
+/// Alignment every chunk of a chunked stem keeps: the slab's, which cuDNN's vectorized kernels
+/// and the graph API's declared 16-byte alignment rely on.
+pub const STEM_CHUNK_ALIGN: usize = 256;
+
 /// Images per chunk of the stem and max pool to plan (`None`: the whole batch), for a batch of
-/// `batch` images whose stem output takes `per_image` bytes each. A chunk size always divides
-/// the batch and is smaller than it; where none fits, the batch runs whole.
-pub fn stem_chunks(choice: StemChunk, batch: usize, per_image: usize) -> Vec<Option<usize>> {
-    let divisor_up_to = |most: usize| {
+/// `batch` images of the sizes `per_image` gives. A chunk size always divides the batch, is
+/// smaller than it, and keeps every chunk [`STEM_CHUNK_ALIGN`]-aligned (at some odd image
+/// sizes an image's input is not); where none does, the batch runs whole.
+pub fn stem_chunks(
+    choice: StemChunk,
+    batch: usize,
+    per_image: StemImageBytes,
+) -> Vec<Option<usize>> {
+    let fits = |d: usize| {
+        batch.is_multiple_of(d)
+            && [per_image.input, per_image.stem_out, per_image.pooled]
+                .iter()
+                .all(|b| (d * b).is_multiple_of(STEM_CHUNK_ALIGN))
+    };
+    let chunk = |most: usize| {
         (1..=most.min(batch))
             .rev()
-            .find(|d| batch.is_multiple_of(*d))
+            .find(|&d| fits(d))
+            .filter(|&d| d < batch)
     };
-    let chunk = |most: usize| divisor_up_to(most).filter(|&d| d < batch);
     match choice {
         StemChunk::Off => vec![None],
         StemChunk::Images(n) => vec![chunk(n.get())],
-        StemChunk::Auto => match chunk(STEM_CHUNK_BYTES / per_image.max(1)) {
+        StemChunk::Auto => match chunk(STEM_CHUNK_BYTES / per_image.stem_out.max(1)) {
             Some(d) => vec![None, Some(d)],
             None => vec![None],
         },
@@ -382,27 +397,55 @@ mod tests {
         use std::num::NonZeroUsize;
         let images = |n| StemChunk::Images(NonZeroUsize::new(n).unwrap());
         // 224-pixel images: the stem's output is 112x112x64, 1.6 MB in f16, 3.2 MB in f32.
-        let (f16, f32) = (112 * 112 * 64 * 2, 112 * 112 * 64 * 4);
+        let s2d16 = StemInput::SpaceToDepth(S2dChannels::C16);
+        let f16 = StemImageBytes::new(s2d16, 224, 2);
+        let f32 = StemImageBytes::new(s2d16, 224, 4);
+        assert_eq!(
+            (f16.stem_out, f32.stem_out),
+            (112 * 112 * 64 * 2, 112 * 112 * 64 * 4)
+        );
+        let big = StemImageBytes {
+            stem_out: STEM_CHUNK_BYTES + 256,
+            ..f16
+        };
         assert_eq!(stem_chunks(StemChunk::Off, 256, f16), [None]);
         assert_eq!(stem_chunks(StemChunk::Auto, 256, f16), [None, Some(8)]);
         assert_eq!(stem_chunks(StemChunk::Auto, 256, f32), [None, Some(4)]);
         assert_eq!(stem_chunks(StemChunk::Auto, 64, f16), [None, Some(8)]);
-        assert_eq!(stem_chunks(StemChunk::Auto, 12, f16), [None, Some(6)]);
+        assert_eq!(stem_chunks(StemChunk::Auto, 16, f16), [None, Some(8)]);
+        // A space-to-depth image is 115x115x16 f16 values, 32 bytes past a multiple of 256:
+        // only chunks of 8 images stay aligned, and 12 has no such divisor.
+        assert_eq!(f16.input % STEM_CHUNK_ALIGN, 32);
+        assert_eq!(stem_chunks(StemChunk::Auto, 12, f16), [None]);
         assert_eq!(stem_chunks(StemChunk::Auto, 6, f16), [None]);
         // A batch that already fits is not cut; neither is one image too big for the cache.
         assert_eq!(stem_chunks(StemChunk::Auto, 8, f16), [None]);
         assert_eq!(stem_chunks(StemChunk::Auto, 1, f16), [None]);
-        assert_eq!(
-            stem_chunks(StemChunk::Auto, 4, STEM_CHUNK_BYTES + 1),
-            [None]
-        );
+        assert_eq!(stem_chunks(StemChunk::Auto, 4, big), [None]);
         // Asked for: the largest divisor not above it, and never the whole batch.
         assert_eq!(stem_chunks(images(10), 256, f16), [Some(8)]);
-        assert_eq!(stem_chunks(images(4), 6, f16), [Some(3)]);
-        assert_eq!(stem_chunks(images(4), 7, f16), [Some(1)]);
+        // Every size of a padded 8-channel image is a multiple of 256 bytes: any divisor fits.
+        let pad8 = StemImageBytes::new(StemInput::Padded(StemPad::C8), 224, 2);
+        assert_eq!(stem_chunks(images(4), 6, pad8), [Some(3)]);
+        assert_eq!(stem_chunks(images(4), 7, pad8), [Some(1)]);
         assert_eq!(stem_chunks(images(256), 256, f16), [None]);
         assert_eq!(stem_chunks(images(300), 256, f16), [None]);
         assert_eq!(stem_chunks(images(1), 1, f16), [None]);
+        // 225 pixels, 3 channels in f16: 303,750 bytes an image, 2-byte aligned, so only
+        // chunks of a multiple of 128 images stay 256-byte aligned.
+        let odd = StemImageBytes::new(StemInput::Padded(StemPad::C3), 225, 2);
+        assert_eq!(odd.input, 225 * 225 * 3 * 2);
+        assert_eq!(stem_chunks(images(6), 12, odd), [None]);
+        assert_eq!(stem_chunks(images(200), 256, odd), [Some(128)]);
+        for (batch, d) in [(256, Some(8)), (24, Some(8)), (12, None), (6, None)] {
+            let got = stem_chunks(StemChunk::Auto, batch, f16);
+            assert_eq!(got.last().copied().flatten(), d, "batch {batch}");
+            if let Some(d) = d {
+                for b in [f16.input, f16.stem_out, f16.pooled] {
+                    assert_eq!(d * b % STEM_CHUNK_ALIGN, 0);
+                }
+            }
+        }
     }
 
     #[test]

@@ -52,8 +52,8 @@ use crate::{
     fused::{
         conv_graph::{uid, ConvEpilogue, ConvGraphSpec, Filter},
         graph::{
-            self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemChunks, StemInput,
-            STEM_CHUNK_STEPS,
+            self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemChunks, StemImageBytes,
+            StemInput, STEM_CHUNK_STEPS,
         },
         options::{ConvApi, LayerTiming, PoolChoice},
         planner::{self, Epilogue, MaxPoolGeometry, PlanStrategy, PoolImpl},
@@ -286,13 +286,16 @@ impl FusedPrepared {
         let mut tried = Vec::new();
         let mut failures = Vec::new();
         let mut first_error: Option<EngineError> = None;
-        let per_image =
-            graph::stem_output_bytes(job.image_size as usize, Elem::of(job.precision).size());
-        let chunks = planner::stem_chunks(opts.stem_chunk, job.batch_size as usize, per_image);
-        let layouts = planner::stem_candidates(opts, job.precision);
-        let candidates = layouts
-            .iter()
-            .flat_map(|&stem| chunks.iter().map(move |&chunk| (stem, chunk)));
+        let (batch, size) = (job.batch_size as usize, job.image_size as usize);
+        let elem_size = Elem::of(job.precision).size();
+        let candidates = planner::stem_candidates(opts, job.precision)
+            .into_iter()
+            .flat_map(|stem| {
+                let per_image = StemImageBytes::new(stem, size, elem_size);
+                planner::stem_chunks(opts.stem_chunk, batch, per_image)
+                    .into_iter()
+                    .map(move |chunk| (stem, chunk))
+            });
         for (stem, chunk) in candidates {
             for strategy in planner::strategies(opts) {
                 let tag = match chunk {
@@ -373,7 +376,9 @@ impl FusedPrepared {
                     .collect::<Result<Vec<_>, EngineError>>()?;
                 planner::median(v).unwrap_or(f64::NAN)
             };
-            // A chunked step ran once, on the first chunk: its share is that times the chunks.
+            // A chunked step ran once, on the first chunk: its share is that times the chunks
+            // (an estimate: replayed alone, the chunk's input stays in L2, which the whole
+            // pass's rounds do not have).
             let m = if i < chunked { m * rounds as f64 } else { m };
             parts.push(format!("{}={m:.4}", s.name()));
         }
@@ -410,6 +415,37 @@ impl FusedPrepared {
             },
         )?;
         let plan = net.memory_plan(elem.size());
+        let chunk_bytes = net
+            .acts
+            .iter()
+            .filter(|a| matches!(a.place, Place::Chunk { .. }))
+            .map(|a| a.shape.elems() * elem.size());
+        for bytes in chunk_bytes {
+            if !bytes.is_multiple_of(planner::STEM_CHUNK_ALIGN) {
+                return Err(EngineError::Unsupported(format!(
+                    "a stem chunk of {bytes} bytes breaks the {}-byte alignment",
+                    planner::STEM_CHUNK_ALIGN
+                )));
+            }
+        }
+        // The workspace cap follows the whole-batch plan's slab, so a chunked plan (whose slab
+        // is smaller) races the unchunked one under the same cap.
+        let cap_slab = match stem_chunk {
+            Some(_) => {
+                NetGraph::resnet18(
+                    weights,
+                    GraphConfig {
+                        batch,
+                        image_size: size,
+                        stem,
+                        stem_chunk: None,
+                    },
+                )?
+                .memory_plan(elem.size())
+                .slab_bytes
+            }
+            None => plan.slab_bytes,
+        };
         drv("bind context", ctx.bind_to_thread())?;
         let host_input = host_input(batch, size, stem, elem)?;
         let (free, _) = drv("mem info", ctx.mem_get_info())?;
@@ -466,7 +502,7 @@ impl FusedPrepared {
             opts,
             strategy,
             math,
-            ws_cap: planner::workspace_cap(opts, plan.slab_bytes, search_ws),
+            ws_cap: planner::workspace_cap(opts, cap_slab, search_ws),
             timing: planner::layer_timing(opts),
         };
         for step in &net.steps {
@@ -477,6 +513,11 @@ impl FusedPrepared {
                 }
             };
             me.steps.push(exec);
+            if me.steps.len() == STEM_CHUNK_STEPS {
+                // Planning ran the chunked steps on the first chunk; the rest of the network
+                // is planned on the whole pooled output, so the other chunks are filled too.
+                me.run_chunk_rounds(1)?;
+            }
         }
         me.shrink_workspace()?;
         let graph_note = me.check_and_capture(opts.cuda_graph)?;
@@ -1311,8 +1352,18 @@ impl FusedPrepared {
     /// The forward pass, launch by launch: a chunked stem's steps once per chunk, then the
     /// rest.
     fn run_eager(&self) -> Result<(), EngineError> {
+        self.run_chunk_rounds(0)?;
+        let (chunked, _) = self.chunk_rounds();
+        self.steps[chunked..]
+            .iter()
+            .try_for_each(|s| self.run_step(s))
+    }
+
+    /// The chunked steps of a chunked stem for chunks `from..`, each at its own addresses;
+    /// the chunk index is back at 0 afterwards, failed or not. Nothing when unchunked.
+    fn run_chunk_rounds(&self, from: usize) -> Result<(), EngineError> {
         let (chunked, rounds) = self.chunk_rounds();
-        for k in 0..rounds {
+        for k in from..rounds {
             self.bufs.chunk.set(k);
             let round = self.steps[..chunked]
                 .iter()
@@ -1323,9 +1374,7 @@ impl FusedPrepared {
             }
         }
         self.bufs.chunk.set(0);
-        self.steps[chunked..]
-            .iter()
-            .try_for_each(|s| self.run_step(s))
+        Ok(())
     }
 
     /// How many of the first steps repeat per chunk, and how many times (0 and 0 unchunked).
