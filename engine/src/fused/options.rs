@@ -46,7 +46,7 @@ pub enum StemChannels {
     Fixed(StemInput),
 }
 /// Which max pool runs after the stem. The default stays cuDNN's until the kernel has been
-/// measured on a GPU (docs/performance.md, "Built, not yet measured").
+/// compared at every batch on a GPU (docs/performance.md, "The opt-in levers, as built").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PoolChoice {
     /// Time cuDNN's pool and the path's own kernel on the real buffers and keep the faster;
@@ -62,7 +62,7 @@ pub enum PoolChoice {
 
 /// How a layer's candidate (algorithm and epilogue) is timed while planning. The default
 /// stays launch by launch, as every published number was planned, until graph timing has been
-/// measured on a GPU.
+/// compared at every batch on a GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LayerTiming {
     /// Inside a CUDA graph when the forward pass is one, else launch by launch.
@@ -77,7 +77,8 @@ pub enum LayerTiming {
 }
 
 /// Which cuDNN API runs the convolutions. The default stays the legacy calls until the graph
-/// API's plans have been measured on a GPU (docs/performance.md, "Built, not yet measured").
+/// API's plans have been compared at every batch on a GPU, and because making them takes
+/// seconds per job (docs/performance.md, "The opt-in levers, as built").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvApi {
     /// Per layer, the legacy algorithms and the graph API's engine configurations are timed
