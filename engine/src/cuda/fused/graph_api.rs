@@ -968,6 +968,38 @@ mod tests {
             labels.iter().any(|l| l.contains("split_k_slc=2")),
             "{name}: the split variants were made: {labels:?}"
         );
+        // The space-to-depth stem in chunks of 8 images (`--fused-stem-chunk`, f16): a 4x4
+        // convolution over 16 channels with bias and ReLU, the shape the chunked plan gives it.
+        let stem = ConvGraphSpec::new(
+            &Shape {
+                n: 8,
+                h: 115,
+                w: 115,
+                c: 16,
+            },
+            &Shape {
+                n: 8,
+                h: 112,
+                w: 112,
+                c: 64,
+            },
+            Filter {
+                k: 64,
+                c: 16,
+                r: 4,
+                s: 4,
+                stride: 1,
+                pad: 0,
+            },
+            ConvEpilogue {
+                bias: true,
+                residual: false,
+                relu: true,
+            },
+        );
+        let found = candidates(target, &stem, Elem::F16, MathMode::F16, 2).unwrap();
+        eprintln!("{name}: chunked s2d stem, f16: {}", found.note());
+        assert!(!found.plans.is_empty(), "{name}: {}", found.note());
         // TF32 engines are allowed for TF32 math, and refused for true f32.
         let tf32 = candidates(target, &fused, Elem::F32, MathMode::Tf32, 8).unwrap();
         let f32 = candidates(target, &fused, Elem::F32, MathMode::F32, 8).unwrap();

@@ -123,9 +123,9 @@ struct Buffers {
     places: Vec<(Place, Option<usize>)>,
     /// Each activation's size in bytes (a chunk's is one chunk's).
     bytes: Vec<usize>,
-    /// Which chunk of a chunked stem the [`Place::Chunk`] activations address: set by
-    /// [`FusedPrepared::run_eager`] around each round of the chunked steps, 0 otherwise (so
-    /// planning, which runs those steps once, works on the first chunk).
+    /// Which chunk of a chunked stem the [`Place::Chunk`] activations address: set only by
+    /// [`FusedPrepared::run_chunk_rounds`] around each round of the chunked steps, 0 otherwise
+    /// (so planning, which times and checks those steps once, works on the first chunk).
     chunk: Cell<usize>,
     input: DeviceBuffer,
     output: DeviceBuffer,
