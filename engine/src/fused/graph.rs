@@ -397,6 +397,33 @@ pub struct MemoryPlan {
     pub slab_bytes: usize,
 }
 
+/// The buffer an activation's bytes are in: a [`Place`] less the chunk, which is always in its
+/// whole's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Home {
+    Input,
+    Output,
+    Slab,
+}
+
+/// Where an activation's bytes are, for an executor: its buffer and its byte offset there,
+/// which for a chunk moves on by `chunk_stride` per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub home: Home,
+    pub offset: usize,
+    /// Bytes between one chunk and the next (the chunk's own size); 0 for whole activations.
+    pub chunk_stride: usize,
+}
+
+impl Location {
+    /// The byte offset in `home` for chunk `chunk` of a chunked stem (any chunk for a whole
+    /// activation).
+    pub fn at(&self, chunk: usize) -> usize {
+        self.offset + chunk * self.chunk_stride
+    }
+}
+
 /// Where a convolution's bias comes from.
 enum BiasSource<'a> {
     /// No bias: a downsample, whose bias moves to the block's second convolution.
@@ -694,6 +721,40 @@ impl NetGraph {
             offsets,
             slab_bytes,
         }
+    }
+
+    /// Every activation's [`Location`] under `plan`, for elements of `elem_bytes` bytes.
+    pub fn locations(&self, plan: &MemoryPlan, elem_bytes: usize) -> Vec<Location> {
+        let base = |a: usize| match self.acts[a].place {
+            Place::Slab => (
+                Home::Slab,
+                plan.offsets[a].expect("the memory plan places every slab activation"),
+            ),
+            Place::Input => (Home::Input, 0),
+            Place::Output => (Home::Output, 0),
+            Place::Chunk { .. } => unreachable!("a chunk's whole is never itself a chunk"),
+        };
+        (0..self.acts.len())
+            .map(|a| match self.acts[a].place {
+                // The builder makes every chunk's whole a whole activation.
+                Place::Chunk { of } => {
+                    let (home, offset) = base(of);
+                    Location {
+                        home,
+                        offset,
+                        chunk_stride: self.acts[a].shape.elems() * elem_bytes,
+                    }
+                }
+                _ => {
+                    let (home, offset) = base(a);
+                    Location {
+                        home,
+                        offset,
+                        chunk_stride: 0,
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Runs the steps with Candle's CPU ops in f32, NCHW: the same arithmetic the GPU executor
@@ -1061,6 +1122,51 @@ mod tests {
             };
             assert_eq!(StemImageBytes::new(stem, size, 2), want, "{stem:?} {size}");
         }
+    }
+
+    #[test]
+    fn every_chunk_lies_inside_its_whole_and_the_chunks_tile_it() {
+        let (batch, chunk, elem) = (8, 2, 2);
+        let g = chunked(batch, 224, S2D16, chunk);
+        let plan = g.memory_plan(elem);
+        let locs = g.locations(&plan, elem);
+        let bytes = |a: usize| g.acts[a].shape.elems() * elem;
+        let count = batch / chunk;
+        let mut chunks_seen = 0;
+        for (a, act) in g.acts.iter().enumerate() {
+            let Place::Chunk { of } = act.place else {
+                // Whole activations stay put, slab ones where the plan put them.
+                assert_eq!(locs[a].chunk_stride, 0);
+                assert_eq!(locs[a].at(3), locs[a].at(0));
+                if act.place == Place::Slab {
+                    assert_eq!(
+                        (locs[a].home, Some(locs[a].at(0))),
+                        (Home::Slab, plan.offsets[a])
+                    );
+                }
+                continue;
+            };
+            chunks_seen += 1;
+            let whole = locs[of];
+            assert_eq!(locs[a].home, whole.home);
+            assert_eq!(bytes(a) * count, bytes(of));
+            // Chunk k is the k-th slice of the whole, end to end.
+            for k in 0..count {
+                let start = locs[a].at(k);
+                assert_eq!(
+                    start,
+                    whole.at(0) + k * bytes(a),
+                    "activation {a}, chunk {k}"
+                );
+                assert!(start + bytes(a) <= whole.at(0) + bytes(of));
+            }
+        }
+        // The stem's input and the pool's output.
+        assert_eq!(chunks_seen, 2);
+        let Step::Conv(stem) = &g.steps[0] else {
+            panic!()
+        };
+        assert_eq!((locs[stem.x].home, locs[stem.x].offset), (Home::Input, 0));
     }
 
     #[test]

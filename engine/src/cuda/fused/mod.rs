@@ -52,8 +52,8 @@ use crate::{
     fused::{
         conv_graph::{uid, ConvEpilogue, ConvGraphSpec, Filter},
         graph::{
-            self, GraphConfig, NetGraph, Place, PoolKind, Shape, StemChunks, StemImageBytes,
-            StemInput, STEM_CHUNK_STEPS,
+            self, GraphConfig, Home, Location, NetGraph, Place, PoolKind, Shape, StemChunks,
+            StemImageBytes, StemInput, STEM_CHUNK_STEPS,
         },
         options::{ConvApi, LayerTiming, PoolChoice},
         planner::{self, Epilogue, MaxPoolGeometry, PlanStrategy, PoolImpl},
@@ -119,10 +119,8 @@ impl ExecStep {
 /// Every device buffer the forward pass touches.
 struct Buffers {
     slab: DeviceBuffer,
-    /// Each activation's place and, for slab ones, its offset.
-    places: Vec<(Place, Option<usize>)>,
-    /// Each activation's size in bytes (a chunk's is one chunk's).
-    bytes: Vec<usize>,
+    /// Where each activation is (for a chunk, its first chunk, and the step to the next).
+    locations: Vec<Location>,
     /// Which chunk of a chunked stem the [`Place::Chunk`] activations address: set only by
     /// [`FusedPrepared::run_chunk_rounds`] around each round of the chunked steps, 0 otherwise
     /// (so planning, which times and checks those steps once, works on the first chunk).
@@ -138,19 +136,14 @@ struct Buffers {
 impl Buffers {
     /// The buffer activation `a` lives in, and its byte offset there.
     fn place(&self, a: usize) -> (&DeviceBuffer, usize) {
-        match self.places[a] {
-            (Place::Input, _) => (&self.input, 0),
-            (Place::Output, _) => (&self.output, 0),
-            (Place::Slab, offset) => (
-                &self.slab,
-                offset.expect("the memory plan places every slab activation"),
-            ),
-            // Inside its whole: the graph makes chunks `count` times smaller than it, and
-            // `chunk` stays below `count`.
-            (Place::Chunk { of }, _) => {
-                let (buf, start) = self.place(of);
-                (buf, start + self.chunk.get() * self.bytes[a])
-            }
+        let loc = self.locations[a];
+        // A chunk's address stays inside its whole: the graph makes chunks `count` times
+        // smaller than it, and `chunk` stays below `count` (graph.rs tests the arithmetic).
+        let offset = loc.at(self.chunk.get());
+        match loc.home {
+            Home::Input => (&self.input, offset),
+            Home::Output => (&self.output, offset),
+            Home::Slab => (&self.slab, offset),
         }
     }
 
@@ -452,17 +445,7 @@ impl FusedPrepared {
         let search_ws = planner::search_workspace(free);
         let bufs = Buffers {
             slab: DeviceBuffer::zeroed(stream, plan.slab_bytes)?,
-            places: net
-                .acts
-                .iter()
-                .zip(&plan.offsets)
-                .map(|(a, o)| (a.place, *o))
-                .collect(),
-            bytes: net
-                .acts
-                .iter()
-                .map(|a| a.shape.elems() * elem.size())
-                .collect(),
+            locations: net.locations(&plan, elem.size()),
             chunk: Cell::new(0),
             input: DeviceBuffer::upload(stream, &host_input)?,
             output: DeviceBuffer::zeroed(stream, batch * 1000 * elem.size())?,
