@@ -57,6 +57,11 @@ pub struct StemChunks {
 /// How many of the graph's first steps a chunked stem repeats: the stem and the max pool.
 pub const STEM_CHUNK_STEPS: usize = 2;
 
+/// How many of the first steps repeat per chunk, and how many times: `(0, 0)` unchunked.
+pub fn chunk_rounds(chunks: Option<StemChunks>) -> (usize, usize) {
+    chunks.map_or((0, 0), |ch| (STEM_CHUNK_STEPS, ch.count))
+}
+
 /// One activation and the steps that use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Activation {
@@ -734,24 +739,20 @@ impl NetGraph {
             Place::Output => (Home::Output, 0),
             Place::Chunk { .. } => unreachable!("a chunk's whole is never itself a chunk"),
         };
-        (0..self.acts.len())
-            .map(|a| match self.acts[a].place {
+        self.acts
+            .iter()
+            .enumerate()
+            .map(|(a, act)| {
                 // The builder makes every chunk's whole a whole activation.
-                Place::Chunk { of } => {
-                    let (home, offset) = base(of);
-                    Location {
-                        home,
-                        offset,
-                        chunk_stride: self.acts[a].shape.elems() * elem_bytes,
-                    }
-                }
-                _ => {
-                    let (home, offset) = base(a);
-                    Location {
-                        home,
-                        offset,
-                        chunk_stride: 0,
-                    }
+                let (whole, chunk_stride) = match act.place {
+                    Place::Chunk { of } => (of, act.shape.elems() * elem_bytes),
+                    _ => (a, 0),
+                };
+                let (home, offset) = base(whole);
+                Location {
+                    home,
+                    offset,
+                    chunk_stride,
                 }
             })
             .collect()
@@ -763,10 +764,7 @@ impl NetGraph {
     pub fn forward_cpu(&self, x: &Tensor) -> Result<Tensor, EngineError> {
         let mut vals: Vec<Option<Tensor>> = vec![None; self.acts.len()];
         vals[self.input] = Some(x.clone());
-        let (chunked, rounds) = match self.stem_chunks {
-            Some(ch) => (STEM_CHUNK_STEPS, ch.count),
-            None => (0, 0),
-        };
+        let (chunked, rounds) = chunk_rounds(self.stem_chunks);
         // The chunked steps, chunk by chunk: a chunk read is cut from its whole activation, a
         // chunk written is gathered and joined into it afterwards.
         let chunks: Vec<(usize, usize, bool)> = self
@@ -856,6 +854,10 @@ mod tests {
     const S2D16: StemInput = StemInput::SpaceToDepth(S2dChannels::C16);
 
     fn graph(batch: usize, size: usize, stem: StemInput) -> NetGraph {
+        graph_chunked(batch, size, stem, None)
+    }
+
+    fn graph_chunked(batch: usize, size: usize, stem: StemInput, chunk: Option<usize>) -> NetGraph {
         let w = ModelWeights::seeded(0).unwrap();
         NetGraph::resnet18(
             &w,
@@ -863,7 +865,7 @@ mod tests {
                 batch,
                 image_size: size,
                 stem,
-                stem_chunk: None,
+                stem_chunk: chunk,
             },
         )
         .unwrap()
@@ -1026,17 +1028,7 @@ mod tests {
     }
 
     fn chunked(batch: usize, size: usize, stem: StemInput, chunk: usize) -> NetGraph {
-        let w = ModelWeights::seeded(0).unwrap();
-        NetGraph::resnet18(
-            &w,
-            GraphConfig {
-                batch,
-                image_size: size,
-                stem,
-                stem_chunk: Some(chunk),
-            },
-        )
-        .unwrap()
+        graph_chunked(batch, size, stem, Some(chunk))
     }
 
     #[test]

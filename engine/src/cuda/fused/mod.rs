@@ -1362,10 +1362,7 @@ impl FusedPrepared {
 
     /// How many of the first steps repeat per chunk, and how many times (0 and 0 unchunked).
     fn chunk_rounds(&self) -> (usize, usize) {
-        match self.stem_chunks {
-            Some(ch) => (STEM_CHUNK_STEPS, ch.count),
-            None => (0, 0),
-        }
+        graph::chunk_rounds(self.stem_chunks)
     }
 
     /// `work`'s launches captured into a CUDA graph. The capture is always ended, so a step
