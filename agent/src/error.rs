@@ -19,10 +19,12 @@ pub enum AgentError {
     #[error("the coordinator rejected the registration: {0}")]
     Rejected(String),
 
-    #[error("{context}: {source}")]
+    /// The cause is part of the message and deliberately not a `source()`: printed with its
+    /// chain (`{:#}`), it would otherwise appear twice.
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("sweep file: {0}")]

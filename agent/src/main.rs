@@ -250,6 +250,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The fused path's knobs, as `run` and the agent take them, so the configuration a
+        /// benchmark uses is the one checked.
+        #[command(flatten)]
+        fused: FusedArgs,
     },
     /// Print this machine's inventory and check each device opens.
     Inventory {
@@ -400,6 +404,7 @@ fn real_main() -> anyhow::Result<()> {
             precision,
             engine,
             json,
+            fused,
         }) => {
             let precisions = precision
                 .iter()
@@ -409,6 +414,12 @@ fn real_main() -> anyhow::Result<()> {
                 .iter()
                 .map(|e| e.parse())
                 .collect::<Result<Vec<fleetmark_core::EnginePath>, _>>()?;
+            let options = fleetmark_engine::device::BackendOptions {
+                fused: fused.options(),
+                assume_capability: fused.assume_compute_capability,
+                ..Default::default()
+            };
+            options.validate()?;
             let checks = fleetmark_agent::verify::run(
                 &weights,
                 &input,
@@ -416,6 +427,7 @@ fn real_main() -> anyhow::Result<()> {
                 &device,
                 &precisions,
                 &engines,
+                &options,
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);

@@ -33,9 +33,9 @@ pub async fn run_sweep(
     out: &Path,
     cancel: Arc<AtomicBool>,
 ) -> Result<Summary, AgentError> {
-    let text = std::fs::read_to_string(sweep_file).map_err(|source| AgentError::Io {
+    let text = std::fs::read_to_string(sweep_file).map_err(|cause| AgentError::Io {
         context: format!("cannot read {}", sweep_file.display()),
-        source,
+        cause,
     })?;
     let spec = SweepSpec::from_toml(&text)?;
     let jobs = spec.expand()?;
@@ -78,9 +78,9 @@ pub async fn run_sweep(
             "jobs target hardware this machine lacks; skipping them"
         );
     }
-    let file = std::fs::File::create(out).map_err(|source| AgentError::Io {
+    let file = std::fs::File::create(out).map_err(|cause| AgentError::Io {
         context: format!("cannot create {}", out.display()),
-        source,
+        cause,
     })?;
     let sink = Arc::new(Mutex::new(std::io::BufWriter::new(file)));
     let queue = Arc::new(Mutex::new(runnable.into_iter().collect::<VecDeque<_>>()));
@@ -132,9 +132,9 @@ pub async fn run_sweep(
                         let mut w = sink.lock().expect("sink");
                         writeln!(w, "{line}")
                             .and_then(|_| w.flush())
-                            .map_err(|source| AgentError::Io {
+                            .map_err(|cause| AgentError::Io {
                                 context: format!("cannot write {}", out.display()),
-                                source,
+                                cause,
                             })?;
                         info!(device = %worker.spec, job = %label,
                               images_per_sec = format!("{:.1}", result.images_per_sec),

@@ -26,10 +26,11 @@ pub struct Check {
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> AgentError {
-    move |source| AgentError::Io { context, source }
+    move |cause| AgentError::Io { context, cause }
 }
 
-/// Runs the checks; returns one line per (device, path, precision).
+/// Runs the checks; returns one line per (device, path, precision). `options` are the backend's,
+/// fused knobs included, so a lever configuration is checked as a benchmark would run it.
 pub fn run(
     weights_path: &Path,
     input_path: &Path,
@@ -37,6 +38,7 @@ pub fn run(
     devices: &str,
     precisions: &[Precision],
     engines: &[EnginePath],
+    options: &BackendOptions,
 ) -> Result<Vec<Check>, AgentError> {
     let golden: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(golden_path)
@@ -82,7 +84,7 @@ pub fn run(
     let weights = ModelWeights::from_file(weights_path)?;
     let mut out = Vec::new();
     for spec in parse_devices(devices)? {
-        let mut backend = open_backend(spec, &BackendOptions::default())?;
+        let mut backend = open_backend(spec, options)?;
         for &engine in engines {
             for &precision in precisions {
                 let job = JobSpec {

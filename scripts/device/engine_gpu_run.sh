@@ -113,6 +113,15 @@ for line in open(sys.argv[1]):
     print(f"b{r['spec']['batch_size']:<4} {r['spec']['precision']:<5} {b.get('path', '?'):<6} math {b.get('math', '?'):<5} "
           f"p50 {r['latency']['p50_ms']:.3f} ms {r['images_per_sec']:>9.0f} img/s peak {r['peak_memory_bytes']/2**20:.0f} MiB  "
           f"rel err {'-' if err is None else format(err, '.2e')}  stem={d.get('stem_channels')} graph={d.get('cuda_graph')}")
+    t = r.get("telemetry") or {}
+    def mean(k):
+        v = (t.get(k) or {}).get("mean")
+        return "-" if v is None else f"{v:.0f}"
+    if b.get("path") == "fused":
+        print(f"      stem_chunk={d.get('stem_chunk', '-')} pool={d.get('pool_search', '-')} conv_api={d.get('conv_api', '-')} "
+              f"graph_api_plan_s={d.get('graph_api_plan_seconds', '-')} sm {mean('sm_clock_mhz')} MHz power {mean('power_watts')} W "
+              f"throttled={t.get('throttled', '-')}")
+        print(f"      stem_search={d.get('stem_search', '-')}")
     s = r.get("stability")
     if s:
         n = len(s.get("windows") or [])

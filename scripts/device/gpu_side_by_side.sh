@@ -21,8 +21,11 @@
 #               --fused-algo-candidates=1]  agent flag sets for the variants phase, ';' between
 #               sets, spaces between the flags of one set; the set `defaults` runs no flags
 #   VARIANT_BATCHES [1,16,256], VARIANT_PRECISIONS [f16]
-#   FUSED_FLAGS [none]  agent flags for the `candle` phase (the report's fused column), e.g.
+#   FUSED_FLAGS [none]  agent flags for the `verify` and `candle` phases (the report's fused
+#               column; verify checks that configuration against PyTorch's logits), e.g.
 #               "--fused-pool=auto --fused-layer-timing=graph"; spaces between flags
+#   PYTORCH_LAYOUTS [nchw,channels_last]  the PyTorch layouts timed (the report's ratio is
+#               against channels_last with a CUDA graph; its memory check against eager)
 #   PROFILE_FLAGS [none], PROFILE_BATCHES [1,256], PROFILE_PRECISIONS [f16,bf16]  the profile phase
 # Needs python3 with torch, torchvision, numpy, safetensors; the CUDA and cuDNN libraries on
 # LD_LIBRARY_PATH. No network.
@@ -88,7 +91,8 @@ if has verify; then
   limit $PY "$here/scripts/bench/pytorch_reference.py" golden --seed 0 --input /tmp/x.safetensors \
     --weights-out /tmp/w_torch0.safetensors --golden-out "$out/golden_torch0.json" --device cuda
   limit "$agent" verify --weights /tmp/w_torch0.safetensors --input /tmp/x.safetensors \
-    --golden "$out/golden_torch0.json" --device cuda:0 --engine stock,fused | tee "$out/verify.txt"
+    --golden "$out/golden_torch0.json" --device cuda:0 --engine stock,fused \
+    ${fused_flags[@]+"${fused_flags[@]}"} | tee "$out/verify.txt"
 fi
 
 sweep() { # name engine batches precisions min_iters [repetitions]
@@ -113,7 +117,7 @@ if has pytorch; then
   step "PyTorch, same card, same run"
   article=(); [ "$ARTICLE" = 1 ] && article=(--article)
   cap=${PYTORCH_CAP:-0} limit env PYTHONUNBUFFERED=1 $PY "$here/scripts/bench/pytorch_reference.py" bench --weights /tmp/w_torch0.safetensors \
-    --device cuda --batches "$BATCHES" --precisions "$PRECISIONS" --layouts nchw,channels_last \
+    --device cuda --batches "$BATCHES" --precisions "$PRECISIONS" --layouts "${PYTORCH_LAYOUTS:-nchw,channels_last}" \
     --modes eager,graph --warmup-iters 10 --min-iters "$MIN_ITERS" --min-time "$MIN_TIME" \
     --out "$out/pytorch.jsonl" "${article[@]}"
 fi

@@ -214,6 +214,117 @@ async fn a_bad_fused_option_stops_the_agent_with_one_line() {
     }
 }
 
+/// `fleetmark-agent verify` takes the fused knobs `run` takes, so a lever configuration is
+/// checked as it is benchmarked: a bad value stops it in one line naming the flag; good ones are
+/// accepted and the check runs and judges (golden logits of zeros: the CPU path's real logits
+/// are far from them, so it reports a failure and exits 1); golden files that are not what the
+/// PyTorch script writes are refused clearly.
+#[tokio::test]
+async fn verify_takes_the_fused_knobs_and_judges_against_the_golden_file() {
+    let dir = scratch();
+    let weights = dir.path().join("w.safetensors");
+    let input = dir.path().join("x.safetensors");
+    let out = agent_output(&[
+        "export".as_ref(),
+        "--weights".as_ref(),
+        weights.as_os_str(),
+        "--input".as_ref(),
+        input.as_os_str(),
+        "--batch".as_ref(),
+        "2".as_ref(),
+        "--image-size".as_ref(),
+        "64".as_ref(),
+    ])
+    .await;
+    assert!(out.status.success(), "export: {}", stderr(&out));
+    let zeros = dir.path().join("zeros.json");
+    let row = vec![0.0f32; 1000];
+    std::fs::write(
+        &zeros,
+        serde_json::json!({ "logits": [row, row] }).to_string(),
+    )
+    .expect("write");
+    let binary = dir.path().join("binary.json");
+    std::fs::write(&binary, b"\x00\xff\xfe").expect("write");
+    let not_json = dir.path().join("not.json");
+    std::fs::write(&not_json, "{ logits: oops").expect("write");
+    let short = dir.path().join("short.json");
+    std::fs::write(&short, r#"{"logits": [[1.0, 2.0]]}"#).expect("write");
+
+    let verify = |golden: &std::path::Path, extra: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = [
+            "verify",
+            "--precision",
+            "f32",
+            "--engine",
+            "stock",
+            "--json",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        for (flag, path) in [("--weights", &weights), ("--input", &input)] {
+            args.push(flag.into());
+            args.push(path.into());
+        }
+        args.push("--golden".into());
+        args.push(golden.into());
+        args.extend(extra.iter().map(Into::into));
+        async move {
+            let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            agent_output(&refs).await
+        }
+    };
+
+    let out = verify(&zeros, &["--fused-stem-chunk=many"]).await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a bad knob was accepted: {err}");
+    assert!(
+        err.contains("--fused-stem-chunk") && err.contains("many"),
+        "{err}"
+    );
+    assert!(stdout(&out).is_empty(), "nothing checked: {}", stdout(&out));
+
+    let out = verify(
+        &zeros,
+        &[
+            "--fused-stem-chunk=8",
+            "--fused-pool=auto",
+            "--fused-plan=timed",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "far from zeros: {}",
+        stderr(&out)
+    );
+    let checks: Value = serde_json::from_str(&stdout(&out)).expect("verify --json prints JSON");
+    let check = &checks[0];
+    assert_eq!(check["path"], "stock", "{checks}");
+    assert_eq!(check["correctness"]["passed"], false, "{checks}");
+    assert!(
+        check["correctness"]["max_abs_error"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{checks}"
+    );
+
+    for (golden, expect) in [
+        (&binary, "valid UTF-8"),
+        (&not_json, "not JSON"),
+        (&short, "rows of 1000 logits"),
+    ] {
+        let out = verify(golden, &[]).await;
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{}: {err}", golden.display());
+        assert_eq!(err.matches(expect).count(), 1, "said once: {err}");
+        assert!(err.len() < 400, "a short error: {err}");
+    }
+}
+
 /// `fleetmark-agent cudnn-device` on a build without cuDNN (this test's, a CPU build) says so
 /// in one line and fails; given something that is not one GPU, it says what it takes.
 #[tokio::test]
