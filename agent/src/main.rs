@@ -74,7 +74,8 @@ struct DeviceArgs {
 }
 
 /// The fused GPU path's knobs (docs/performance.md says what each one is worth). Every result
-/// records their values in `backend.details.fused_options`.
+/// records their values in `backend.details.fused_options`. Defaults come from
+/// `FusedOptions::default()`, so `--help` and a library user see the same values.
 #[derive(Debug, Args)]
 struct FusedArgs {
     /// Fused path: capture the forward pass into one CUDA graph (on/off).
@@ -82,11 +83,11 @@ struct FusedArgs {
     fused_cuda_graph: bool,
     /// Fused path: bias/residual/ReLU epilogue: auto (time both), api (cuDNN's fused call) or
     /// separate.
-    #[arg(long, default_value = "auto", value_parser = parse_with::<EpilogueChoice>)]
+    #[arg(long, default_value_t = FusedOptions::default().epilogue, value_parser = parse_with::<EpilogueChoice>)]
     fused_epilogue: EpilogueChoice,
     /// Fused path: the stem's input layout: auto (timed), 3, 4 or 8 (channels padded to), s2d,
     /// s2d12 or s2d16 (space-to-depth, 4x4 stem over 12 or 16 channels; s2d: planner's pick).
-    #[arg(long, default_value = "auto", value_parser = parse_with::<StemChannels>)]
+    #[arg(long, default_value_t = FusedOptions::default().stem, value_parser = parse_with::<StemChannels>)]
     fused_stem_channels: StemChannels,
     /// Fused path: let f32 convolutions use TF32 tensor cores on sm_80 and newer (on/off).
     #[arg(long, default_value = "on", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
@@ -99,24 +100,24 @@ struct FusedArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fused_workspace_limit: Option<u64>,
     /// Fused path: plans compared as whole forward passes: both, timed or ranked.
-    #[arg(long, default_value = "both", value_parser = parse_with::<PlanChoice>)]
+    #[arg(long, default_value_t = FusedOptions::default().plan, value_parser = parse_with::<PlanChoice>)]
     fused_plan: PlanChoice,
     /// Fused path: the max pool after the stem: cudnn, kernel (the path's own, checked against
     /// cuDNN's output first) or auto (time both, keep the faster).
-    #[arg(long, default_value = "cudnn", value_parser = parse_with::<PoolChoice>)]
+    #[arg(long, default_value_t = FusedOptions::default().pool, value_parser = parse_with::<PoolChoice>)]
     fused_pool: PoolChoice,
     /// Fused path: how layer candidates are timed while planning: launch (launch by launch),
     /// graph (inside a CUDA graph) or auto (graph when the forward pass is one).
-    #[arg(long, default_value = "launch", value_parser = parse_with::<LayerTiming>)]
+    #[arg(long, default_value_t = FusedOptions::default().layer_timing, value_parser = parse_with::<LayerTiming>)]
     fused_layer_timing: LayerTiming,
     /// Fused path: which cuDNN API runs the convolutions: legacy, graph (the backend API's
     /// engines, split-K variants included) or auto (time both per layer, keep the faster).
-    #[arg(long, default_value = "legacy", value_parser = parse_with::<ConvApi>)]
+    #[arg(long, default_value_t = FusedOptions::default().conv_api, value_parser = parse_with::<ConvApi>)]
     fused_conv_api: ConvApi,
     /// Fused path: run the stem and the max pool a few images at a time, so the stem's output
     /// can stay in the L2 cache: off, auto (plan both, keep the faster) or at most N images per
     /// chunk.
-    #[arg(long, default_value = "off", value_parser = parse_with::<StemChunk>)]
+    #[arg(long, default_value_t = FusedOptions::default().stem_chunk, value_parser = parse_with::<StemChunk>)]
     fused_stem_chunk: StemChunk,
     /// Fused path: time each layer on its own and record it in the result.
     #[arg(long)]

@@ -86,7 +86,7 @@ if has inventory; then
 fi
 
 if has verify; then
-  step "PyTorch golden logits and Candle against them"
+  step "PyTorch golden logits and Candle against them (fused flags: ${FUSED_FLAGS:-none})"
   limit "$agent" export --seed 0 --weights /tmp/w_seed0.safetensors --input /tmp/x.safetensors --batch 2 --image-size 224
   limit $PY "$here/scripts/bench/pytorch_reference.py" golden --seed 0 --input /tmp/x.safetensors \
     --weights-out /tmp/w_torch0.safetensors --golden-out "$out/golden_torch0.json" --device cuda

@@ -20,65 +20,70 @@ pub enum EpilogueChoice {
     Separate,
 }
 
-/// Which plans are built and compared as whole forward passes.
+/// Which plans are built and compared as whole forward passes. The default is `timed`: with
+/// layer candidates timed inside a CUDA graph it beat or tied cuDNN's ranking at every batch
+/// and precision measured (docs/performance.md, "The defaults, measured"), in half the planning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PlanChoice {
     /// Both strategies; the faster whole graph wins.
-    #[default]
     Both,
     /// Every ranked algorithm and epilogue timed layer by layer on the real buffers.
+    #[default]
     Timed,
     /// cuDNN's own ranking, with the fused epilogue where it runs.
     Ranked,
 }
 
 /// How the stem's input is laid out (the flag keeps its old name, `--fused-stem-channels`).
+/// The default is space-to-depth: it was the fastest stem at every batch and precision measured
+/// once layers were timed inside a CUDA graph, and planning one or two stems instead of four
+/// takes a quarter to half the time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StemChannels {
     /// Try space-to-depth and the plain paddings (s2d16, 8, 4, 3 in f16/bf16; s2d12, s2d16,
     /// 4, 3 in f32), and keep the fastest whole forward pass.
-    #[default]
     Auto,
     /// Space-to-depth only, with the channel counts the planner picks for the precision (16 in
     /// f16/bf16; 12 and 16, timed, in f32).
+    #[default]
     SpaceToDepth,
     /// Exactly this layout.
     Fixed(StemInput),
 }
-/// Which max pool runs after the stem. The default stays cuDNN's until the kernel has been
-/// compared at every batch on a GPU (docs/performance.md, "The opt-in levers, as built").
+/// Which max pool runs after the stem. The default times both: the kernel was faster from
+/// batch 16 up, cuDNN's at batch 1 (docs/performance.md, "The defaults, measured").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PoolChoice {
     /// Time cuDNN's pool and the path's own kernel on the real buffers and keep the faster;
     /// the kernel only once its output matched cuDNN's there.
+    #[default]
     Auto,
     /// cuDNN's `cudnnPoolingForward`.
-    #[default]
     Cudnn,
     /// The path's own kernel (`engine/kernels/maxpool.cu`); a plan fails if it cannot run it
     /// or its output differs from cuDNN's.
     Kernel,
 }
 
-/// How a layer's candidate (algorithm and epilogue) is timed while planning. The default
-/// stays launch by launch, as every published number was planned, until graph timing has been
-/// compared at every batch on a GPU.
+/// How a layer's candidate (algorithm and epilogue) is timed while planning. The default times
+/// it as the forward pass will run it: inside a CUDA graph when the pass is one (launch-by-launch
+/// timing counted the host's enqueue time and picked slower plans at small batches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LayerTiming {
     /// Inside a CUDA graph when the forward pass is one, else launch by launch.
+    #[default]
     Auto,
     /// Several runs captured into a CUDA graph and replayed: the GPU's time alone, as the
     /// forward pass's graph runs it.
     Graph,
     /// Launch by launch between two events: includes the host's enqueue time, which at small
     /// batches can be most of what is measured.
-    #[default]
     Launch,
 }
 
-/// Which cuDNN API runs the convolutions. The default stays the legacy calls until the graph
-/// API's plans have been compared at every batch on a GPU, and because making them takes
-/// seconds per job (docs/performance.md, "The opt-in levers, as built").
+/// Which cuDNN API runs the convolutions. The default stays the legacy calls: `auto` was faster
+/// where measured (up to 15% in f16, 19% in bf16), but making the graph API's plans took 35 and
+/// 65 s per job at batches 64 and 256 (docs/performance.md, "The defaults, measured").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvApi {
     /// Per layer, the legacy algorithms and the graph API's engine configurations are timed
@@ -98,6 +103,10 @@ pub enum ConvApi {
 /// in f16, 411 MB at batch 256), written once by the stem and read once by the pool. Run chunk
 /// by chunk into one small buffer, it can stay in the GPU's L2 cache between the two, and the
 /// buffer is reused, so neither the write nor the read need reach memory.
+///
+/// Off by default: measured, the chunked stem lost at every batch and precision (at batch 256
+/// in f16, 3.20 ms against 2.78 ms for the whole batch; docs/performance.md, "The defaults,
+/// measured").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StemChunk {
     /// The whole batch at once.
@@ -141,16 +150,16 @@ impl Default for FusedOptions {
     fn default() -> Self {
         FusedOptions {
             cuda_graph: true,
-            epilogue: EpilogueChoice::Auto,
-            stem: StemChannels::Auto,
+            epilogue: EpilogueChoice::default(),
+            stem: StemChannels::default(),
             tf32: true,
             algo_candidates: NonZeroUsize::new(MAX_ALGO_CANDIDATES).expect("nonzero"),
             workspace_limit: None,
-            plan: PlanChoice::Both,
-            pool: PoolChoice::Cudnn,
-            layer_timing: LayerTiming::Launch,
-            conv_api: ConvApi::Legacy,
-            stem_chunk: StemChunk::Off,
+            plan: PlanChoice::default(),
+            pool: PoolChoice::default(),
+            layer_timing: LayerTiming::default(),
+            conv_api: ConvApi::default(),
+            stem_chunk: StemChunk::default(),
             profile: false,
         }
     }
@@ -519,7 +528,7 @@ mod tests {
         assert_eq!(
             o.summary(),
             "cuda_graph=on epilogue=auto stem=4 tf32=off algo_candidates=8 \
-             workspace_limit=auto plan=both pool=cudnn layer_timing=launch conv_api=legacy stem_chunk=off profile=off"
+             workspace_limit=auto plan=timed pool=auto layer_timing=auto conv_api=legacy stem_chunk=off profile=off"
         );
     }
 }

@@ -452,6 +452,19 @@ mod tests {
     fn the_options_decide_what_is_tried() {
         let mut o = FusedOptions::default();
         let tried = |o: &FusedOptions, p| names(stem_candidates(o, p));
+        assert_eq!(
+            tried(&o, Precision::F16),
+            ["s2d16"],
+            "space-to-depth by default"
+        );
+        assert_eq!(tried(&o, Precision::F32), ["s2d12", "s2d16"]);
+        assert_eq!(
+            strategies(&o),
+            vec![PlanStrategy::Timed],
+            "timed by default"
+        );
+        o.stem = StemChannels::Auto;
+        o.plan = PlanChoice::Both;
         assert_eq!(tried(&o, Precision::F16), ["s2d16", "8", "4", "3"]);
         assert_eq!(tried(&o, Precision::Bf16), ["s2d16", "8", "4", "3"]);
         assert_eq!(tried(&o, Precision::F32), ["s2d12", "s2d16", "4", "3"]);
@@ -579,11 +592,10 @@ mod tests {
         let mut o = FusedOptions::default();
         assert_eq!(
             layer_timing(&o),
-            LayerTiming::Launch,
-            "the default until measured"
+            LayerTiming::Graph,
+            "by default, as the forward pass's CUDA graph runs it"
         );
-        o.layer_timing = LayerTiming::Auto;
-        assert_eq!(layer_timing(&o), LayerTiming::Graph);
+        assert_eq!(o.layer_timing, LayerTiming::Auto);
         o.cuda_graph = false;
         assert_eq!(layer_timing(&o), LayerTiming::Launch);
         o.layer_timing = LayerTiming::Graph;
@@ -604,13 +616,8 @@ mod tests {
         let mut o = FusedOptions::default();
         assert_eq!(
             pool_candidates(&o, true),
-            [PoolImpl::Cudnn],
-            "the default until measured"
-        );
-        o.pool = PoolChoice::Auto;
-        assert_eq!(
-            pool_candidates(&o, true),
-            [PoolImpl::Cudnn, PoolImpl::Kernel]
+            [PoolImpl::Cudnn, PoolImpl::Kernel],
+            "both timed by default"
         );
         assert_eq!(pool_candidates(&o, false), [PoolImpl::Cudnn]);
         o.pool = PoolChoice::Cudnn;
