@@ -136,7 +136,7 @@ pub fn open_backend(
 }
 
 /// cuDNN's description of GPU `ordinal` as JSON, for planning the graph API's convolutions on a
-/// machine without that card (docs/performance.md, "The opt-in levers, as built"). Only a
+/// machine without that card (docs/performance.md, "The levers, as built"). Only a
 /// build with cuDNN (`--features cudnn`) has it.
 pub fn cudnn_device_json(ordinal: usize) -> Result<String, EngineError> {
     #[cfg(feature = "cudnn")]

@@ -230,6 +230,9 @@ pub struct FusedPrepared {
     pool_note: String,
     /// `layer: what the graph API offered`, for `backend.details.graph_api`.
     graph_notes: RefCell<Vec<String>>,
+    /// With `--fused-profile`, `layer: every legacy candidate's time`, for
+    /// `backend.details.layer_search_ms`: why a layer kept the algorithm it did.
+    layer_search: RefCell<Vec<String>>,
 }
 
 /// 1.0 and 0.0 as cuDNN's host scaling factors (f32 for every data type used here).
@@ -480,6 +483,7 @@ impl FusedPrepared {
                 _ => String::new(),
             },
             graph_notes: RefCell::new(Vec::new()),
+            layer_search: RefCell::new(Vec::new()),
         };
         let search = SearchConfig {
             opts,
@@ -596,6 +600,10 @@ impl FusedPrepared {
         let graph_notes = self.graph_notes.borrow();
         if !graph_notes.is_empty() {
             details.insert("graph_api".into(), graph_notes.join("; "));
+        }
+        let layer_search = self.layer_search.borrow();
+        if !layer_search.is_empty() {
+            details.insert("layer_search_ms".into(), layer_search.join("; "));
         }
         details.insert("fused_options".into(), opts.summary());
         backend_info("candle-cuda", ExecPath::Fused, self.math, details)
@@ -867,13 +875,23 @@ impl FusedPrepared {
         let ranked = self.rank_algorithms(exec, cfg.ws_cap)?;
         let epilogues = planner::epilogues(cfg.opts.epilogue, exec.relu);
         let mut best: Option<LegacyChoice> = None;
+        // What was timed, kept only for a profile: "algo find=<cuDNN's ms> <epilogue>=<ms>".
+        let mut timed: Vec<String> = Vec::new();
         for cand in ranked.iter().take(cfg.opts.algo_candidates.get()) {
             exec.cd.set_math(cand.mathType)?;
+            if cfg.opts.profile {
+                timed.push(format!("{} find={:.4}", algo_name(cand.algo), cand.time));
+            }
             for &ep in &epilogues {
                 exec.algo = cand.algo;
                 exec.epilogue = ep;
                 exec.ws = cand.memory;
-                let Some(t) = self.time_candidate(cfg.timing, &|| self.run_conv(exec)) else {
+                let t = self.time_candidate(cfg.timing, &|| self.run_conv(exec));
+                if cfg.opts.profile {
+                    let ms = t.map_or_else(|| "-".to_string(), |t| format!("{:.4}", t * 1e3));
+                    timed.push(format!("{ep:?}={ms}"));
+                }
+                let Some(t) = t else {
                     continue;
                 };
                 if best.as_ref().is_none_or(|(bt, _, _)| t < *bt) {
@@ -886,6 +904,11 @@ impl FusedPrepared {
             if cfg.strategy == PlanStrategy::Ranked && best.is_some() {
                 break;
             }
+        }
+        if cfg.opts.profile {
+            self.layer_search
+                .borrow_mut()
+                .push(format!("{}: {}", exec.name, timed.join(" ")));
         }
         Ok(best)
     }
