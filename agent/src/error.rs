@@ -27,8 +27,15 @@ pub enum AgentError {
         cause: std::io::Error,
     },
 
+    /// As with `Io`, the cause is in the message and not a `source()`, so it is printed once.
     #[error("sweep file: {0}")]
-    Sweep(#[from] fleetmark_core::CoreError),
+    Sweep(fleetmark_core::CoreError),
+}
+
+impl From<fleetmark_core::CoreError> for AgentError {
+    fn from(e: fleetmark_core::CoreError) -> Self {
+        AgentError::Sweep(e)
+    }
 }
 
 impl From<fleetmark_engine::EngineError> for AgentError {

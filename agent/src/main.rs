@@ -99,7 +99,8 @@ struct FusedArgs {
     /// the activation memory, at least 64 MiB).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fused_workspace_limit: Option<u64>,
-    /// Fused path: plans compared as whole forward passes: both, timed or ranked.
+    /// Fused path: plans compared as whole forward passes: auto (timed alone when layers are
+    /// timed in a CUDA graph, else both), both, timed or ranked.
     #[arg(long, default_value_t = FusedOptions::default().plan, value_parser = parse_with::<PlanChoice>)]
     fused_plan: PlanChoice,
     /// Fused path: the max pool after the stem: cudnn, kernel (the path's own, checked against

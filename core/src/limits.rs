@@ -24,6 +24,11 @@ pub const MAX_DEVICES: usize = 64;
 pub const MAX_TEXT_CHARS: usize = 512;
 /// Most entries in a free-form map such as the backend details.
 pub const MAX_DETAILS: usize = 64;
+/// Longest backend detail value, in characters. Details are what the engine says about how a
+/// number was made: a fused plan names every layer's algorithm (about 850 characters for
+/// ResNet18), the graph API's notes several per layer (about 2,300). 64 of them at 4 bytes a
+/// character is 1 MiB, well inside [`MAX_REQUEST_BYTES`] beside the latencies.
+pub const MAX_DETAIL_CHARS: usize = 4096;
 /// Most throttle reasons a telemetry record may list.
 pub const MAX_THROTTLE_REASONS: usize = 32;
 /// Largest sweep TOML text. A real sweep file is well under 4 KiB.
@@ -119,6 +124,17 @@ impl fmt::Display for Excerpt {
 
 /// Checks a free-text field: no NUL byte (Postgres cannot store one) and at most `max`
 /// characters.
+/// `s` cut to at most `max` characters, ending in "…" where it was cut: for text the engine
+/// writes into a result, so that a long diagnostic never gets the whole result refused.
+pub fn clip_text(s: &str, max: usize) -> String {
+    if s.chars().nth(max).is_none() {
+        return s.to_string();
+    }
+    let mut cut: String = s.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
 pub fn check_text(field: &str, s: &str, max: usize) -> Result<(), LimitError> {
     if s.contains('\0') {
         return Err(LimitError::Nul {
@@ -225,6 +241,17 @@ pub fn check_inventory(h: &crate::HostInventory) -> Result<(), LimitError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn clipped_text_fits_and_says_it_was_cut() {
+        use super::clip_text;
+        assert_eq!(clip_text("short", 10), "short");
+        assert_eq!(clip_text("exactly10!", 10), "exactly10!");
+        let cut = clip_text(&"é".repeat(50), 10);
+        assert_eq!(cut.chars().count(), 10);
+        assert!(cut.ends_with('…') && cut.starts_with("ééé"), "{cut}");
+        assert!(super::check_text("a backend detail", &cut, 10).is_ok());
+    }
+
     #[test]
     fn numbers_in_errors_stay_short() {
         let shown = |v: f64| super::Num(v).to_string();

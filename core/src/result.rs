@@ -16,7 +16,7 @@ use thiserror::Error;
 use crate::{
     limits::{
         check_count, check_inventory, check_labels, check_name, check_text, LimitError,
-        MAX_DETAILS, MAX_LATENCY_SAMPLES, MAX_TEXT_CHARS, MAX_THROTTLE_REASONS,
+        MAX_DETAILS, MAX_DETAIL_CHARS, MAX_LATENCY_SAMPLES, MAX_TEXT_CHARS, MAX_THROTTLE_REASONS,
     },
     CoreError, HostInventory, JobSpec, LatencyStats, StabilityReport,
 };
@@ -412,7 +412,7 @@ impl BenchResult {
         check_count("backend details", self.backend.details.len(), MAX_DETAILS)?;
         for (k, v) in &self.backend.details {
             check_text("a backend detail", k, MAX_TEXT_CHARS)?;
-            check_text("a backend detail", v, MAX_TEXT_CHARS)?;
+            check_text("a backend detail", v, MAX_DETAIL_CHARS)?;
         }
         if let Some(c) = &self.correctness {
             check_text("correctness reference", &c.reference, MAX_TEXT_CHARS)?;
@@ -468,6 +468,37 @@ impl BenchResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records a real CUDA agent wrote (committed benchmark runs) are valid results: a fused
+    /// plan's detail names every layer's algorithm (about 850 characters), and until details
+    /// had their own limit such records were refused by the coordinator and by import.
+    #[test]
+    fn real_gpu_records_validate_and_an_overlong_detail_does_not() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/benchmarks");
+        let mut seen = 0;
+        for file in [
+            "h100-2026-12-06/candle.jsonl",
+            "h200-2026-12-05-smoke/smoke-3.jsonl",
+        ] {
+            let text = std::fs::read_to_string(format!("{dir}/{file}")).expect("committed records");
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let r: BenchResult = serde_json::from_str(line).expect("a record");
+                r.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 14, "{seen} records");
+        let text = std::fs::read_to_string(format!("{dir}/h100-2026-12-06/candle.jsonl"))
+            .expect("committed records");
+        let mut r: BenchResult =
+            serde_json::from_str(text.lines().next().expect("a line")).expect("a record");
+        assert!(r.backend.details["plan"].chars().count() > MAX_TEXT_CHARS);
+        r.backend
+            .details
+            .insert("plan".into(), "x".repeat(MAX_DETAIL_CHARS + 1));
+        let e = r.validate().expect_err("too long").to_string();
+        assert!(e.contains("a backend detail") && e.contains("4096"), "{e}");
+    }
 
     #[test]
     fn the_mean_of_identical_samples_is_within_them() {

@@ -204,6 +204,17 @@ pub fn run_job(
     let mut environment = crate::versions::fingerprint();
     environment.cuda_driver_version = cuda_driver_version;
     environment.cudnn_version = cudnn_version;
+    // A detail longer than a result may carry would get the whole result refused by the
+    // coordinator and by `fleetmark import`: cut it instead, marked with "…".
+    let mut info = info;
+    for v in info.details.values_mut() {
+        if v.chars()
+            .nth(fleetmark_core::limits::MAX_DETAIL_CHARS)
+            .is_some()
+        {
+            *v = fleetmark_core::limits::clip_text(v, fleetmark_core::limits::MAX_DETAIL_CHARS);
+        }
+    }
     Ok(BenchResult {
         schema: RESULT_SCHEMA_VERSION,
         job_id: ctx.job_id,

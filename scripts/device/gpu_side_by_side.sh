@@ -166,9 +166,8 @@ for line in open(sys.argv[1]):
     print(f"b{r['spec']['batch_size']} {r['spec']['precision']}: forward p50 {r['latency']['p50_ms']:.3f} ms; stem search {d.get('stem_search')}; stem channels {d.get('stem_channels')}")
     print("  plan:", d.get("plan"))
     print("  per-step ms:", d.get("profile_ms"))
-    for layer in (d.get("layer_search_ms") or "").split("; "):
-        if layer:
-            print("  searched:", layer)
+    for key in sorted(k for k in d if k.startswith("layer_search_ms.")):
+        print(f"  searched {key[len('layer_search_ms.'):]}: {d[key]}")
 PYEOF
 fi
 

@@ -166,6 +166,75 @@ async fn standalone_results_import_and_compare() {
     assert_eq!(total, 2);
 }
 
+/// Records a real CUDA agent wrote (the committed H100 run of 2026-12-06: 12 fused results,
+/// each with a plan detail of about 850 characters) import through a running coordinator whole,
+/// their long details kept. Until details had their own limit, `fleetmark import` refused them
+/// at line 1 and the coordinator would have refused them from an agent.
+#[tokio::test]
+async fn real_gpu_records_import_with_their_long_details() {
+    let dir = scratch();
+    let records = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/benchmarks/h100-2026-12-06/candle.jsonl"
+    );
+    let db = TestDb::new().await;
+    let coord = Coordinator::start(
+        "coordinator",
+        dir.path(),
+        &db.url,
+        free_port(),
+        &CoordinatorOpts::default(),
+    )
+    .await;
+    let out = cli(
+        coord.url.as_str(),
+        None,
+        &["import", records, "--name", "h100"],
+    )
+    .await;
+    assert_success(&out, "fleetmark import");
+    assert!(
+        stderr(&out).contains("imported 12 results"),
+        "{}",
+        stderr(&out)
+    );
+    let sweep = parse_id(&out);
+    let pool = pool(&db.url).await;
+    assert_eq!(results(&pool, sweep).await.expect("results").len(), 12);
+    let longest: i32 = sqlx::query_scalar(
+        "SELECT max(length(record -> 'backend' -> 'details' ->> 'plan'))::int FROM results",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("stored details");
+    assert!(longest > 512, "the plan detail is kept whole: {longest}");
+}
+
+/// A malformed sweep file stops `fleetmark-agent run` with one line that says what is wrong
+/// once (the cause used to be printed twice, once in the message and once as its source).
+#[tokio::test]
+async fn a_malformed_sweep_file_is_named_once() {
+    let dir = scratch();
+    let sweep_file = dir.path().join("bad.toml");
+    std::fs::write(&sweep_file, "batch_sizes = [1\n").expect("write");
+    let never = dir.path().join("never.jsonl");
+    let out = agent_output(&[
+        "run".as_ref(),
+        "--sweep".as_ref(),
+        sweep_file.as_os_str(),
+        "--out".as_ref(),
+        never.as_os_str(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ])
+    .await;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.matches("unclosed array").count(), 1, "said once: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!never.exists(), "no job ran");
+}
+
 /// A misspelt fused-path option stops the agent at start-up with one short line naming the
 /// value and what is accepted, before any job runs (these used to be environment variables
 /// whose bad values fell back silently).

@@ -20,15 +20,19 @@ pub enum EpilogueChoice {
     Separate,
 }
 
-/// Which plans are built and compared as whole forward passes. The default is `timed`: with
-/// layer candidates timed inside a CUDA graph it beat or tied cuDNN's ranking at every batch
-/// and precision measured (docs/performance.md, "The defaults, measured"), in half the planning.
+/// Which plans are built and compared as whole forward passes. The default is `auto`: the
+/// timed plan alone when layer candidates are timed inside a CUDA graph (it beat or tied
+/// cuDNN's ranking at every batch and precision measured, docs/performance.md, "The defaults,
+/// measured", in half the planning), both when they are timed launch by launch (there the
+/// timed plan measures mostly the host at small batches and can lose to the ranking).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PlanChoice {
+    /// `timed` under graph layer timing, else `both`.
+    #[default]
+    Auto,
     /// Both strategies; the faster whole graph wins.
     Both,
     /// Every ranked algorithm and epilogue timed layer by layer on the real buffers.
-    #[default]
     Timed,
     /// cuDNN's own ranking, with the fused epilogue where it runs.
     Ranked,
@@ -244,10 +248,11 @@ impl FromStr for PlanChoice {
     type Err = EngineError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(PlanChoice::Auto),
             "both" => Ok(PlanChoice::Both),
             "timed" => Ok(PlanChoice::Timed),
             "ranked" => Ok(PlanChoice::Ranked),
-            _ => Err(bad("plan", s, "both, timed or ranked")),
+            _ => Err(bad("plan", s, "auto, both, timed or ranked")),
         }
     }
 }
@@ -255,6 +260,7 @@ impl FromStr for PlanChoice {
 impl fmt::Display for PlanChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            PlanChoice::Auto => "auto",
             PlanChoice::Both => "both",
             PlanChoice::Timed => "timed",
             PlanChoice::Ranked => "ranked",
@@ -501,9 +507,14 @@ mod tests {
         {
             assert_eq!(e.parse::<EpilogueChoice>().unwrap(), *v);
         }
-        for (v, e) in [PlanChoice::Both, PlanChoice::Timed, PlanChoice::Ranked]
-            .iter()
-            .map(|v| (v, v.to_string()))
+        for (v, e) in [
+            PlanChoice::Auto,
+            PlanChoice::Both,
+            PlanChoice::Timed,
+            PlanChoice::Ranked,
+        ]
+        .iter()
+        .map(|v| (v, v.to_string()))
         {
             assert_eq!(e.parse::<PlanChoice>().unwrap(), *v);
         }
@@ -528,7 +539,7 @@ mod tests {
         assert_eq!(
             o.summary(),
             "cuda_graph=on epilogue=auto stem=4 tf32=off algo_candidates=8 \
-             workspace_limit=auto plan=timed pool=auto layer_timing=auto conv_api=legacy stem_chunk=off profile=off"
+             workspace_limit=auto plan=auto pool=auto layer_timing=auto conv_api=legacy stem_chunk=off profile=off"
         );
     }
 }

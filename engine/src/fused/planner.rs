@@ -15,7 +15,8 @@ use super::{
 
 /// How each layer's algorithm is picked. Timing single layers launch by launch measures launch
 /// overhead too, which a CUDA graph removes, so at small batches it can mislead; cuDNN's own
-/// ranking times kernels alone. Both plans are built and the whole graphs compared.
+/// ranking times kernels alone. Where layers are timed launch by launch, both plans are built
+/// and the whole graphs compared ([`strategies`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanStrategy {
     /// The fastest of every ranked algorithm and epilogue, timed on the real buffers.
@@ -59,6 +60,16 @@ pub fn stem_candidates(opts: &FusedOptions, precision: Precision) -> Vec<StemInp
             v.extend(padded_candidates(precision));
             v
         }
+    }
+}
+
+/// Stem layouts to try only when none of [`stem_candidates`] could be planned: with
+/// `--fused-stem-channels=s2d` (the default) the padded layouts, so a card or cuDNN that cannot
+/// plan a space-to-depth stem still runs the job (and `stem_search_failures` says why).
+pub fn stem_fallbacks(opts: &FusedOptions, precision: Precision) -> Vec<StemInput> {
+    match opts.stem {
+        StemChannels::SpaceToDepth => padded_candidates(precision),
+        StemChannels::Auto | StemChannels::Fixed(_) => Vec::new(),
     }
 }
 
@@ -120,9 +131,12 @@ pub fn stem_chunks(
     }
 }
 
+/// The plan strategies built and compared whole. `auto` builds the timed plan alone where its
+/// layers are timed inside a CUDA graph, and both where they are timed launch by launch.
 pub fn strategies(opts: &FusedOptions) -> Vec<PlanStrategy> {
     match opts.plan {
-        PlanChoice::Both => vec![PlanStrategy::Timed, PlanStrategy::Ranked],
+        PlanChoice::Auto if layer_timing(opts) == LayerTiming::Graph => vec![PlanStrategy::Timed],
+        PlanChoice::Auto | PlanChoice::Both => vec![PlanStrategy::Timed, PlanStrategy::Ranked],
         PlanChoice::Timed => vec![PlanStrategy::Timed],
         PlanChoice::Ranked => vec![PlanStrategy::Ranked],
     }
@@ -374,14 +388,10 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
 /// messages joined, cut to the length a result's detail may have (longer ones would get the
 /// whole result refused), with "…" where cut.
 pub fn failures_detail(failures: &[String]) -> String {
-    let joined = failures.join("; ");
-    let max = fleetmark_core::limits::MAX_TEXT_CHARS;
-    if joined.chars().count() <= max {
-        return joined;
-    }
-    let mut cut: String = joined.chars().take(max - 1).collect();
-    cut.push('…');
-    cut
+    fleetmark_core::limits::clip_text(
+        &failures.join("; "),
+        fleetmark_core::limits::MAX_DETAIL_CHARS,
+    )
 }
 
 #[cfg(test)]
@@ -458,14 +468,29 @@ mod tests {
             "space-to-depth by default"
         );
         assert_eq!(tried(&o, Precision::F32), ["s2d12", "s2d16"]);
+        let fallbacks = |o: &FusedOptions, p| names(stem_fallbacks(o, p));
+        assert_eq!(
+            fallbacks(&o, Precision::F16),
+            ["8", "4", "3"],
+            "if none plans"
+        );
+        assert_eq!(fallbacks(&o, Precision::F32), ["4", "3"]);
         assert_eq!(
             strategies(&o),
             vec![PlanStrategy::Timed],
-            "timed by default"
+            "timed alone by default, layers being timed in the graph"
         );
+        o.cuda_graph = false;
+        assert_eq!(
+            strategies(&o),
+            vec![PlanStrategy::Timed, PlanStrategy::Ranked],
+            "both where layers are timed launch by launch"
+        );
+        o.cuda_graph = true;
         o.stem = StemChannels::Auto;
         o.plan = PlanChoice::Both;
         assert_eq!(tried(&o, Precision::F16), ["s2d16", "8", "4", "3"]);
+        assert!(fallbacks(&o, Precision::F16).is_empty());
         assert_eq!(tried(&o, Precision::Bf16), ["s2d16", "8", "4", "3"]);
         assert_eq!(tried(&o, Precision::F32), ["s2d12", "s2d16", "4", "3"]);
         o.stem = StemChannels::SpaceToDepth;
@@ -674,18 +699,18 @@ mod tests {
     fn failures_detail_fits_a_result_detail() {
         let one = vec!["s2d16/timed: unsupported: no plan".to_string()];
         assert_eq!(failures_detail(&one), "s2d16/timed: unsupported: no plan");
-        let many: Vec<String> = (0..8)
+        let many: Vec<String> = (0..30)
             .map(|i| format!("cand{i}: {}", "é".repeat(200)))
             .collect();
         let d = failures_detail(&many);
-        assert_eq!(d.chars().count(), fleetmark_core::limits::MAX_TEXT_CHARS);
+        assert_eq!(d.chars().count(), fleetmark_core::limits::MAX_DETAIL_CHARS);
         assert!(d.ends_with('…') && d.starts_with("cand0: "));
         let mut details = std::collections::BTreeMap::new();
         details.insert("stem_search_failures".to_string(), d);
         fleetmark_core::limits::check_text(
             "a backend detail",
             &details["stem_search_failures"],
-            fleetmark_core::limits::MAX_TEXT_CHARS,
+            fleetmark_core::limits::MAX_DETAIL_CHARS,
         )
         .expect("fits");
     }

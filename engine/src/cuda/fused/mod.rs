@@ -230,9 +230,10 @@ pub struct FusedPrepared {
     pool_note: String,
     /// `layer: what the graph API offered`, for `backend.details.graph_api`.
     graph_notes: RefCell<Vec<String>>,
-    /// With `--fused-profile`, `layer: every legacy candidate's time`, for
-    /// `backend.details.layer_search_ms`: why a layer kept the algorithm it did.
-    layer_search: RefCell<Vec<String>>,
+    /// With `--fused-profile`, (layer, every legacy candidate's time), for
+    /// `backend.details.layer_search_ms.<layer>`: why a layer kept the algorithm it did (one
+    /// detail per layer, so each stays within a detail's length).
+    layer_search: RefCell<Vec<(String, String)>>,
 }
 
 /// 1.0 and 0.0 as cuDNN's host scaling factors (f32 for every data type used here).
@@ -284,15 +285,31 @@ impl FusedPrepared {
         let mut first_error: Option<EngineError> = None;
         let (batch, size) = (job.batch_size as usize, job.image_size as usize);
         let elem_size = Elem::of(job.precision).size();
-        let candidates = planner::stem_candidates(opts, job.precision)
+        let with_chunks = |stems: Vec<StemInput>| -> Vec<(StemInput, Option<usize>)> {
+            stems
+                .into_iter()
+                .flat_map(|stem| {
+                    let per_image = StemImageBytes::new(stem, size, elem_size);
+                    planner::stem_chunks(opts.stem_chunk, batch, per_image)
+                        .into_iter()
+                        .map(move |chunk| (stem, chunk))
+                })
+                .collect()
+        };
+        // The fallbacks (padded stems behind the default space-to-depth) are tried only if
+        // nothing in the first round could be planned.
+        let rounds = [
+            with_chunks(planner::stem_candidates(opts, job.precision)),
+            with_chunks(planner::stem_fallbacks(opts, job.precision)),
+        ];
+        let candidates = rounds
             .into_iter()
-            .flat_map(|stem| {
-                let per_image = StemImageBytes::new(stem, size, elem_size);
-                planner::stem_chunks(opts.stem_chunk, batch, per_image)
-                    .into_iter()
-                    .map(move |chunk| (stem, chunk))
-            });
-        for (stem, chunk) in candidates {
+            .enumerate()
+            .flat_map(|(round, list)| list.into_iter().map(move |c| (round, c)));
+        for (round, (stem, chunk)) in candidates {
+            if round > 0 && best.is_some() {
+                break;
+            }
             for strategy in planner::strategies(opts) {
                 let tag = match chunk {
                     Some(c) => format!("{stem}/chunk{c}/{}", strategy.as_str()),
@@ -601,9 +618,8 @@ impl FusedPrepared {
         if !graph_notes.is_empty() {
             details.insert("graph_api".into(), graph_notes.join("; "));
         }
-        let layer_search = self.layer_search.borrow();
-        if !layer_search.is_empty() {
-            details.insert("layer_search_ms".into(), layer_search.join("; "));
+        for (layer, timed) in self.layer_search.borrow().iter() {
+            details.insert(format!("layer_search_ms.{layer}"), timed.clone());
         }
         details.insert("fused_options".into(), opts.summary());
         backend_info("candle-cuda", ExecPath::Fused, self.math, details)
@@ -908,7 +924,7 @@ impl FusedPrepared {
         if cfg.opts.profile {
             self.layer_search
                 .borrow_mut()
-                .push(format!("{}: {}", exec.name, timed.join(" ")));
+                .push((exec.name.clone(), timed.join(" ")));
         }
         Ok(best)
     }
