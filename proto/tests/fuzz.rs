@@ -2,7 +2,9 @@
 //! message converts to a domain value or a `WireError`, never a panic. Also measures what the
 //! largest legitimate result needs against the request limit.
 
-use fleetmark_core::limits::{MAX_LATENCY_SAMPLES, MAX_REQUEST_BYTES, MAX_TEXT_CHARS};
+use fleetmark_core::limits::{
+    MAX_DETAILS, MAX_DETAIL_CHARS, MAX_LATENCY_SAMPLES, MAX_REQUEST_BYTES, MAX_TEXT_CHARS,
+};
 use fleetmark_proto::{convert::result_without_latencies, v1 as pb};
 use proptest::prelude::*;
 use prost::Message;
@@ -125,8 +127,8 @@ proptest! {
     }
 }
 
-/// One result with the most latencies an agent ever sends, and every string at its limit,
-/// must fit in one request: this is what sizes `MAX_REQUEST_BYTES`.
+/// One result with the most latencies an agent ever sends, and every string (backend details
+/// included) at its limit, must fit in one request: this is what sizes `MAX_REQUEST_BYTES`.
 #[test]
 fn largest_real_result_fits_the_request_limit() {
     let mut w = valid_wire();
@@ -146,6 +148,11 @@ fn largest_real_result_fits_the_request_limit() {
             .collect(),
         ..Default::default()
     });
+    // Every backend detail at its length, in 4-byte characters: the most a detail can weigh.
+    let detail = "\u{1F680}".repeat(MAX_DETAIL_CHARS);
+    w.backend.get_or_insert_with(Default::default).details = (0..MAX_DETAILS)
+        .map(|i| (format!("detail{i}"), detail.clone()))
+        .collect();
     let len = pb::SubmitResultRequest {
         agent_id: uuid::Uuid::new_v4().to_string(),
         result: Some(w),
