@@ -9,9 +9,9 @@
 #   sbs   inventory; stock and fused against PyTorch's golden logits (`verify`, same weights and
 #         input); the fused sweep, the stock sweep and PyTorch (eager/graph, NCHW/channels_last)
 #         on the same card; report.md (scripts/bench/side_by_side.py)
-#   smoke the opt-in levers (--fused-pool, --fused-layer-timing, --fused-conv-api) once each,
-#         f16 and f32 at batch 1 and 256, with each record's pool, stem and graph API search: a
-#         short first call, so a lost lease costs little
+#   smoke the kernel pool with graph timing, the defaults before 2026-12-06 and the graph API
+#         once each, f16 and f32 at batch 1 and 256, with each record's pool, stem and graph API
+#         search: a short first call, so a lost lease costs little
 #   ptx   the sm_75 build (fleetmark-agent-sm75.xz) on this card through PTX
 #   health  `fleetmark-agent health --device cuda:0` twice, beside nvidia-smi's clocks, power
 #         limit, ECC and PCIe link
@@ -177,7 +177,10 @@ smoke)
   limit $a cudnn-device --device cuda:0 >"$OUT/smoke/cudnn-deviceprop.json" \
     && echo "cuDNN device description: $(wc -c <"$OUT/smoke/cudnn-deviceprop.json") bytes"
   i=0
-  runs=("--fused-pool=kernel --fused-layer-timing=graph" "--fused-pool=auto"
+  # Run 2 is the defaults before 2026-12-06, to compare against the current ones (run 1 is
+  # close to them, with the kernel pool forced).
+  runs=("--fused-pool=kernel --fused-layer-timing=graph"
+    "--fused-pool=cudnn --fused-layer-timing=launch --fused-stem-channels=auto --fused-plan=both"
     "--fused-conv-api=auto --fused-layer-timing=graph --fused-stem-channels=s2d")
   # The graph API compiles each plan's kernel while planning (graph_api_plan_seconds says how
   # long): its run is at batch 1 only, where split-K is expected to matter, and with the
