@@ -208,12 +208,7 @@ pub fn run_job(
     // coordinator and by `fleetmark import`: cut it instead, marked with "…".
     let mut info = info;
     for v in info.details.values_mut() {
-        if v.chars()
-            .nth(fleetmark_core::limits::MAX_DETAIL_CHARS)
-            .is_some()
-        {
-            *v = fleetmark_core::limits::clip_text(v, fleetmark_core::limits::MAX_DETAIL_CHARS);
-        }
+        *v = fleetmark_core::limits::clip_text(v, fleetmark_core::limits::MAX_DETAIL_CHARS);
     }
     Ok(BenchResult {
         schema: RESULT_SCHEMA_VERSION,

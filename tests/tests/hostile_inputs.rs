@@ -301,7 +301,12 @@ fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, what
 async fn impossible_results_are_refused_and_the_job_keeps_running() {
     let mut p = Probe::start(Vec::new()).await;
     let job = p.claimed_job().await;
-    let good = p.result_for(&job);
+    let mut good = p.result_for(&job);
+    // As long as a real fused plan's detail (about 850 characters), which must get through.
+    good.backend.details.insert(
+        "plan".into(),
+        "l1.0.c1:implicit_precomp_gemm/Api ".repeat(25),
+    );
 
     type Forge = fn(&mut BenchResult);
     let forgeries: Vec<(&str, Forge)> = vec![
@@ -346,6 +351,12 @@ async fn impossible_results_are_refused_and_the_job_keeps_running() {
         }),
         ("a NUL in the hardware name", |r| {
             r.hardware_name = "probe\0cpu".into()
+        }),
+        ("a backend detail past 4,096 characters", |r| {
+            r.backend.details.insert(
+                "plan".into(),
+                "x".repeat(fleetmark_core::limits::MAX_DETAIL_CHARS + 1),
+            );
         }),
     ];
     for (what, forge) in forgeries {

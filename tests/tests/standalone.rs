@@ -172,20 +172,11 @@ async fn standalone_results_import_and_compare() {
 /// at line 1 and the coordinator would have refused them from an agent.
 #[tokio::test]
 async fn real_gpu_records_import_with_their_long_details() {
-    let dir = scratch();
     let records = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../docs/benchmarks/h100-2026-12-06/candle.jsonl"
     );
-    let db = TestDb::new().await;
-    let coord = Coordinator::start(
-        "coordinator",
-        dir.path(),
-        &db.url,
-        free_port(),
-        &CoordinatorOpts::default(),
-    )
-    .await;
+    let Stack { coord, db, .. } = Stack::start().await;
     let out = cli(
         coord.url.as_str(),
         None,
@@ -218,16 +209,7 @@ async fn a_malformed_sweep_file_is_named_once() {
     let sweep_file = dir.path().join("bad.toml");
     std::fs::write(&sweep_file, "batch_sizes = [1\n").expect("write");
     let never = dir.path().join("never.jsonl");
-    let out = agent_output(&[
-        "run".as_ref(),
-        "--sweep".as_ref(),
-        sweep_file.as_os_str(),
-        "--out".as_ref(),
-        never.as_os_str(),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-    ])
-    .await;
+    let out = run_on_cpu(&sweep_file, &never, &[]).await;
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.matches("unclosed array").count(), 1, "said once: {err}");
@@ -254,17 +236,7 @@ async fn a_bad_fused_option_stops_the_agent_with_one_line() {
         ),
     ] {
         let never = dir.path().join("never.jsonl");
-        let out = agent_output(&[
-            "run".as_ref(),
-            "--sweep".as_ref(),
-            sweep_file.as_os_str(),
-            "--out".as_ref(),
-            never.as_os_str(),
-            "--device".as_ref(),
-            "cpu".as_ref(),
-            format!("{flag}={value}").as_ref(),
-        ])
-        .await;
+        let out = run_on_cpu(&sweep_file, &never, &[&format!("{flag}={value}")]).await;
         let err = stderr(&out);
         assert!(!out.status.success(), "{flag}={value} was accepted: {err}");
         assert!(
@@ -413,6 +385,25 @@ async fn cudnn_device_refuses_clearly_where_it_cannot_run() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
         assert!(stdout(&out).is_empty(), "{args:?}: nothing on stdout");
     }
+}
+
+/// `fleetmark-agent run --sweep SWEEP --out OUT --device cpu EXTRA...`, run to its end.
+async fn run_on_cpu(
+    sweep: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "run".as_ref(),
+        "--sweep".as_ref(),
+        sweep.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    agent_output(&args).await
 }
 
 /// `fleetmark-agent ARGS`, run to its end (within the sweep timeout), and what it printed.
