@@ -112,7 +112,8 @@ struct FusedArgs {
     #[arg(long, default_value_t = FusedOptions::default().layer_timing, value_parser = parse_with::<LayerTiming>)]
     fused_layer_timing: LayerTiming,
     /// Fused path: which cuDNN API runs the convolutions: legacy, graph (the backend API's
-    /// engines, split-K variants included) or auto (time both per layer, keep the faster).
+    /// engines, split-K variants included), auto (time both per layer, keep the faster) or
+    /// 1x1 (auto for the 1x1 convolutions, legacy for the rest).
     #[arg(long, default_value_t = FusedOptions::default().conv_api, value_parser = parse_with::<ConvApi>)]
     fused_conv_api: ConvApi,
     /// Fused path: run the stem and the max pool a few images at a time, so the stem's output

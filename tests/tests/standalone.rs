@@ -226,7 +226,7 @@ async fn a_bad_fused_option_stops_the_agent_with_one_line() {
     let sweep_file = dir.path().join("s.toml");
     std::fs::write(&sweep_file, sweep_toml("bad-flag", &[1], 32, "100ms")).expect("write");
     for (flag, value, accepted) in [
-        ("--fused-conv-api", "backend", "auto, legacy or graph"),
+        ("--fused-conv-api", "backend", "auto, legacy, graph or 1x1"),
         ("--fused-pool", "cuDNN", "auto, cudnn or kernel"),
         ("--fused-layer-timing", "graphs", "auto, graph or launch"),
         (

@@ -85,20 +85,30 @@ pub enum LayerTiming {
     Launch,
 }
 
-/// Which cuDNN API runs the convolutions. The default stays the legacy calls: `auto` was faster
-/// where measured (up to 15% in f16, 19% in bf16), but making the graph API's plans took 35 and
-/// 65 s per job at batches 64 and 256 (docs/performance.md, "The defaults, measured").
+/// Which cuDNN API runs the convolutions. The default is `1x1`: the graph API raced against
+/// the legacy calls for the four 1x1 convolutions only. Measured on an H100 (2026-12-06), it
+/// was 5-6% faster than the legacy calls alone in f16 and bf16 at batches 64 and 256, 0.5-1.5%
+/// elsewhere and nowhere slower, for 1.7-2.9 s of planning per job; `auto` (every layer) was
+/// faster still at batch 1 (up to 15% in f16, 19% in bf16) but took 35 and 65 s per job to
+/// plan at batches 64 and 256 (docs/performance.md, "The defaults, measured" and "Layer 2's
+/// downsample").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvApi {
     /// Per layer, the legacy algorithms and the graph API's engine configurations are timed
     /// together and the fastest kept.
     Auto,
     /// `cudnnConvolutionBiasActivationForward` and friends, algorithms ranked by `FindEx`.
-    #[default]
     Legacy,
     /// Only the graph (backend) API: each convolution with its epilogue as an operation graph,
     /// engine configurations from cuDNN's heuristics plus split-K variants, timed.
     Graph,
+    /// `auto` for the 1x1 convolutions (the three downsamples and the classifier), the legacy
+    /// API for the rest. On an H100 at f16 batch 256 the legacy API had only `implicit_gemm`
+    /// for layer 2's downsample within the workspace cap (0.189 ms, against the graph API's
+    /// 0.034 ms), while no 3x3 layer ran faster through the graph API; the 3x3 layers are
+    /// where most of its planning time goes.
+    #[default]
+    OneByOne,
 }
 
 /// Whether the stem and the max pool after it run over the batch a few images at a time.
@@ -297,7 +307,8 @@ impl FromStr for ConvApi {
             "auto" => Ok(ConvApi::Auto),
             "legacy" => Ok(ConvApi::Legacy),
             "graph" => Ok(ConvApi::Graph),
-            _ => Err(bad("convolution API", s, "auto, legacy or graph")),
+            "1x1" => Ok(ConvApi::OneByOne),
+            _ => Err(bad("convolution API", s, "auto, legacy, graph or 1x1")),
         }
     }
 }
@@ -308,6 +319,7 @@ impl fmt::Display for ConvApi {
             ConvApi::Auto => "auto",
             ConvApi::Legacy => "legacy",
             ConvApi::Graph => "graph",
+            ConvApi::OneByOne => "1x1",
         })
     }
 }
@@ -521,7 +533,12 @@ mod tests {
         for v in [PoolChoice::Auto, PoolChoice::Cudnn, PoolChoice::Kernel] {
             assert_eq!(v.to_string().parse::<PoolChoice>().unwrap(), v);
         }
-        for v in [ConvApi::Auto, ConvApi::Legacy, ConvApi::Graph] {
+        for v in [
+            ConvApi::Auto,
+            ConvApi::Legacy,
+            ConvApi::Graph,
+            ConvApi::OneByOne,
+        ] {
             assert_eq!(v.to_string().parse::<ConvApi>().unwrap(), v);
         }
         for v in [LayerTiming::Auto, LayerTiming::Graph, LayerTiming::Launch] {
@@ -539,7 +556,7 @@ mod tests {
         assert_eq!(
             o.summary(),
             "cuda_graph=on epilogue=auto stem=4 tf32=off algo_candidates=8 \
-             workspace_limit=auto plan=auto pool=auto layer_timing=auto conv_api=legacy stem_chunk=off profile=off"
+             workspace_limit=auto plan=auto pool=auto layer_timing=auto conv_api=1x1 stem_chunk=off profile=off"
         );
     }
 }

@@ -6,6 +6,7 @@
 use fleetmark_core::{capability::cuda_math, ComputeCapability, MathMode, Precision};
 
 use super::{
+    conv_graph::Filter,
     graph::{S2dChannels, Shape, StemImageBytes, StemInput, StemPad},
     options::{
         ConvApi, EpilogueChoice, FusedOptions, LayerTiming, PlanChoice, PoolChoice, StemChannels,
@@ -161,6 +162,9 @@ pub fn search_workspace(free_device_bytes: usize) -> usize {
 
 /// Largest workspace a chosen algorithm may keep. Capped relative to the activations, so a
 /// slightly faster algorithm cannot buy its speed with more memory than the activations take.
+/// (Half the slab was tried on 2026-12-06 for layer 2's downsample, whose
+/// `implicit_precomp_gemm` needs 154 MB at f16 batch 256 on an H100: allowed, it ran in 0.296
+/// ms against `implicit_gemm`'s 0.190, so the cap was not what held that layer back.)
 pub fn workspace_cap(opts: &FusedOptions, slab_bytes: usize, search_ws: usize) -> usize {
     opts.workspace_limit
         .unwrap_or((slab_bytes / 4).max(64 << 20))
@@ -203,12 +207,13 @@ pub fn graph_reps(one_run_secs: f32) -> usize {
     ((GRAPH_TIMING_TARGET_SECS / one_run_secs).ceil() as usize).clamp(2, 20)
 }
 
-/// Which cuDNN APIs a layer's candidates come from: (legacy, graph).
-pub fn conv_apis(opts: &FusedOptions) -> (bool, bool) {
+/// Which cuDNN APIs the candidates of a convolution with `filter` come from: (legacy, graph).
+pub fn conv_apis(opts: &FusedOptions, filter: &Filter) -> (bool, bool) {
     match opts.conv_api {
         ConvApi::Legacy => (true, false),
         ConvApi::Graph => (false, true),
         ConvApi::Auto => (true, true),
+        ConvApi::OneByOne => (true, filter.r == 1 && filter.s == 1),
     }
 }
 
@@ -541,12 +546,26 @@ mod tests {
 
     #[test]
     fn conv_apis_follow_the_option() {
+        let f = |r: usize, stride: usize| Filter {
+            k: 128,
+            c: 64,
+            r,
+            s: r,
+            stride,
+            pad: r / 2,
+        };
+        let (three, ds) = (f(3, 1), f(1, 2));
         let mut o = FusedOptions::default();
-        assert_eq!(conv_apis(&o), (true, false), "legacy by default");
+        assert_eq!(o.conv_api, ConvApi::OneByOne, "the default");
+        assert_eq!(conv_apis(&o, &three), (true, false), "3x3: legacy only");
+        assert_eq!(conv_apis(&o, &ds), (true, true), "a downsample races both");
+        assert_eq!(conv_apis(&o, &f(1, 1)), (true, true), "the classifier too");
+        o.conv_api = ConvApi::Legacy;
+        assert_eq!(conv_apis(&o, &ds), (true, false));
         o.conv_api = ConvApi::Graph;
-        assert_eq!(conv_apis(&o), (false, true));
+        assert_eq!(conv_apis(&o, &three), (false, true));
         o.conv_api = ConvApi::Auto;
-        assert_eq!(conv_apis(&o), (true, true));
+        assert_eq!(conv_apis(&o, &three), (true, true));
     }
 
     #[test]

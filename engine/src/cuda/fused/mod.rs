@@ -792,12 +792,12 @@ impl FusedPrepared {
         })
     }
 
-    /// cuDNN's ranking of algorithms for `exec`, run on the real buffers, keeping those that
-    /// succeeded within the workspace cap.
+    /// cuDNN's ranking of algorithms for `exec`, run on the real buffers: every entry cuDNN
+    /// returned, those that failed included (the caller keeps those that succeeded within the
+    /// workspace cap).
     fn rank_algorithms(
         &self,
         exec: &ConvExec,
-        ws_cap: usize,
     ) -> Result<Vec<dnn::cudnnConvolutionFwdAlgoPerf_t>, EngineError> {
         const MAX_ALGOS: usize = crate::fused::options::MAX_ALGO_CANDIDATES;
         // SAFETY: the perf struct is plain C data (integers, floats and enums whose 0 value is
@@ -831,11 +831,7 @@ impl FusedPrepared {
             )
         })?;
         let n = (returned.max(0) as usize).min(MAX_ALGOS);
-        Ok(perf[..n]
-            .iter()
-            .filter(|p| p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= ws_cap)
-            .copied()
-            .collect())
+        Ok(perf[..n].to_vec())
     }
 
     /// Plans one convolution: the candidates of each cuDNN API the options allow are timed on
@@ -847,7 +843,7 @@ impl FusedPrepared {
         cache: &GraphCache,
     ) -> Result<ConvExec, EngineError> {
         let mut exec = self.conv_exec(step, cfg.math)?;
-        let (use_legacy, use_graph) = planner::conv_apis(cfg.opts);
+        let (use_legacy, use_graph) = planner::conv_apis(cfg.opts, &exec.filter);
         let legacy = match (use_legacy, use_graph) {
             (false, _) => None,
             (true, false) => self.search_legacy(&mut exec, cfg)?,
@@ -888,12 +884,17 @@ impl FusedPrepared {
         exec: &mut ConvExec,
         cfg: &SearchConfig<'_>,
     ) -> Result<Option<LegacyChoice>, EngineError> {
-        let ranked = self.rank_algorithms(exec, cfg.ws_cap)?;
+        let ranked = self.rank_algorithms(exec)?;
+        let (usable, refused): (Vec<_>, Vec<_>) = ranked.into_iter().partition(|p| {
+            p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= cfg.ws_cap
+        });
         let epilogues = planner::epilogues(cfg.opts.epilogue, exec.relu);
         let mut best: Option<LegacyChoice> = None;
-        // What was timed, kept only for a profile: "algo find=<cuDNN's ms> <epilogue>=<ms>".
+        // What was timed, kept only for a profile: "algo find=<cuDNN's ms> <epilogue>=<ms>",
+        // then what the workspace cap left out ("algo over_cap=<bytes>B") and what cuDNN refused
+        // ("algo refused=<status>").
         let mut timed: Vec<String> = Vec::new();
-        for cand in ranked.iter().take(cfg.opts.algo_candidates.get()) {
+        for cand in usable.iter().take(cfg.opts.algo_candidates.get()) {
             exec.cd.set_math(cand.mathType)?;
             if cfg.opts.profile {
                 timed.push(format!("{} find={:.4}", algo_name(cand.algo), cand.time));
@@ -922,6 +923,18 @@ impl FusedPrepared {
             }
         }
         if cfg.opts.profile {
+            timed.extend(refused.iter().map(|p| {
+                if p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+                    format!("{} over_cap={}B", algo_name(p.algo), p.memory)
+                } else {
+                    let status = format!("{:?}", p.status);
+                    format!(
+                        "{} refused={}",
+                        algo_name(p.algo),
+                        status.trim_start_matches("CUDNN_STATUS_")
+                    )
+                }
+            }));
             self.layer_search
                 .borrow_mut()
                 .push((exec.name.clone(), timed.join(" ")));
