@@ -178,9 +178,9 @@ smoke)
     && echo "cuDNN device description: $(wc -c <"$OUT/smoke/cudnn-deviceprop.json") bytes"
   i=0
   # Run 2 is the defaults before 2026-12-06, to compare against the current ones (run 1 is
-  # close to them, with the kernel pool forced).
-  runs=("--fused-pool=kernel --fused-layer-timing=graph"
-    "--fused-pool=cudnn --fused-layer-timing=launch --fused-stem-channels=auto --fused-plan=both"
+  # close to them, with the kernel pool forced and the legacy API for every layer).
+  runs=("--fused-pool=kernel --fused-layer-timing=graph --fused-conv-api=legacy"
+    "--fused-pool=cudnn --fused-layer-timing=launch --fused-stem-channels=auto --fused-plan=both --fused-conv-api=legacy"
     "--fused-conv-api=auto --fused-layer-timing=graph --fused-stem-channels=s2d")
   # The graph API compiles each plan's kernel while planning (graph_api_plan_seconds says how
   # long): its run is at batch 1 only, where split-K is expected to matter, and with the
