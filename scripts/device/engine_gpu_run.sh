@@ -177,9 +177,9 @@ smoke)
   limit $a cudnn-device --device cuda:0 >"$OUT/smoke/cudnn-deviceprop.json" \
     && echo "cuDNN device description: $(wc -c <"$OUT/smoke/cudnn-deviceprop.json") bytes"
   i=0
-  # Run 2 is the defaults before 2026-12-06, to compare against the current ones (run 1 is
-  # close to them, with the kernel pool forced and the legacy API for every layer).
-  runs=("--fused-pool=kernel --fused-layer-timing=graph --fused-conv-api=legacy"
+  # Run 1 is the defaults with the kernel pool forced and a per-layer profile; run 2 is the
+  # defaults before 2026-12-06, to compare against the current ones.
+  runs=("--fused-pool=kernel --fused-profile"
     "--fused-pool=cudnn --fused-layer-timing=launch --fused-stem-channels=auto --fused-plan=both --fused-conv-api=legacy"
     "--fused-conv-api=auto --fused-layer-timing=graph --fused-stem-channels=s2d")
   # The graph API compiles each plan's kernel while planning (graph_api_plan_seconds says how

@@ -88,9 +88,9 @@ pub enum LayerTiming {
 /// Which cuDNN API runs the convolutions. The default is `1x1`: the graph API raced against
 /// the legacy calls for the four 1x1 convolutions only. Measured on an H100 (2026-12-06), it
 /// was 5-6% faster than the legacy calls alone in f16 and bf16 at batches 64 and 256, 0.5-1.5%
-/// elsewhere and nowhere slower, for 1.7-2.9 s of planning per job; `auto` (every layer) was
-/// faster still at batch 1 (up to 15% in f16, 19% in bf16) but took 35 and 65 s per job to
-/// plan at batches 64 and 256 (docs/performance.md, "The defaults, measured" and "Layer 2's
+/// elsewhere and nowhere slower, for 0.4-4 s of planning per job; `auto` (every layer) was
+/// faster still at batch 1 (about 13% in f16) but took 35 and 65 s per job to plan at batches
+/// 64 and 256 (docs/performance.md, "The defaults, measured" and "Layer 2's
 /// downsample").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvApi {
@@ -105,8 +105,8 @@ pub enum ConvApi {
     /// `auto` for the 1x1 convolutions (the three downsamples and the classifier), the legacy
     /// API for the rest. On an H100 at f16 batch 256 the legacy API had only `implicit_gemm`
     /// for layer 2's downsample within the workspace cap (0.189 ms, against the graph API's
-    /// 0.034 ms), while no 3x3 layer ran faster through the graph API; the 3x3 layers are
-    /// where most of its planning time goes.
+    /// 0.034 ms), while at that point no 3x3 layer ran faster through the graph API; the 3x3
+    /// layers are where most of its planning time goes.
     #[default]
     OneByOne,
 }

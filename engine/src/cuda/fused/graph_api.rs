@@ -1,5 +1,6 @@
 //! cuDNN's graph (backend) API for one convolution with its epilogue, as the executor's
-//! alternative to the legacy calls (`--fused-conv-api=graph|auto`).
+//! alternative to the legacy calls (by default for the 1x1 convolutions, `--fused-conv-api=1x1`;
+//! for every layer with `graph` or `auto`).
 //!
 //! Why it exists: the legacy calls the fused path is built on
 //! (`cudnnFindConvolutionForwardAlgorithmEx`, `cudnnConvolutionBiasActivationForward`) are

@@ -890,14 +890,17 @@ impl FusedPrepared {
         });
         let epilogues = planner::epilogues(cfg.opts.epilogue, exec.relu);
         let mut best: Option<LegacyChoice> = None;
-        // What was timed, kept only for a profile: "algo find=<cuDNN's ms> <epilogue>=<ms>",
-        // then what the workspace cap left out ("algo over_cap=<bytes>B") and what cuDNN refused
-        // ("algo refused=<status>").
+        // What was timed, kept only for a profile: "algo/math find=<cuDNN's ms> <epilogue>=<ms>",
+        // then what was not: usable but not timed ("algo/math untimed": past the candidate
+        // count, or after the ranked strategy's first success), over the workspace cap
+        // ("algo/math over_cap=<bytes>B") and refused by cuDNN ("algo/math refused=<status>").
         let mut timed: Vec<String> = Vec::new();
+        let mut tried = 0usize;
         for cand in usable.iter().take(cfg.opts.algo_candidates.get()) {
+            tried += 1;
             exec.cd.set_math(cand.mathType)?;
             if cfg.opts.profile {
-                timed.push(format!("{} find={:.4}", algo_name(cand.algo), cand.time));
+                timed.push(format!("{} find={:.4}", algo_label(cand), cand.time));
             }
             for &ep in &epilogues {
                 exec.algo = cand.algo;
@@ -923,14 +926,19 @@ impl FusedPrepared {
             }
         }
         if cfg.opts.profile {
+            timed.extend(
+                usable[tried..]
+                    .iter()
+                    .map(|p| format!("{} untimed", algo_label(p))),
+            );
             timed.extend(refused.iter().map(|p| {
                 if p.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-                    format!("{} over_cap={}B", algo_name(p.algo), p.memory)
+                    format!("{} over_cap={}B", algo_label(p), p.memory)
                 } else {
                     let status = format!("{:?}", p.status);
                     format!(
                         "{} refused={}",
-                        algo_name(p.algo),
+                        algo_label(p),
                         status.trim_start_matches("CUDNN_STATUS_")
                     )
                 }
@@ -968,8 +976,22 @@ impl FusedPrepared {
         };
         let mut reference = match legacy {
             Some((_, perf, ep)) => {
-                exec.use_legacy(perf, *ep)?;
-                Some(self.conv_output(exec)?)
+                let made = exec
+                    .use_legacy(perf, *ep)
+                    .and_then(|()| self.conv_output(exec));
+                match made {
+                    Ok(out) => Some(out),
+                    Err(e) if cfg.opts.conv_api == ConvApi::Graph => return Err(e),
+                    // The legacy choice stands on its own; without its output as a reference
+                    // the graph API's plans cannot be checked, so they are left out.
+                    Err(e) => {
+                        self.graph_notes.borrow_mut().push(format!(
+                            "{}: no reference output from the legacy choice ({e}); graph API skipped",
+                            exec.name
+                        ));
+                        return Ok(None);
+                    }
+                }
             }
             None => None,
         };
@@ -1506,6 +1528,19 @@ fn host_input(
 ) -> Result<Vec<u8>, EngineError> {
     let nhwc = stem.arrange_nhwc(&input_batch(INPUT_SEED, batch, size)?)?;
     elem.bytes_of(&nhwc)
+}
+
+/// An algorithm as FindEx returned it, with its math type: FindEx can return one algorithm
+/// several times, once per math type, and a profile has to tell them apart.
+fn algo_label(p: &dnn::cudnnConvolutionFwdAlgoPerf_t) -> String {
+    use dnn::cudnnMathType_t as M;
+    let math = match p.mathType {
+        M::CUDNN_DEFAULT_MATH => "default",
+        M::CUDNN_TENSOR_OP_MATH => "tensor_op",
+        M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION => "tensor_op_conversion",
+        M::CUDNN_FMA_MATH => "fma",
+    };
+    format!("{}/{math}", algo_name(p.algo))
 }
 
 fn algo_name(a: dnn::cudnnConvolutionFwdAlgo_t) -> &'static str {
