@@ -122,8 +122,6 @@ impl fmt::Display for Excerpt {
     }
 }
 
-/// Checks a free-text field: no NUL byte (Postgres cannot store one) and at most `max`
-/// characters.
 /// `s` cut to at most `max` characters, ending in "…" where it was cut: for text the engine
 /// writes into a result, so that a long diagnostic never gets the whole result refused.
 pub fn clip_text(s: &str, max: usize) -> String {
@@ -135,6 +133,8 @@ pub fn clip_text(s: &str, max: usize) -> String {
     cut
 }
 
+/// Checks a free-text field: no NUL byte (Postgres cannot store one) and at most `max`
+/// characters.
 pub fn check_text(field: &str, s: &str, max: usize) -> Result<(), LimitError> {
     if s.contains('\0') {
         return Err(LimitError::Nul {

@@ -974,25 +974,23 @@ impl FusedPrepared {
             }
             Err(_) => return Ok(None),
         };
+        // There is a legacy choice only where both APIs race (never with `--fused-conv-api=graph`).
+        // It stands on its own: without its output as a reference the graph API's plans cannot
+        // be checked, so they are left out rather than failing the layer.
         let mut reference = match legacy {
-            Some((_, perf, ep)) => {
-                let made = exec
-                    .use_legacy(perf, *ep)
-                    .and_then(|()| self.conv_output(exec));
-                match made {
-                    Ok(out) => Some(out),
-                    Err(e) if cfg.opts.conv_api == ConvApi::Graph => return Err(e),
-                    // The legacy choice stands on its own; without its output as a reference
-                    // the graph API's plans cannot be checked, so they are left out.
-                    Err(e) => {
-                        self.graph_notes.borrow_mut().push(format!(
-                            "{}: no reference output from the legacy choice ({e}); graph API skipped",
-                            exec.name
-                        ));
-                        return Ok(None);
-                    }
+            Some((_, perf, ep)) => match exec
+                .use_legacy(perf, *ep)
+                .and_then(|()| self.conv_output(exec))
+            {
+                Ok(out) => Some(out),
+                Err(e) => {
+                    self.graph_notes.borrow_mut().push(format!(
+                        "{}: no reference output from the legacy choice ({e}); graph API skipped",
+                        exec.name
+                    ));
+                    return Ok(None);
                 }
-            }
+            },
             None => None,
         };
         let (mut wrong, mut best) = (0usize, None::<(f32, Rc<GraphPlan>)>);
