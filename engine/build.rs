@@ -113,7 +113,7 @@ mod kernels {
     pub fn build() {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
         let result = cudaforge::KernelBuilder::new()
-            .source_files(["kernels/maxpool.cu"])
+            .source_files(["kernels/maxpool.cu", "kernels/stem_pool.cu"])
             .arg("-std=c++17")
             .arg("-O3")
             .build_ptx()

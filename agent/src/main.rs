@@ -16,6 +16,7 @@ use fleetmark_core::ComputeCapability;
 use fleetmark_engine::fused::{
     options::{
         ConvApi, EpilogueChoice, LayerTiming, PlanChoice, PoolChoice, StemChannels, StemChunk,
+        StemPoolChoice,
     },
     FusedOptions,
 };
@@ -107,6 +108,11 @@ struct FusedArgs {
     /// cuDNN's output first) or auto (time both, keep the faster).
     #[arg(long, default_value_t = FusedOptions::default().pool, value_parser = parse_with::<PoolChoice>)]
     fused_pool: PoolChoice,
+    /// Fused path: the space-to-depth stem and its max pool as one kernel of the path's own
+    /// (f16 and bf16): auto (checked against cuDNN's stem and pool, timed, kept if faster),
+    /// off or kernel.
+    #[arg(long, default_value_t = FusedOptions::default().stem_pool, value_parser = parse_with::<StemPoolChoice>)]
+    fused_stem_pool: StemPoolChoice,
     /// Fused path: how layer candidates are timed while planning: launch (launch by launch),
     /// graph (inside a CUDA graph) or auto (graph when the forward pass is one).
     #[arg(long, default_value_t = FusedOptions::default().layer_timing, value_parser = parse_with::<LayerTiming>)]
@@ -160,6 +166,7 @@ impl FusedArgs {
             workspace_limit: self.fused_workspace_limit.map(|b| b as usize),
             plan: self.fused_plan,
             pool: self.fused_pool,
+            stem_pool: self.fused_stem_pool,
             layer_timing: self.fused_layer_timing,
             conv_api: self.fused_conv_api,
             stem_chunk: self.fused_stem_chunk,

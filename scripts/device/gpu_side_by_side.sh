@@ -148,7 +148,7 @@ if has variants; then
 import json, sys
 for line in open(sys.argv[2]):
     r = json.loads(line); d = r['backend']['details']
-    print(f"{sys.argv[1]:<48} b{r['spec']['batch_size']:<4} {r['spec']['precision']:<5} p50 {r['latency']['p50_ms']:.3f} ms  {r['images_per_sec']:.0f} img/s  peak {r['peak_memory_bytes']/2**20:.0f} MiB  graph={d.get('cuda_graph')} stem={d.get('stem_layout')}{d.get('stem_channels')} pool={d.get('pool_search', '-')}")
+    print(f"{sys.argv[1]:<48} b{r['spec']['batch_size']:<4} {r['spec']['precision']:<5} p50 {r['latency']['p50_ms']:.3f} ms  {r['images_per_sec']:.0f} img/s  peak {r['peak_memory_bytes']/2**20:.0f} MiB  graph={d.get('cuda_graph')} stem={d.get('stem_layout')}{d.get('stem_channels')} pool={d.get('pool_search', '-')} stem_pool={d.get('stem_pool_search', '-')}")
 PYEOF
   done
   cat "$out/variants.txt"
@@ -165,6 +165,7 @@ for line in open(sys.argv[1]):
     r = json.loads(line); d = r["backend"]["details"]
     print(f"b{r['spec']['batch_size']} {r['spec']['precision']}: forward p50 {r['latency']['p50_ms']:.3f} ms; stem search {d.get('stem_search')}; stem channels {d.get('stem_channels')}")
     print("  plan:", d.get("plan"))
+    print("  stem and pool as one kernel:", d.get("stem_pool_search", "-"))
     print("  per-step ms:", d.get("profile_ms"))
     for key in sorted(k for k in d if k.startswith("layer_search_ms.")):
         print(f"  searched {key[len('layer_search_ms.'):]}: {d[key]}")

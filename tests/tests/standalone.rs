@@ -228,6 +228,7 @@ async fn a_bad_fused_option_stops_the_agent_with_one_line() {
     for (flag, value, accepted) in [
         ("--fused-conv-api", "backend", "auto, legacy, graph or 1x1"),
         ("--fused-pool", "cuDNN", "auto, cudnn or kernel"),
+        ("--fused-stem-pool", "on", "auto, off or kernel"),
         ("--fused-layer-timing", "graphs", "auto, graph or launch"),
         (
             "--fused-stem-chunk",

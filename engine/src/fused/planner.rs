@@ -339,6 +339,173 @@ pub fn maxpool_geometry(x: &Shape, y: &Shape, elem_size: usize) -> Result<MaxPoo
     Ok(MaxPoolGeometry { dims, blocks })
 }
 
+/// One compiled variant of the stem-and-pool kernel (`engine/kernels/stem_pool.cu`), named
+/// `r<pooled rows per tile>_n<16-channel fragments per warp>_g<conv rows per warp pass>`; the
+/// fields are what the host needs (shared memory, tiles). The executor times every variant
+/// the GPU can launch against cuDNN's stem and pool and keeps the fastest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StemPoolVariant {
+    /// The kernel's name after `stem_pool_<precision>_`.
+    pub name: &'static str,
+    pub pooled_rows: usize,
+    pub row_group: usize,
+}
+
+/// The variants the kernel file compiles. On an H100 (2026-12-06, f16 batch 256, alone):
+/// `r7_n1_g4` 0.50 ms, `r14_n2_g4` 0.58 ms, `r7_n2_g4` 0.63 ms, against 0.96 ms for cuDNN's
+/// stem and the pool kernel in the engine's profile.
+pub const STEM_POOL_VARIANTS: [StemPoolVariant; 3] = [
+    StemPoolVariant {
+        name: "r7_n1_g4",
+        pooled_rows: 7,
+        row_group: 4,
+    },
+    StemPoolVariant {
+        name: "r7_n2_g4",
+        pooled_rows: 7,
+        row_group: 4,
+    },
+    StemPoolVariant {
+        name: "r14_n2_g4",
+        pooled_rows: 14,
+        row_group: 4,
+    },
+];
+
+/// Threads per block of the stem-and-pool kernel.
+pub const STEM_POOL_THREADS: u32 = 256;
+/// Pooled columns per tile, and conv columns computed per tile (one 16-pixel fragment).
+const STEM_POOL_TILE_W: usize = 7;
+const STEM_POOL_CONV_COLS: usize = 16;
+/// Input channels and filter side of the space-to-depth stem the kernel computes.
+const STEM_POOL_CIN: usize = 16;
+const STEM_POOL_KS: usize = 4;
+const STEM_POOL_COUT: usize = 64;
+
+impl StemPoolVariant {
+    /// Dynamic shared memory per block, as the kernel's `Tile::SMEM` computes it: two input
+    /// tiles of 16-bit values and the f32 conv tile with 72 floats per pixel. The kernel checks
+    /// what it was given and writes nothing with less.
+    pub fn smem_bytes(&self) -> usize {
+        let conv_rows = 2 * self.pooled_rows + 1;
+        let computed = conv_rows.div_ceil(self.row_group) * self.row_group;
+        let in_rows = computed + STEM_POOL_KS - 1;
+        let in_cols = STEM_POOL_CONV_COLS + STEM_POOL_KS - 1;
+        let input = in_rows * in_cols * STEM_POOL_CIN * 2;
+        let out = conv_rows * STEM_POOL_CONV_COLS * (STEM_POOL_COUT + 8) * 4;
+        2 * input + out
+    }
+
+    /// The kernel's name for 16-bit values of `precision` (`f16` or `bf16`).
+    pub fn function(&self, precision: &str) -> String {
+        format!("stem_pool_{precision}_{}", self.name)
+    }
+
+    /// Tiles of the pooled output: each block loops over them.
+    pub fn tiles(&self, g: &StemPoolGeometry) -> usize {
+        let [hs, ws, n] = g.args.map(|v| v as usize);
+        let pooled = |d: usize| (d - STEM_POOL_KS) / 2 + 1;
+        pooled(ws).div_ceil(STEM_POOL_TILE_W) * pooled(hs).div_ceil(self.pooled_rows) * n
+    }
+}
+
+/// The stem-and-pool kernel's arguments for one shape: the input's height and width and the
+/// batch (`int hs, int ws, int n`; the kernel derives the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StemPoolGeometry {
+    pub args: [i32; 3],
+}
+
+/// Whether the stem-and-pool kernel computes this stem (`filter` over `x`, into `stem_out`)
+/// and 3x3 stride-2 max pool (into `pooled`) with `elem_size`-byte values, and its arguments;
+/// or why not (cuDNN's stem and the pool then stay).
+pub fn stem_pool_geometry(
+    x: &Shape,
+    filter: &Filter,
+    stem_out: &Shape,
+    pooled: &Shape,
+    elem_size: usize,
+) -> Result<StemPoolGeometry, String> {
+    if elem_size != 2 {
+        return Err(format!(
+            "it computes 16-bit values, not {elem_size}-byte ones"
+        ));
+    }
+    let want = (
+        STEM_POOL_COUT,
+        STEM_POOL_CIN,
+        STEM_POOL_KS,
+        STEM_POOL_KS,
+        1,
+        0,
+    );
+    let got = (
+        filter.k,
+        filter.c,
+        filter.r,
+        filter.s,
+        filter.stride,
+        filter.pad,
+    );
+    if got != want || x.c != STEM_POOL_CIN {
+        return Err(format!(
+            "it computes the 16-channel space-to-depth stem (64 outputs, 4x4, stride 1, no \
+             padding), not {} outputs from {} channels {}x{} stride {} pad {}",
+            filter.k, x.c, filter.r, filter.s, filter.stride, filter.pad
+        ));
+    }
+    let conv = |d: usize| d.checked_sub(STEM_POOL_KS - 1).filter(|&o| o > 0);
+    let (Some(oh), Some(ow)) = (conv(x.h), conv(x.w)) else {
+        return Err(format!(
+            "a {}x{} input is smaller than the filter",
+            x.h, x.w
+        ));
+    };
+    let pool = |d: usize| (d - 1) / 2 + 1;
+    let expected_out = Shape {
+        n: x.n,
+        h: oh,
+        w: ow,
+        c: STEM_POOL_COUT,
+    };
+    let expected_pooled = Shape {
+        n: x.n,
+        h: pool(oh),
+        w: pool(ow),
+        c: STEM_POOL_COUT,
+    };
+    if *stem_out != expected_out || *pooled != expected_pooled {
+        return Err(format!(
+            "{:?} -> {:?} -> {:?} is not the stem and its 3x3 stride-2 pool",
+            x, stem_out, pooled
+        ));
+    }
+    let small = |v: usize| i32::try_from(v).map_err(|_| format!("{v} does not fit an i32"));
+    let g = StemPoolGeometry {
+        args: [small(x.h)?, small(x.w)?, small(x.n)?],
+    };
+    // The kernel numbers tiles with an int: the smallest tiles give the most.
+    let most = STEM_POOL_VARIANTS
+        .iter()
+        .map(|v| v.tiles(&g))
+        .max()
+        .unwrap_or(0);
+    // The kernel also steps its tile index by the grid (at most STEM_POOL_MAX_GRID blocks).
+    small(most + STEM_POOL_MAX_GRID as usize)
+        .map_err(|_| format!("{most} tiles do not fit the kernel's int"))?;
+    Ok(g)
+}
+
+/// Blocks to launch: every SM filled as far as the kernel's occupancy allows, never more than
+/// there are tiles (each block loops over its share).
+pub fn stem_pool_grid(tiles: usize, sms: u32, blocks_per_sm: u32) -> u32 {
+    let resident = (sms.max(1) as usize) * (blocks_per_sm.max(1) as usize);
+    tiles.clamp(1, resident.min(STEM_POOL_MAX_GRID as usize)) as u32
+}
+
+/// Most blocks a stem-and-pool launch uses (far above any GPU's resident blocks).
+pub const STEM_POOL_MAX_GRID: u32 = 1 << 16;
+
 /// The first index where two outputs differ as values (±0 are equal, and so are two NaNs), or
 /// `None` if they agree everywhere and have the same length. A kernel is used only where its
 /// output and cuDNN's agree like this on the real buffers.
@@ -712,6 +879,83 @@ mod tests {
         // Sizes past an i32.
         let huge = 1usize << 32;
         assert!(maxpool_geometry(&shape(huge, 3, 3, 64), &shape(huge, 2, 2, 64), 2).is_err());
+    }
+
+    #[test]
+    fn the_stem_pool_kernel_takes_only_the_s2d16_stem_and_its_pool() {
+        let f = |k, c, r, stride, pad| Filter {
+            k,
+            c,
+            r,
+            s: r,
+            stride,
+            pad,
+        };
+        let stem = f(64, 16, 4, 1, 0);
+        let (x, out, pooled) = (
+            shape(256, 115, 115, 16),
+            shape(256, 112, 112, 64),
+            shape(256, 56, 56, 64),
+        );
+        let g = stem_pool_geometry(&x, &stem, &out, &pooled, 2).unwrap();
+        assert_eq!(g.args, [115, 115, 256]);
+        // 8 x 8 tiles of 7x7 pooled pixels per image; 8 x 4 of 14 rows.
+        assert_eq!(STEM_POOL_VARIANTS[0].tiles(&g), 64 * 256);
+        assert_eq!(STEM_POOL_VARIANTS[2].tiles(&g), 32 * 256);
+        // Odd sides: 33 pixels -> s2d 20 -> conv 17 -> pooled 9 (cuDNN's padding-1 window).
+        let g = stem_pool_geometry(
+            &shape(2, 20, 20, 16),
+            &stem,
+            &shape(2, 17, 17, 64),
+            &shape(2, 9, 9, 64),
+            2,
+        )
+        .unwrap();
+        assert_eq!(STEM_POOL_VARIANTS[0].tiles(&g), 2 * 2 * 2);
+        // Not f32, not the 12-channel or padded stems, not a wrong pool.
+        assert!(stem_pool_geometry(&x, &stem, &out, &pooled, 4).is_err());
+        let x12 = shape(256, 115, 115, 12);
+        assert!(stem_pool_geometry(&x12, &f(64, 12, 4, 1, 0), &out, &pooled, 2).is_err());
+        let plain = shape(256, 224, 224, 8);
+        assert!(stem_pool_geometry(&plain, &f(64, 8, 7, 2, 3), &out, &pooled, 2).is_err());
+        let wrong = shape(256, 55, 56, 64);
+        assert!(stem_pool_geometry(&x, &stem, &out, &wrong, 2).is_err());
+        assert!(stem_pool_geometry(&shape(1, 3, 3, 16), &stem, &out, &pooled, 2).is_err());
+        let huge = 1 << 26;
+        let e = stem_pool_geometry(
+            &shape(huge, 115, 115, 16),
+            &stem,
+            &shape(huge, 112, 112, 64),
+            &shape(huge, 56, 56, 64),
+            2,
+        )
+        .unwrap_err();
+        assert!(e.contains("int"), "{e}");
+    }
+
+    #[test]
+    fn stem_pool_shared_memory_and_grid_follow_the_kernel() {
+        // The kernel's Tile<TPH, RG>::SMEM: 2 x (input rows x 19 x 32 B) + conv rows x 16 x
+        // 72 x 4 B. 7 pooled rows: 15 conv rows, 16 computed, 19 input rows.
+        let v = |name| STEM_POOL_VARIANTS.iter().find(|v| v.name == name).unwrap();
+        assert_eq!(
+            v("r7_n1_g4").smem_bytes(),
+            2 * 19 * 19 * 32 + 15 * 16 * 72 * 4
+        );
+        assert_eq!(
+            v("r14_n2_g4").smem_bytes(),
+            2 * 35 * 19 * 32 + 29 * 16 * 72 * 4
+        );
+        // Every variant fits an H100's 227 KiB a block.
+        assert!(STEM_POOL_VARIANTS
+            .iter()
+            .all(|v| v.smem_bytes() <= 227 * 1024));
+        assert_eq!(v("r7_n1_g4").function("bf16"), "stem_pool_bf16_r7_n1_g4");
+        assert_eq!(stem_pool_grid(16384, 132, 2), 264);
+        assert_eq!(stem_pool_grid(64, 132, 2), 64);
+        assert_eq!(stem_pool_grid(0, 132, 2), 1);
+        assert_eq!(stem_pool_grid(100, 0, 0), 1);
+        assert_eq!(stem_pool_grid(1 << 30, 1 << 20, 64), STEM_POOL_MAX_GRID);
     }
 
     #[test]

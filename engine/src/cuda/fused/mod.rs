@@ -23,6 +23,7 @@
 mod cudnn;
 mod graph_api;
 mod kernels;
+mod stem_pool;
 
 use std::{
     cell::{Cell, RefCell},
@@ -36,7 +37,7 @@ use candle_core::cuda_backend::cudarc::{
     cudnn::sys as dnn,
     driver::{sys, CudaContext, CudaGraph, CudaStream},
 };
-use fleetmark_core::{BackendInfo, ComputeCapability, JobSpec, MathMode};
+use fleetmark_core::{BackendInfo, ComputeCapability, JobSpec, MathMode, Precision};
 
 pub use cudnn::cudnn_version;
 use cudnn::{
@@ -45,6 +46,7 @@ use cudnn::{
 };
 use graph_api::{GraphCandidates, GraphPlan, PlanFor};
 use kernels::Kernels;
+use stem_pool::StemPoolExec;
 
 use super::{EventTimer, PoolPeak};
 use crate::{
@@ -55,7 +57,7 @@ use crate::{
             self, GraphConfig, Home, Location, NetGraph, Place, PoolKind, Shape, StemChunks,
             StemImageBytes, StemInput, STEM_CHUNK_STEPS,
         },
-        options::{ConvApi, LayerTiming, PoolChoice},
+        options::{ConvApi, LayerTiming, PoolChoice, StemPoolChoice},
         planner::{self, Epilogue, MaxPoolGeometry, PlanStrategy, PoolImpl},
         FusedOptions,
     },
@@ -94,6 +96,7 @@ struct ConvExec {
 
 struct PoolExec {
     name: &'static str,
+    kind: PoolKind,
     x: usize,
     y: usize,
     pd: PoolDesc,
@@ -105,6 +108,8 @@ struct PoolExec {
 enum ExecStep {
     Conv(Box<ConvExec>),
     Pool(PoolExec),
+    /// The stem and its max pool as one kernel (planned in `stem_pool.rs`).
+    StemPool(Box<StemPoolExec>),
 }
 
 impl ExecStep {
@@ -112,6 +117,7 @@ impl ExecStep {
         match self {
             ExecStep::Conv(c) => &c.name,
             ExecStep::Pool(p) => p.name,
+            ExecStep::StemPool(_) => StemPoolExec::NAME,
         }
     }
 }
@@ -228,6 +234,8 @@ pub struct FusedPrepared {
     kernels: Option<Arc<Kernels>>,
     /// What the max pool's planning found, for `backend.details.pool_search`.
     pool_note: String,
+    /// What planning the stem-and-pool kernel found, for `backend.details.stem_pool_search`.
+    stem_pool_note: String,
     /// `layer: what the graph API offered`, for `backend.details.graph_api`.
     graph_notes: RefCell<Vec<String>>,
     /// With `--fused-profile`, (layer, every legacy candidate's time), for
@@ -259,10 +267,13 @@ impl FusedPrepared {
         opts: &FusedOptions,
         cc: ComputeCapability,
     ) -> Result<Self, EngineError> {
-        let kernels = if opts.pool == PoolChoice::Cudnn {
-            Err("not asked for (--fused-pool=cudnn)".to_string())
+        let kernels = if opts.pool == PoolChoice::Cudnn && opts.stem_pool == StemPoolChoice::Off {
+            Err("not asked for (--fused-pool=cudnn --fused-stem-pool=off)".to_string())
         } else {
-            Kernels::load(ctx).map(Arc::new).map_err(|e| {
+            // The stem-and-pool module only where it can run: 16-bit values, not turned off.
+            let stem_pool =
+                opts.stem_pool != StemPoolChoice::Off && job.precision != Precision::F32;
+            Kernels::load(ctx, stem_pool).map(Arc::new).map_err(|e| {
                 tracing::warn!(error = %e, "the fused path's own kernels did not load; cuDNN runs their steps");
                 e.to_string()
             })
@@ -499,6 +510,7 @@ impl FusedPrepared {
                 Err(e) if opts.pool != PoolChoice::Cudnn => format!("kernel unavailable: {e}"),
                 _ => String::new(),
             },
+            stem_pool_note: String::new(),
             graph_notes: RefCell::new(Vec::new()),
             layer_search: RefCell::new(Vec::new()),
         };
@@ -509,7 +521,7 @@ impl FusedPrepared {
             ws_cap: planner::workspace_cap(opts, cap_slab, search_ws),
             timing: planner::layer_timing(opts),
         };
-        for step in &net.steps {
+        for (i, step) in net.steps.iter().enumerate() {
             let exec = match step {
                 graph::Step::Pool(p) => ExecStep::Pool(me.plan_pool(p, &search)?),
                 graph::Step::Conv(c) => {
@@ -517,10 +529,12 @@ impl FusedPrepared {
                 }
             };
             me.steps.push(exec);
-            if me.steps.len() == STEM_CHUNK_STEPS {
+            if i + 1 == STEM_CHUNK_STEPS {
                 // Planning ran the chunked steps on the first chunk; the rest of the network
                 // is planned on the whole pooled output, so the other chunks are filled too.
                 me.run_chunk_rounds(1)?;
+                // The stem and its pool are planned: they may become one kernel.
+                me.plan_stem_pool(&search)?;
             }
         }
         me.shrink_workspace()?;
@@ -536,7 +550,7 @@ impl FusedPrepared {
             .iter()
             .map(|s| match s {
                 ExecStep::Conv(c) => c.ws,
-                ExecStep::Pool(_) => 0,
+                ExecStep::Pool(_) | ExecStep::StemPool(_) => 0,
             })
             .max()
             .unwrap_or(0);
@@ -588,6 +602,11 @@ impl FusedPrepared {
                     Some(format!("{}:{}", p.name, p.imp.as_str()))
                 }
                 ExecStep::Pool(_) => None,
+                ExecStep::StemPool(sp) => Some(format!(
+                    "{}:kernel/{}",
+                    StemPoolExec::NAME,
+                    sp.variant_name(self.elem)
+                )),
             })
             .collect();
         let mut details = BTreeMap::new();
@@ -613,6 +632,9 @@ impl FusedPrepared {
         details.insert("conv_api".into(), opts.conv_api.to_string());
         if !self.pool_note.is_empty() {
             details.insert("pool_search".into(), self.pool_note.clone());
+        }
+        if !self.stem_pool_note.is_empty() {
+            details.insert("stem_pool_search".into(), self.stem_pool_note.clone());
         }
         let graph_notes = self.graph_notes.borrow();
         if !graph_notes.is_empty() {
@@ -737,6 +759,7 @@ impl FusedPrepared {
         };
         Ok(PoolExec {
             name: p.name,
+            kind: p.kind,
             x: p.x,
             y: p.y,
             pd: PoolDesc::new(&window)?,
@@ -1208,6 +1231,7 @@ impl FusedPrepared {
         match s {
             ExecStep::Conv(c) => self.run_conv(c),
             ExecStep::Pool(p) => self.run_pool(p),
+            ExecStep::StemPool(sp) => self.run_stem_pool(sp),
         }
     }
 
