@@ -707,6 +707,13 @@ impl NetGraph {
 
     /// Lays the slab activations out by liveness, for elements of `elem_bytes` bytes.
     pub fn memory_plan(&self, elem_bytes: usize) -> MemoryPlan {
+        self.memory_plan_without(elem_bytes, &[])
+    }
+
+    /// [`Self::memory_plan`] with the activations in `unstored` taking no bytes: steps fused
+    /// together never write them (the stem's output, when one kernel does the stem and the
+    /// max pool). They keep an offset, which nothing may read or write.
+    pub fn memory_plan_without(&self, elem_bytes: usize, unstored: &[usize]) -> MemoryPlan {
         let slab: Vec<usize> = (0..self.acts.len())
             .filter(|&i| self.acts[i].place == Place::Slab)
             .collect();
@@ -714,7 +721,12 @@ impl NetGraph {
             .iter()
             .map(|&i| {
                 let a = &self.acts[i];
-                (a.shape.elems() * elem_bytes, a.first_use, a.last_use)
+                let bytes = if unstored.contains(&i) {
+                    0
+                } else {
+                    a.shape.elems() * elem_bytes
+                };
+                (bytes, a.first_use, a.last_use)
             })
             .collect();
         let (placed, slab_bytes) = plan_slab(&sizes);
@@ -950,6 +962,45 @@ mod tests {
             panic!()
         };
         assert_eq!(g.acts[c.residual.unwrap()].last_use, c2);
+    }
+
+    #[test]
+    fn an_unstored_stem_output_leaves_the_slab_to_the_other_activations() {
+        let g = graph(256, 224, S2D16);
+        let stem_out = match &g.steps[0] {
+            Step::Conv(c) => c.y,
+            _ => panic!("the stem is the first step"),
+        };
+        let whole = g.memory_plan(2);
+        let plan = g.memory_plan_without(2, &[stem_out]);
+        // 256 x 112 x 112 x 64 f16 no longer sits beside the pooled 256 x 56 x 56 x 64.
+        assert_eq!(whole.slab_bytes, 256 * (112 * 112 + 56 * 56) * 64 * 2);
+        // What is left is layer 1's widest moment: its block input, the first convolution's
+        // output and the block's output, each 256 x 56 x 56 x 64.
+        assert_eq!(plan.slab_bytes, 3 * 256 * 56 * 56 * 64 * 2);
+        // Every other activation still has its own bytes while it is live.
+        let bytes = |i: usize| {
+            if i == stem_out {
+                0
+            } else {
+                g.acts[i].shape.elems() * 2
+            }
+        };
+        let slab: Vec<usize> = (0..g.acts.len())
+            .filter(|&i| g.acts[i].place == Place::Slab)
+            .collect();
+        for (n, &i) in slab.iter().enumerate() {
+            let oi = plan.offsets[i].unwrap();
+            assert!(oi + bytes(i) <= plan.slab_bytes);
+            for &j in &slab[..n] {
+                let (a, b) = (&g.acts[i], &g.acts[j]);
+                let live_together = a.first_use <= b.last_use && b.first_use <= a.last_use;
+                let oj = plan.offsets[j].unwrap();
+                let apart = oi + bytes(i) <= oj || oj + bytes(j) <= oi;
+                assert!(!live_together || apart, "{i} and {j} overlap");
+            }
+        }
+        assert_eq!(g.memory_plan_without(2, &[]), whole);
     }
 
     #[test]

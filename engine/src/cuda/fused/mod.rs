@@ -169,6 +169,21 @@ impl Buffers {
         Ok(v)
     }
 
+    /// A new slab of `bytes` for a new memory plan's `locations`; the old one is freed first,
+    /// so peak memory never holds both. Its contents are not kept: a forward pass writes every
+    /// slab activation before reading it.
+    fn replace_slab(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        locations: Vec<Location>,
+        bytes: usize,
+    ) -> Result<(), EngineError> {
+        self.slab = DeviceBuffer::zeroed(stream, 1)?;
+        self.slab = DeviceBuffer::zeroed(stream, bytes)?;
+        self.locations = locations;
+        Ok(())
+    }
+
     fn act<'a>(&'a self, a: usize, stream: &CudaStream) -> DevPtr<'a> {
         let (buf, offset) = self.place(a);
         buf.ptr(stream).offset(offset)
@@ -438,7 +453,7 @@ impl FusedPrepared {
                 stem_chunk,
             },
         )?;
-        let plan = net.memory_plan(elem.size());
+        let mut plan = net.memory_plan(elem.size());
         let chunk_bytes = net
             .acts
             .iter()
@@ -536,6 +551,12 @@ impl FusedPrepared {
                 // The stem and its pool are planned: they may become one kernel.
                 me.plan_stem_pool(&search)?;
             }
+        }
+        if let Some(ExecStep::StemPool(sp)) = me.steps.first() {
+            // The kernel never writes the stem's output: the slab keeps no room for it.
+            plan = net.memory_plan_without(elem.size(), &[sp.stem_out()]);
+            me.bufs
+                .replace_slab(stream, net.locations(&plan, elem.size()), plan.slab_bytes)?;
         }
         me.shrink_workspace()?;
         let graph_note = me.check_and_capture(opts.cuda_graph)?;

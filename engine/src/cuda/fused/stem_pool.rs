@@ -39,6 +39,11 @@ impl StemPoolExec {
         self.kernel.stem_pool_fns(elem).0.get(self.variant)
     }
 
+    /// The stem's output activation, which the kernel never writes.
+    pub(super) fn stem_out(&self) -> usize {
+        self.conv.y
+    }
+
     /// The variant's name, for the plan in results.
     pub(super) fn variant_name(&self, elem: super::Elem) -> &'static str {
         self.function(elem).map_or("?", |f| f.variant.name)
