@@ -550,13 +550,19 @@ impl FusedPrepared {
                 me.run_chunk_rounds(1)?;
                 // The stem and its pool are planned: they may become one kernel.
                 me.plan_stem_pool(&search)?;
+                if let Some(ExecStep::StemPool(sp)) = me.steps.first() {
+                    // The kernel never writes the stem's output: the slab keeps no room for
+                    // it. Planned again now, so the rest of the network is planned and checked
+                    // on the buffers it will run on; the kernel fills the pooled output again.
+                    plan = net.memory_plan_without(elem.size(), &[sp.stem_out()]);
+                    me.bufs.replace_slab(
+                        stream,
+                        net.locations(&plan, elem.size()),
+                        plan.slab_bytes,
+                    )?;
+                    me.run_step(&me.steps[0])?;
+                }
             }
-        }
-        if let Some(ExecStep::StemPool(sp)) = me.steps.first() {
-            // The kernel never writes the stem's output: the slab keeps no room for it.
-            plan = net.memory_plan_without(elem.size(), &[sp.stem_out()]);
-            me.bufs
-                .replace_slab(stream, net.locations(&plan, elem.size()), plan.slab_bytes)?;
         }
         me.shrink_workspace()?;
         let graph_note = me.check_and_capture(opts.cuda_graph)?;
