@@ -964,6 +964,30 @@ mod tests {
         assert_eq!(g.acts[c.residual.unwrap()].last_use, c2);
     }
 
+    /// Checks that every slab activation of `g` fits `plan`'s slab with its `bytes`, and that no
+    /// two live at the same step share a byte; returns the slab activations.
+    fn assert_live_activations_apart(
+        g: &NetGraph,
+        plan: &MemoryPlan,
+        bytes: &dyn Fn(usize) -> usize,
+    ) -> Vec<usize> {
+        let slab: Vec<usize> = (0..g.acts.len())
+            .filter(|&i| g.acts[i].place == Place::Slab)
+            .collect();
+        for (n, &i) in slab.iter().enumerate() {
+            let oi = plan.offsets[i].unwrap();
+            assert!(oi + bytes(i) <= plan.slab_bytes);
+            for &j in &slab[..n] {
+                let (a, b) = (&g.acts[i], &g.acts[j]);
+                let together = a.first_use <= b.last_use && b.first_use <= a.last_use;
+                let oj = plan.offsets[j].unwrap();
+                let apart = oi + bytes(i) <= oj || oj + bytes(j) <= oi;
+                assert!(!together || apart, "activations {i} and {j} overlap");
+            }
+        }
+        slab
+    }
+
     #[test]
     fn an_unstored_stem_output_leaves_the_slab_to_the_other_activations() {
         let g = graph(256, 224, S2D16);
@@ -986,20 +1010,7 @@ mod tests {
                 g.acts[i].shape.elems() * 2
             }
         };
-        let slab: Vec<usize> = (0..g.acts.len())
-            .filter(|&i| g.acts[i].place == Place::Slab)
-            .collect();
-        for (n, &i) in slab.iter().enumerate() {
-            let oi = plan.offsets[i].unwrap();
-            assert!(oi + bytes(i) <= plan.slab_bytes);
-            for &j in &slab[..n] {
-                let (a, b) = (&g.acts[i], &g.acts[j]);
-                let live_together = a.first_use <= b.last_use && b.first_use <= a.last_use;
-                let oj = plan.offsets[j].unwrap();
-                let apart = oi + bytes(i) <= oj || oj + bytes(j) <= oi;
-                assert!(!live_together || apart, "{i} and {j} overlap");
-            }
-        }
+        let slab = assert_live_activations_apart(&g, &plan, &bytes);
         // The fused kernel writes the pooled output at the stem's step, a step before its own
         // first use: nothing else in the slab may be live there (the stem's input is in the
         // input buffer, and the stem's output is not stored).
@@ -1027,10 +1038,8 @@ mod tests {
         let elem = 2;
         let plan = g.memory_plan(elem);
         let aligned = |b: usize| b.div_ceil(256) * 256;
-        let slab: Vec<usize> = (0..g.acts.len())
-            .filter(|&i| g.acts[i].place == Place::Slab)
-            .collect();
         let bytes = |i: usize| g.acts[i].shape.elems() * elem;
+        let slab = assert_live_activations_apart(&g, &plan, &bytes);
         let live_at = |s: usize| {
             slab.iter()
                 .filter(|&&i| g.acts[i].first_use <= s && s <= g.acts[i].last_use)
@@ -1052,17 +1061,6 @@ mod tests {
             plan.slab_bytes, floor,
             "the greedy plan reaches the floor here"
         );
-        for (n, &i) in slab.iter().enumerate() {
-            let oi = plan.offsets[i].unwrap();
-            assert!(oi + bytes(i) <= plan.slab_bytes);
-            for &j in &slab[..n] {
-                let (a, b) = (&g.acts[i], &g.acts[j]);
-                let together = a.first_use <= b.last_use && b.first_use <= a.last_use;
-                let oj = plan.offsets[j].unwrap();
-                let apart = oi + bytes(i) <= oj || oj + bytes(j) <= oi;
-                assert!(!together || apart, "activations {i} and {j} overlap");
-            }
-        }
         assert_eq!(plan.offsets[g.input], None);
         assert_eq!(plan.offsets[g.output], None);
     }

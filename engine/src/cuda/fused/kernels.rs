@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::{
-    driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg},
+    driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg},
     nvrtc::Ptx,
 };
 
@@ -209,7 +209,7 @@ impl Kernels {
 /// Each stem-and-pool variant for `precision` that the device can run: its function, with the
 /// dynamic shared memory it needs allowed, and its occupancy. What fails goes to `notes`.
 fn load_stem_pool(
-    m: &Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>,
+    m: &Arc<CudaModule>,
     precision: &str,
     notes: &mut Vec<String>,
 ) -> Vec<StemPoolFn> {

@@ -153,6 +153,25 @@ impl Buffers {
         }
     }
 
+    /// Zeroes the first `bytes` bytes of activation `a` (so a kernel that writes nothing
+    /// cannot pass a check on what was there).
+    fn zero_act(
+        &mut self,
+        a: usize,
+        bytes: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<(), EngineError> {
+        let loc = self.locations[a];
+        let offset = loc.at(self.chunk.get());
+        let buf = match loc.home {
+            Home::Input => &mut self.input,
+            Home::Output => &mut self.output,
+            Home::Slab => &mut self.slab,
+        };
+        let mut view = buf.slice_mut().slice_mut(offset..offset + bytes);
+        drv("zero activation", stream.memset_zeros(&mut view))
+    }
+
     /// The `bytes` bytes of activation `a`, copied to the host (for checking a kernel).
     fn act_to_host(
         &self,
@@ -728,11 +747,7 @@ impl FusedPrepared {
         for imp in planner::pool_candidates(cfg.opts, true) {
             exec.imp = imp;
             let t = self.time_candidate(cfg.timing, &|| self.run_pool(&*exec));
-            times.push(format!(
-                "{}:{}",
-                imp.as_str(),
-                t.map_or("failed".into(), |t| format!("{:.4}ms", t * 1e3))
-            ));
+            times.push(format!("{}:{}", imp.as_str(), ms(t)));
             if let Some(t) = t {
                 if best.is_none_or(|(bt, _)| t < bt) {
                     best = Some((t, imp));
@@ -1590,6 +1605,11 @@ fn algo_label(p: &dnn::cudnnConvolutionFwdAlgoPerf_t) -> String {
         M::CUDNN_FMA_MATH => "fma",
     };
     format!("{}/{math}", algo_name(p.algo))
+}
+
+/// A candidate's time as the searches' notes show it.
+fn ms(t: Option<f32>) -> String {
+    t.map_or("failed".into(), |t| format!("{:.4}ms", t * 1e3))
 }
 
 fn algo_name(a: dnn::cudnnConvolutionFwdAlgo_t) -> &'static str {

@@ -7,9 +7,8 @@
 use std::sync::Arc;
 
 use super::{
-    cudnn::drv,
     kernels::{Kernels, StemPoolFn},
-    ConvExec, ExecStep, FusedPrepared, PoolExec, SearchConfig,
+    ms, ConvExec, ExecStep, FusedPrepared, PoolExec, SearchConfig,
 };
 use crate::{
     fused::{
@@ -293,29 +292,5 @@ impl FusedPrepared {
             ))
         })?;
         self.launch_stem_pool(&sp.kernel, f, &sp.geometry, &sp.conv, sp.pool.y)
-    }
-}
-
-fn ms(t: Option<f32>) -> String {
-    t.map_or("failed".into(), |t| format!("{:.4}ms", t * 1e3))
-}
-
-impl super::Buffers {
-    /// Zeroes the first `bytes` bytes of activation `a`.
-    fn zero_act(
-        &mut self,
-        a: usize,
-        bytes: usize,
-        stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-    ) -> Result<(), EngineError> {
-        let loc = self.locations[a];
-        let offset = loc.at(self.chunk.get());
-        let buf = match loc.home {
-            Home::Input => &mut self.input,
-            Home::Output => &mut self.output,
-            Home::Slab => &mut self.slab,
-        };
-        let mut view = buf.slice_mut().slice_mut(offset..offset + bytes);
-        drv("zero activation", stream.memset_zeros(&mut view))
     }
 }
